@@ -1,0 +1,58 @@
+# mqtt-pingpong: a thin front for the commands CI and people run.
+#   make run    set up .venv, start the three programs under supervisord, stream their logs;
+#               Ctrl-C stops everything.
+#   make test   set up .venv, then ruff, mypy and pytest.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONF   := supervisord.conf
+
+.PHONY: help venv run start stop status logs test lint typecheck pytest bench clean
+
+help:
+	@echo "make run | start | stop | status | logs | test | bench | clean"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "mqtt-pingpong needs Python 3.10 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	@bash tools/run.sh
+
+start: $(STAMP)
+	@bash tools/run.sh --start-only
+
+stop:
+	@bash tools/run.sh --stop
+
+status:
+	@$(BIN)/supervisorctl -c $(CONF) status || true
+
+logs:
+	@mkdir -p logs
+	@touch logs/broker.log logs/echo_client.log logs/ping_client.log
+	tail -n 20 -F logs/broker.log logs/echo_client.log logs/ping_client.log
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean: stop
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -f logs/*.log* run/*.pid run/*.sock

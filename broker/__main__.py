@@ -1,0 +1,5 @@
+"""``python -m broker``."""
+
+from broker.main import main
+
+main()

@@ -1,0 +1,51 @@
+"""The broker's entry point: parse settings, listen, serve until SIGTERM/SIGINT, stop in bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from broker.server import BindError, PingPongBroker, amqtt_config, bind
+from broker.settings import BrokerSettings, parse
+from common import logs
+from common.constants import EXIT_OK, EXIT_UNAVAILABLE
+from common.lifecycle import install_stop_handlers
+
+logger = logging.getLogger("broker")
+
+
+async def serve(settings: BrokerSettings) -> int:
+    """Run the broker until a stop signal; return the exit code."""
+    stop = asyncio.Event()
+    install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
+    try:
+        sock = bind(settings.host, settings.port)
+    except BindError as exc:
+        sys.stderr.write(f"broker: error: {exc}\n")
+        return EXIT_UNAVAILABLE
+    host, port = sock.getsockname()[:2]
+    broker = PingPongBroker(amqtt_config(settings, port), sock)
+    await broker.start()
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("Listening on %s:%d (pid %d).", shown, port, os.getpid())
+    await stop.wait()
+    logger.info("Shutting down.")
+    try:
+        await asyncio.wait_for(broker.shutdown(), settings.shutdown_timeout)
+    except asyncio.TimeoutError:
+        logger.warning(
+            "amqtt did not shut down within %.1f s; closing anyway.", settings.shutdown_timeout
+        )
+    sock.close()
+    logger.info("Stopped.")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the broker as a program: ``python -m broker --help``."""
+    settings = parse(argv, os.environ)
+    logs.configure("broker", settings.log_level)
+    sys.exit(asyncio.run(serve(settings)))

@@ -1,0 +1,186 @@
+"""Command-line parsing shared by the three programs: flags with environment fallbacks.
+
+Every flag ``--name`` can also be set by ``MQTT_NAME`` (dashes become underscores). The flag wins
+over the environment. A malformed value, from either place, ends the program with one line on
+stderr and exit code 64 (``EX_USAGE``), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+from common.constants import ENV_PREFIX, EXIT_USAGE
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit with ``EX_USAGE``."""
+
+    def error(self, message: str) -> NoReturn:
+        """Report a usage error in one line and exit 64."""
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def env_name(flag: str) -> str:
+    """Return the variable that backs ``flag``: ``--log-level`` -> ``MQTT_LOG_LEVEL``."""
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+def add_option(
+    parser: Parser,
+    environ: Mapping[str, str],
+    flag: str,
+    *,
+    convert: Callable[[str], Any],
+    default: object,
+    help: str,
+    **kwargs: Any,  # noqa: ANN401 - passed through to argparse
+) -> None:
+    """Add ``flag`` to ``parser``; its default comes from the environment when that is set."""
+    name = env_name(flag)
+    raw = environ.get(name)
+    if raw is not None and raw != "":
+        try:
+            default = convert(raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{name}={raw!r}: {exc}")
+    shown = "unset" if default is None else repr(default)
+    parser.add_argument(
+        flag,
+        type=_reasoned(convert),
+        default=default,
+        help=f"{help} [env: {name}; default: {shown}]",
+        **kwargs,
+    )
+
+
+def add_flag(
+    parser: Parser,
+    environ: Mapping[str, str],
+    flag: str,
+    *,
+    help: str,
+) -> None:
+    """Add a boolean ``flag``; ``MQTT_NAME=1/true/yes`` turns it on from the environment."""
+    name = env_name(flag)
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        default = False
+    elif raw in ("1", "true", "yes", "on"):
+        default = True
+    else:
+        parser.error(f"{name}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+    parser.add_argument(flag, action="store_true", default=default, help=f"{help} [env: {name}]")
+
+
+def _reasoned(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Make argparse show the converter's message instead of "invalid port value"."""
+
+    def wrapper(text: str) -> Any:  # noqa: ANN401 - whatever the converter returns
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return wrapper
+
+
+# --- value converters: each raises ValueError with a message a user can act on ---------------
+
+
+def port(text: str) -> int:
+    """Parse a TCP port, 0..65535 (0 asks the OS for a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise ValueError(f"port must be 0..65535, got {value}")
+    return value
+
+
+def host(text: str) -> str:
+    """Accept a host name or an IP address; reject empty and blank strings."""
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"not a host name or address: {text!r}")
+    return value
+
+
+def ip_address(text: str) -> str:
+    """Accept a literal IPv4 or IPv6 address (what the broker binds to)."""
+    try:
+        return str(ipaddress.ip_address(text.strip().strip("[]")))
+    except ValueError:
+        raise ValueError(f"not an IP address: {text!r}") from None
+
+
+def seconds(text: str) -> float:
+    """Parse a finite, non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"seconds must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """Parse a finite number of seconds greater than zero."""
+    value = seconds(text)
+    if value <= 0:
+        raise ValueError(f"seconds must be > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """Parse an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def qos(text: str) -> int:
+    """Parse an MQTT QoS level: 0, 1 or 2."""
+    if text.strip() not in ("0", "1", "2"):
+        raise ValueError(f"QoS must be 0, 1 or 2, got {text!r}")
+    return int(text)
+
+
+def topic_name(text: str) -> str:
+    """Accept a topic name a client may publish to: non-empty, no wildcards, no U+0000."""
+    if not text:
+        raise ValueError("a topic must not be empty")
+    if "+" in text or "#" in text:
+        raise ValueError(f"a topic to publish to must not contain '+' or '#': {text!r}")
+    if "\x00" in text:
+        raise ValueError("a topic must not contain U+0000")
+    if len(text.encode()) > 65535:
+        raise ValueError("a topic must be at most 65535 bytes of UTF-8")
+    return text
+
+
+def log_level(text: str) -> str:
+    """Parse a logging level name, case-insensitively."""
+    value = text.strip().upper()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return value
+
+
+def level_number(name: str) -> int:
+    """Return the numeric logging level of a validated level name."""
+    return int(logging.getLevelName(name))

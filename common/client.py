@@ -1,0 +1,140 @@
+"""Settings and construction of the aiomqtt client both clients use."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiomqtt
+
+from common import cli
+from common.constants import DEFAULT_HOST, DEFAULT_PORT, PING_TOPIC, PONG_TOPIC, RECONNECT_INTERVAL
+
+# paho (under aiomqtt) never sets TCP_NODELAY. Without it a QoS 1 round trip waits on Nagle's
+# algorithm and the peer's delayed ACK, about 40 ms each way.
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """How a client reaches the broker and which topics it plays on."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    ping_topic: str = PING_TOPIC
+    pong_topic: str = PONG_TOPIC
+    qos: int = 0
+    reconnect_interval: float = RECONNECT_INTERVAL
+    keepalive: int = 10
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        """Reject topic pairs that would make the echo feed itself."""
+        if self.ping_topic == self.pong_topic:
+            raise ValueError(
+                f"ping and pong topics must differ (both are {self.ping_topic!r}): "
+                "the echo would feed itself"
+            )
+
+
+def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
+    """Add the connection flags every client has."""
+    add = cli.add_option
+    add(parser, environ, "--host", convert=cli.host, default=DEFAULT_HOST, help="broker host")
+    add(parser, environ, "--port", convert=cli.port, default=DEFAULT_PORT, help="broker port")
+    add(
+        parser,
+        environ,
+        "--ping-topic",
+        convert=cli.topic_name,
+        default=PING_TOPIC,
+        help="topic the pings go to",
+    )
+    add(
+        parser,
+        environ,
+        "--pong-topic",
+        convert=cli.topic_name,
+        default=PONG_TOPIC,
+        help="topic the echoes come back on",
+    )
+    add(parser, environ, "--qos", convert=cli.qos, default=0, help="QoS for publish and subscribe")
+    add(
+        parser,
+        environ,
+        "--reconnect-interval",
+        convert=cli.positive_seconds,
+        default=RECONNECT_INTERVAL,
+        help="seconds between connection attempts",
+    )
+    add(
+        parser,
+        environ,
+        "--keepalive",
+        convert=cli.positive_int,
+        default=10,
+        help="MQTT keepalive in seconds; a silent broker is dropped after about 1.5x this",
+    )
+    add(
+        parser,
+        environ,
+        "--client-id",
+        convert=str,
+        default=None,
+        help="MQTT client id (default: the program name and a random suffix)",
+    )
+    add(parser, environ, "--username", convert=str, default=None, help="MQTT user name")
+    add(
+        parser,
+        environ,
+        "--password",
+        convert=str,
+        default=None,
+        help="MQTT password (prefer the environment variable to the flag)",
+    )
+    add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
+
+
+def client_settings(parser: cli.Parser, args: argparse.Namespace, role: str) -> ClientSettings:
+    """Build ClientSettings from parsed flags; a bad combination is a usage error."""
+    try:
+        return ClientSettings(
+            host=args.host,
+            port=args.port,
+            ping_topic=args.ping_topic,
+            pong_topic=args.pong_topic,
+            qos=args.qos,
+            reconnect_interval=args.reconnect_interval,
+            keepalive=args.keepalive,
+            client_id=args.client_id or f"{role}-{secrets.token_hex(4)}",
+            username=args.username,
+            password=args.password,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def make_client(settings: ClientSettings) -> aiomqtt.Client:
+    """Create the one aiomqtt client a process reuses across reconnects."""
+    return aiomqtt.Client(
+        settings.host,
+        settings.port,
+        identifier=settings.client_id,
+        username=settings.username,
+        password=settings.password,
+        keepalive=settings.keepalive,
+        # How long to wait for CONNACK and for acknowledgements before giving up on the link.
+        timeout=5,
+        socket_options=NODELAY,
+        protocol=aiomqtt.ProtocolVersion.V311,
+        clean_session=True,
+        # paho's defaults (20 in flight) and aiomqtt's (10 pending calls) throttle QoS 1/2 echo.
+        max_inflight_messages=1000,
+    )

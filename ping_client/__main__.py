@@ -1,0 +1,5 @@
+"""``python -m ping_client``."""
+
+from ping_client.main import main
+
+main()

@@ -1,0 +1,361 @@
+"""The ping client's runtime: tick, publish, match echoes, expire, report, exit by the rules.
+
+Exit status: 0 every ping answered, 1 some lost, 2 never connected within --connect-timeout,
+64 bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import aiomqtt
+
+from common import logs
+from common.client import make_client
+from common.compat import TaskGroup
+from common.lifecycle import install_stop_handlers
+from common.reconnect import Link
+from common.show import show
+from ping_client.probe import Tracker, Verdict, decimals_for, percentile
+from ping_client.report import Reporter, Summary, ms, summarize, text
+from ping_client.settings import PingSettings, parse
+
+logger = logging.getLogger("ping_client")
+
+EXIT_ANSWERED: Final = 0
+EXIT_LOSS: Final = 1
+EXIT_NEVER_CONNECTED: Final = 2
+
+
+class Probe:
+    """One ping client: a Link to the broker, a fixed-rate ticker, and the tracker."""
+
+    def __init__(
+        self,
+        settings: PingSettings,
+        reporter: Reporter,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        """Prepare the probe; nothing connects until :meth:`run`."""
+        self.settings = settings
+        self.client_settings = settings.client
+        self.reporter = reporter
+        self.clock = clock
+        self.wall = wall
+        self.tracker = Tracker(timeout=settings.timeout, memory=max(60.0, 10 * settings.timeout))
+        self.target = f"{settings.client.host}:{settings.client.port}"
+        self.link = Link(
+            make_client(settings.client),
+            address=self.target,
+            interval=settings.client.reconnect_interval,
+            listener=self._on_link,
+            clock=clock,
+        )
+        self.done = asyncio.Event()
+        self.not_sent = 0
+        self.started = clock()
+        self._sent_event = asyncio.Event()
+        self._ticks_done = False
+        self._unanswered_since: float | None = None
+        self._silent = False
+        self._decimals = decimals_for(settings.interval)
+
+    # --- connection -----------------------------------------------------------------------
+
+    def _on_link(self, event: str, data: dict[str, object]) -> None:
+        if self.reporter.json_mode:
+            self.reporter.write({"event": event, "time": round(self.wall(), 6), **data})
+        if event == "connected":
+            # Pings lost to the outage say nothing about the echo side.
+            self._unanswered_since = None
+
+    async def session(self, client: aiomqtt.Client) -> None:
+        """Subscribe, then handle every echo (and every copy of a ping) until the link breaks."""
+        pong, ping = self.client_settings.pong_topic, self.client_settings.ping_topic
+        # The ping topic too, at QoS 0: seeing other publishers' pings with our payloads keeps
+        # their echoes from counting as our duplicates.
+        await client.subscribe([(pong, self.client_settings.qos), (ping, 0)])
+        async for message in client.messages:
+            now = self.clock()
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if message.topic.matches(pong):
+                self._on_echo(payload, now)
+            elif message.topic.matches(ping):
+                self.tracker.on_ping_copy(payload, now)
+
+    # --- echoes ---------------------------------------------------------------------------
+
+    def _on_echo(self, payload: bytes, now: float) -> None:
+        echo = self.tracker.on_echo(payload, now)
+        pong = self.client_settings.pong_topic
+        ping = echo.ping
+        if echo.verdict is Verdict.UNEXPECTED:
+            self.reporter.event(
+                "unexpected",
+                logging.WARNING,
+                "Unexpected %s on %s: matches no ping of ours; ignored.",
+                show(payload),
+                pong,
+                payload=text(payload),
+            )
+            return
+        if echo.verdict is Verdict.FOREIGN or ping is None:
+            logger.debug("Echo %s belongs to another ping client; ignored.", show(payload))
+            return
+        rtt = now - ping.sent
+        if echo.verdict is Verdict.MATCHED:
+            self.reporter.event(
+                "pong",
+                logging.INFO,
+                "Got %s on %s: seq %d, rtt %.3f ms.",
+                show(payload),
+                pong,
+                ping.seq,
+                rtt * 1000,
+                seq=ping.seq,
+                payload=text(payload),
+                rtt_ms=ms(rtt),
+            )
+            self._heard(now)
+        elif echo.verdict is Verdict.LATE:
+            self.reporter.event(
+                "late",
+                logging.WARNING,
+                "Late echo %s on %s: seq %d after %.3f ms (counted lost).",
+                show(payload),
+                pong,
+                ping.seq,
+                rtt * 1000,
+                seq=ping.seq,
+                payload=text(payload),
+                rtt_ms=ms(rtt),
+            )
+            self._heard(now)
+        else:
+            self.reporter.event(
+                "duplicate",
+                logging.WARNING,
+                "Duplicate echo %s on %s: seq %d.",
+                show(payload),
+                pong,
+                ping.seq,
+                seq=ping.seq,
+                payload=text(payload),
+            )
+
+    def _heard(self, now: float) -> None:
+        if self._silent:
+            since = self._unanswered_since if self._unanswered_since is not None else now
+            self.reporter.event(
+                "echo_back",
+                logging.WARNING,
+                "Echoes are back after %.1f s of silence.",
+                now - since,
+                silence_s=round(now - since, 3),
+            )
+            self._silent = False
+        self._unanswered_since = None
+        self._maybe_done()
+
+    # --- pings ----------------------------------------------------------------------------
+
+    async def ticker(self, tg: TaskGroup) -> None:
+        """Publish one ping per interval on a fixed schedule, until --count pings are sent."""
+        interval = self.settings.interval
+        await self.link.connected.wait()  # the schedule starts with the first connection
+        start = self.clock()
+        tick = 0
+        while self.settings.count is None or self.tracker.sent < self.settings.count:
+            due = start + tick * interval
+            delay = due - self.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif -delay > interval:
+                # The loop stalled for more than a tick: rejoin the schedule, don't burst.
+                tick = int((self.clock() - start) / interval)
+            tick += 1
+            self._check_silence(self.clock())
+            if not self.link.connected.is_set():
+                self.not_sent += 1
+                continue
+            self._send(tg)
+        self._ticks_done = True
+        self._maybe_done()
+
+    def _send(self, tg: TaskGroup) -> None:
+        topic = self.client_settings.ping_topic
+        payload = self.tracker.next_payload(self.wall(), self._decimals)
+        # Record before publishing: the echo can arrive before publish() returns.
+        ping = self.tracker.on_sent(payload, self.clock())
+        if self._unanswered_since is None:
+            self._unanswered_since = ping.sent
+        self._sent_event.set()
+        self.reporter.event(
+            "ping",
+            logging.INFO,
+            "Publishing %s on %s.",
+            show(payload),
+            topic,
+            seq=ping.seq,
+            payload=text(payload),
+        )
+        tg.create_task(self._publish(payload), name=f"publish-{ping.seq}")
+
+    async def _publish(self, payload: bytes) -> None:
+        try:
+            await self.link.client.publish(
+                self.client_settings.ping_topic, payload, qos=self.client_settings.qos
+            )
+        except aiomqtt.MqttError as exc:
+            # The Link reports the broken connection; the ping will time out as lost.
+            logger.debug("Publish of %s failed: %s", show(payload), exc)
+
+    async def expirer(self) -> None:
+        """Declare pings lost when their timeout passes."""
+        while True:
+            deadline = self.tracker.next_deadline()
+            if deadline is None:
+                self._sent_event.clear()
+                await self._sent_event.wait()
+                continue
+            delay = deadline - self.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = self.clock()
+            for ping in self.tracker.expire(now):
+                self.reporter.event(
+                    "lost",
+                    logging.WARNING,
+                    "Lost %s on %s: seq %d, no echo within %.3g s.",
+                    show(ping.payload),
+                    self.client_settings.ping_topic,
+                    ping.seq,
+                    self.settings.timeout,
+                    seq=ping.seq,
+                    payload=text(ping.payload),
+                )
+            self._check_silence(now)
+            self._maybe_done()
+
+    def _check_silence(self, now: float) -> None:
+        since = self._unanswered_since
+        if self._silent or since is None or not self.link.connected.is_set():
+            return
+        if now - since >= self.settings.silence:
+            self._silent = True
+            self.reporter.event(
+                "silence",
+                logging.WARNING,
+                "No echo for %.0f s: is echo_client running on %s?",
+                now - since,
+                self.client_settings.ping_topic,
+                silence_s=round(now - since, 3),
+            )
+
+    def _maybe_done(self) -> None:
+        if self._ticks_done and not self.tracker.outstanding:
+            self.done.set()
+
+    # --- live status ----------------------------------------------------------------------
+
+    async def status(self) -> None:
+        """Log a one-line summary of the last stats interval, for `make logs` at a glance."""
+        every = self.settings.stats_interval
+        t = self.tracker
+        last = (t.sent, t.received, t.lost, len(t.rtts))
+        while True:
+            await asyncio.sleep(every)
+            sent, received, lost, n = t.sent, t.received, t.lost, len(t.rtts)
+            window = sorted(t.rtts[last[3] : n])
+            rtt = "no rtt"
+            if window:
+                p50, p99 = ms(percentile(window, 50)), ms(percentile(window, 99))
+                rtt = f"rtt p50 {p50:.3f} ms, p99 {p99:.3f} ms"
+            logger.info(
+                "Last %.0f s: %d sent, %d received, %d lost, %s.",
+                every,
+                sent - last[0],
+                received - last[1],
+                lost - last[2],
+                rtt,
+            )
+            last = (sent, received, lost, n)
+
+    # --- whole run ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> Summary:
+        """Run until a stop signal, --count completion, or --connect-timeout; return the summary."""
+        async with TaskGroup() as tg:
+            workers = [
+                tg.create_task(self.link.run(self.session), name="ping-link"),
+                tg.create_task(self.ticker(tg), name="ping-ticker"),
+                tg.create_task(self.expirer(), name="ping-expirer"),
+            ]
+            if self.settings.stats_interval > 0:
+                workers.append(tg.create_task(self.status(), name="ping-status"))
+            ends = [
+                tg.create_task(stop.wait(), name="wait-stop"),
+                tg.create_task(self.done.wait(), name="wait-done"),
+            ]
+            if self.settings.connect_timeout is not None:
+                ends.append(tg.create_task(self._connect_deadline(), name="connect-deadline"))
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            for task in workers + ends:
+                task.cancel()
+        return summarize(
+            self.tracker,
+            target=self.target,
+            not_sent=self.not_sent,
+            elapsed=self.clock() - self.started,
+            disconnected=self.link.downtime(),
+            reconnects=self.link.reconnects,
+            connected=self.link.ever_connected.is_set(),
+        )
+
+    async def _connect_deadline(self) -> None:
+        timeout = self.settings.connect_timeout
+        try:
+            await asyncio.wait_for(self.link.ever_connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            # The timeout is the whole story; a traceback would add nothing.
+            logger.error("No connection to %s within %.3g s.", self.target, timeout)  # noqa: TRY400
+            return
+        await asyncio.Event().wait()  # connected in time: this deadline never fires
+
+
+def exit_code(summary: Summary) -> int:
+    """Map a summary to the exit status: 2 never connected, 1 loss, 0 all answered."""
+    if not summary.connected:
+        return EXIT_NEVER_CONNECTED
+    if summary.lost:
+        return EXIT_LOSS
+    return EXIT_ANSWERED
+
+
+async def amain(settings: PingSettings) -> int:
+    """Run the probe and print its summary; return the exit status."""
+    stop = asyncio.Event()
+    install_stop_handlers(stop, hard_limit=5.0)
+    reporter = Reporter(json_mode=settings.json, out=sys.stdout)
+    summary = await Probe(settings, reporter).run(stop)
+    if settings.json:
+        reporter.write({"event": "summary", "time": round(time.time(), 6), **summary.as_dict()})
+    else:
+        sys.stdout.write(summary.as_text())
+        sys.stdout.flush()
+    return exit_code(summary)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the ping client as a program: ``python -m ping_client --help``."""
+    settings = parse(argv, os.environ)
+    logs.configure("client", settings.client.log_level)
+    sys.exit(asyncio.run(amain(settings)))

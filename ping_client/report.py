@@ -1,0 +1,169 @@
+"""How the probe reports: log lines for people, JSON lines for scripts, and the final summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from ping_client.probe import RttStats, Tracker, rtt_stats
+
+logger = logging.getLogger("ping_client")
+
+
+def ms(seconds: float) -> float:
+    """Convert seconds to milliseconds, rounded to the microsecond."""
+    return round(seconds * 1000, 3)
+
+
+def text(payload: bytes) -> str:
+    """Render a payload for JSON: the ASCII text when it is printable ASCII, else its repr."""
+    if payload.isascii() and payload.decode().isprintable():
+        return payload.decode()
+    return repr(payload)
+
+
+class Reporter:
+    """Writes each event as a log line, and also as a JSON object on ``out`` in JSON mode."""
+
+    def __init__(self, *, json_mode: bool, out: TextIO) -> None:
+        """Report to the log, and to ``out`` as JSON lines when ``json_mode``."""
+        self.json_mode = json_mode
+        self.out = out
+
+    def event(
+        self,
+        name: str,
+        level: int,
+        message: str,
+        *args: object,
+        **data: Any,  # noqa: ANN401
+    ) -> None:
+        """Log ``message % args`` at ``level``; in JSON mode, also emit ``{"event": name, ...}``."""
+        logger.log(level, message, *args)
+        if self.json_mode:
+            self.write({"event": name, "time": round(time.time(), 6), **data})
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one JSON object on its own line and flush, so pipes see it at once."""
+        self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.out.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Everything the final report says."""
+
+    target: str
+    sent: int
+    received: int
+    lost: int
+    late: int
+    duplicates: int
+    unexpected: int
+    in_flight: int
+    not_sent: int
+    elapsed: float
+    disconnected: float
+    reconnects: int
+    connected: bool
+    rtt: RttStats | None
+
+    @property
+    def loss_percent(self) -> float:
+        """Lost pings as a share of those that were given their full timeout."""
+        settled = self.sent - self.in_flight
+        return 100.0 * self.lost / settled if settled else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the summary as JSON-ready data (times in milliseconds)."""
+        data: dict[str, Any] = {
+            "target": self.target,
+            "sent": self.sent,
+            "received": self.received,
+            "lost": self.lost,
+            "late": self.late,
+            "duplicates": self.duplicates,
+            "unexpected": self.unexpected,
+            "in_flight": self.in_flight,
+            "not_sent": self.not_sent,
+            "loss_percent": round(self.loss_percent, 3),
+            "elapsed_s": round(self.elapsed, 3),
+            "disconnected_s": round(self.disconnected, 3),
+            "reconnects": self.reconnects,
+            "connected": self.connected,
+            "rtt_ms": None,
+        }
+        if self.rtt is not None:
+            r = self.rtt
+            data["rtt_ms"] = {
+                "min": ms(r.minimum),
+                "avg": ms(r.average),
+                "max": ms(r.maximum),
+                "mdev": ms(r.mdev),
+                "p50": ms(r.p50),
+                "p90": ms(r.p90),
+                "p99": ms(r.p99),
+            }
+        return data
+
+    def as_text(self) -> str:
+        """Return the summary in the manner of ping(8)."""
+        lines = [
+            f"--- {self.target} ping statistics ---",
+            f"{self.sent} sent, {self.received} received, {self.lost} lost, {self.late} late, "
+            f"{self.duplicates} duplicate, {self.loss_percent:.1f}% loss, "
+            f"time {self.elapsed * 1000:.0f}ms",
+        ]
+        if self.rtt is not None:
+            r = self.rtt
+            lines.append(
+                f"rtt min/avg/max/mdev = {ms(r.minimum):.3f}/{ms(r.average):.3f}/"
+                f"{ms(r.maximum):.3f}/{ms(r.mdev):.3f} ms"
+            )
+            lines.append(f"rtt p50/p90/p99 = {ms(r.p50):.3f}/{ms(r.p90):.3f}/{ms(r.p99):.3f} ms")
+        lines.append(
+            f"disconnected {self.disconnected:.3f} s, {self.reconnects} reconnects"
+            + ("" if self.connected else ", never connected")
+        )
+        extras = []
+        if self.in_flight:
+            extras.append(f"{self.in_flight} still in flight at exit (not counted as lost)")
+        if self.not_sent:
+            extras.append(f"{self.not_sent} ticks skipped while disconnected")
+        if self.unexpected:
+            extras.append(f"{self.unexpected} unexpected echoes ignored")
+        if extras:
+            lines.append("; ".join(extras))
+        return "\n".join(lines) + "\n"
+
+
+def summarize(
+    tracker: Tracker,
+    *,
+    target: str,
+    not_sent: int,
+    elapsed: float,
+    disconnected: float,
+    reconnects: int,
+    connected: bool,
+) -> Summary:
+    """Freeze the tracker's counters into a Summary."""
+    return Summary(
+        target=target,
+        sent=tracker.sent,
+        received=tracker.received,
+        lost=tracker.lost,
+        late=tracker.late,
+        duplicates=tracker.duplicates,
+        unexpected=tracker.unexpected,
+        in_flight=len(tracker.outstanding),
+        not_sent=not_sent,
+        elapsed=elapsed,
+        disconnected=disconnected,
+        reconnects=reconnects,
+        connected=connected,
+        rtt=rtt_stats(tracker.rtts),
+    )

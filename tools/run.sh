@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Start mqtt-pingpong under supervisord and stream the three logs, each line marked with its
+# process; Ctrl-C stops everything and waits until no process is left and the port is free.
+#   tools/run.sh               start (if not running), stream logs, stop on Ctrl-C
+#   tools/run.sh --start-only  start and return
+#   tools/run.sh --stop        stop and wait
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=.venv/bin
+CONF=supervisord.conf
+PIDFILE=run/supervisord.pid
+LOGS=(logs/broker.log logs/echo_client.log logs/ping_client.log)
+
+running() {
+  [[ -f $PIDFILE ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+}
+
+start() {
+  mkdir -p logs run
+  if running; then
+    echo "supervisord is already running (pid $(cat "$PIDFILE")); attaching to its logs."
+    return
+  fi
+  rm -f run/sv.sock
+  "$BIN/supervisord" -c "$CONF"
+  echo "Started supervisord (pid $(cat "$PIDFILE")). Logs are in logs/."
+}
+
+stop() {
+  if ! running; then
+    return 0
+  fi
+  local pid
+  pid=$(cat "$PIDFILE")
+  "$BIN/supervisorctl" -c "$CONF" shutdown >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+  # supervisord exits after its children; each child stops within its stopwaitsecs (5 s).
+  for _ in $(seq 1 150); do
+    kill -0 "$pid" 2>/dev/null || { echo "Stopped."; return 0; }
+    sleep 0.1
+  done
+  echo "supervisord (pid $pid) did not stop within 15 s; killing its process group." >&2
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+}
+
+case "${1:-}" in
+  --start-only) start; exit 0 ;;
+  --stop) stop; exit 0 ;;
+  "") ;;
+  *) echo "usage: $0 [--start-only|--stop]" >&2; exit 64 ;;
+esac
+
+start
+touch "${LOGS[@]}"
+trap 'trap - INT TERM EXIT; echo; echo "Stopping..."; stop' INT TERM EXIT
+# tail names each file in a "==> file <==" header; awk turns that into a per-line prefix.
+tail -n 0 -F "${LOGS[@]}" 2>/dev/null | awk '
+  /^==> .* <==$/ { name = $2; sub(/^logs\//, "", name); sub(/\.log$/, "", name); next }
+  NF { printf "%-12s| %s\n", name, $0; fflush() }
+' || true
