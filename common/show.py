@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-SHOW_LIMIT = 64
+SHOW_CHARS = 80
 
 
-def show(payload: bytes, limit: int = SHOW_LIMIT) -> str:
-    """Return ``repr(payload)``, cut to ``limit`` bytes with the full size noted.
+def show(payload: bytes, limit: int = SHOW_CHARS) -> str:
+    """Return ``repr(payload)``, cut to about ``limit`` characters with the full size noted.
 
-    repr keeps binary and non-UTF-8 payloads on one printable line.
+    repr keeps binary and non-UTF-8 payloads printable and on one line; the cut keeps a 64 KiB
+    payload from flooding the log.
     """
-    if len(payload) <= limit:
-        return repr(payload)
-    return f"{payload[:limit]!r}... ({len(payload)} bytes)"
+    text = repr(payload[: limit + 1])
+    if len(payload) <= limit and len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(payload)} bytes)"

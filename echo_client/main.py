@@ -71,7 +71,10 @@ class Echo:
             self.settings.client.qos,
         )
         await client.subscribe(ping, qos=qos)
-        async with TaskGroup() as tg:
+        # QoS 1/2 echoes are not awaited one by one (that would wait a PUBACK per message);
+        # they run as tasks kept here, and are cancelled when the link breaks.
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
             async for message in client.messages:
                 payload = message.payload if isinstance(message.payload, bytes) else b""
                 if not message.topic.matches(ping):
@@ -94,8 +97,12 @@ class Echo:
                 if qos == 0:
                     await self._publish(client, payload)
                 else:
-                    # Don't wait for each PUBACK in turn: that would serialise the echo.
-                    tg.create_task(self._publish(client, payload), name="echo-publish")
+                    task = asyncio.create_task(self._publish(client, payload), name="echo-publish")
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+        finally:
+            for task in in_flight:
+                task.cancel()
 
     async def _publish(self, client: aiomqtt.Client, payload: bytes) -> None:
         await client.publish(self.settings.client.pong_topic, payload, qos=self.settings.client.qos)

@@ -170,9 +170,11 @@ class Probe:
     async def ticker(self, tg: TaskGroup) -> None:
         """Publish one ping per interval on a fixed schedule, until --count pings are sent."""
         interval = self.settings.interval
-        await self.link.connected.wait()  # the schedule starts with the first connection
+        # The schedule starts one interval after the first connection, which gives an echo
+        # client started at the same moment (as supervisord does) time to subscribe.
+        await self.link.connected.wait()
         start = self.clock()
-        tick = 0
+        tick = 1
         while self.settings.count is None or self.tracker.sent < self.settings.count:
             due = start + tick * interval
             delay = due - self.clock()

@@ -1,0 +1,24 @@
+"""Fixtures: a free port and a process spawner per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Spawner, free_port
+
+
+@pytest.fixture
+def port() -> int:
+    """A free TCP port on 127.0.0.1 for this test alone."""
+    return free_port()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    """Start real processes; whatever is still running when the test ends is killed."""
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.cleanup()

@@ -1,0 +1,314 @@
+"""Helpers for tests that run the real programs as processes over real sockets.
+
+Nothing here sleeps for a fixed time: every wait is for a condition, with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+def port_accepts(port: int) -> bool:
+    """Return whether something accepts TCP connections on 127.0.0.1:port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment for a child program: ours, unbuffered, minus any MQTT_* leftovers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Proc:
+    """A real child process whose stdout and stderr go to files we can read while it runs."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    out_path: Path
+    err_path: Path
+
+    def out(self) -> str:
+        """Everything the process wrote on stdout so far."""
+        return self.out_path.read_text(errors="replace")
+
+    def err(self) -> str:
+        """Everything the process wrote on stderr so far."""
+        return self.err_path.read_text(errors="replace")
+
+    def wait_for(
+        self, pattern: str, timeout: float = 10.0, *, stream: str = "err"
+    ) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in the process's output."""
+        read = self.err if stream == "err" else self.out
+
+        def found() -> re.Match[str] | None:
+            match = re.search(pattern, read())
+            if match is None and self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.popen.returncode} before printing "
+                    f"{pattern!r}:\n{self.err()}"
+                )
+            return match
+
+        return wait_until(found, timeout, f"{pattern!r} from {self.name}")  # type: ignore[no-any-return]
+
+    def count(self, pattern: str, stream: str = "err") -> int:
+        """How many times ``pattern`` occurs in the output so far."""
+        return len(re.findall(pattern, self.err() if stream == "err" else self.out()))
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process."""
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the process to exit; fail if it has not within ``timeout``."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout} s") from None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM the process and return its exit code."""
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the process if it still runs, and reap it."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+
+
+@dataclass
+class Spawner:
+    """Starts programs for one test and kills whatever is left when the test ends."""
+
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(
+        self,
+        module: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        name: str | None = None,
+    ) -> Proc:
+        """Start ``python -m module args...``."""
+        label = name or f"{module}-{len(self.procs)}"
+        out_path = self.tmp / f"{label}.out"
+        err_path = self.tmp / f"{label}.err"
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            popen = subprocess.Popen(
+                [PYTHON, "-m", module, *args],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env if env is not None else base_env(),
+                cwd=cwd or REPO,
+            )
+        proc = Proc(label, popen, out_path, err_path)
+        self.procs.append(proc)
+        return proc
+
+    def broker(self, port: int, *args: str, **kwargs: Any) -> Proc:
+        """Start the broker on ``port`` and wait until it listens."""
+        proc = self.start("broker", "--port", str(port), *args, **kwargs)
+        proc.wait_for(r"Listening on 127\.0\.0\.1:\d+")
+        return proc
+
+    def run(
+        self, module: str, *args: str, timeout: float = 30.0, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m module args...`` to completion and capture its output."""
+        return subprocess.run(
+            [PYTHON, "-m", module, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env if env is not None else base_env(),
+            cwd=REPO,
+            check=False,
+        )
+
+    def cleanup(self) -> None:
+        """Kill every process this spawner started."""
+        for proc in self.procs:
+            proc.kill()
+
+
+class MqttProbe:
+    """A paho MQTT 3.1.1 client run in its own thread: an independent peer for the tests."""
+
+    def __init__(self, port: int, client_id: str = "", *, clean_session: bool = True) -> None:
+        """Connect to 127.0.0.1:port and wait for CONNACK."""
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=clean_session,
+        )
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        wait_until(self.client.is_connected, 5, "paho CONNACK")
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        self.messages.put((message.topic, bytes(message.payload)))
+
+    def subscribe(self, topic: str, qos: int = 0) -> None:
+        """Subscribe and wait for the SUBACK."""
+        done: queue.Queue[bool] = queue.Queue()
+        self.client.on_subscribe = lambda *_a: done.put(True)
+        self.client.subscribe(topic, qos)
+        done.get(timeout=5)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        """Publish and wait until paho has sent it (and, for QoS > 0, it is acknowledged)."""
+        info = self.client.publish(topic, payload, qos)
+        info.wait_for_publish(timeout=5)
+
+    def expect(self, timeout: float = 5.0) -> tuple[str, bytes]:
+        """Return the next message, failing after ``timeout`` seconds."""
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no message within {timeout} s") from None
+
+    def drain(self) -> list[tuple[str, bytes]]:
+        """Return and forget every message received so far."""
+        out = []
+        while True:
+            try:
+                out.append(self.messages.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        """Disconnect cleanly and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def supervisor_conf(tmp: Path, port: int, extra_env: Sequence[str] = ()) -> Path:
+    """Copy the repository's supervisord.conf into ``tmp``: same programs, this port, tmp logs.
+
+    Only paths and the environment change; every other setting is the one users run.
+    """
+    text = (REPO / "supervisord.conf").read_text()
+    (tmp / "logs").mkdir(exist_ok=True)
+    (tmp / "run").mkdir(exist_ok=True)
+    text = text.replace("%(here)s/.venv/bin/python", PYTHON)
+    text = text.replace("directory=%(here)s", f"directory={REPO}")
+    text = text.replace("%(here)s", str(tmp))
+    env = ",".join([f'MQTT_PORT="{port}"', *extra_env])
+    text = text.replace(
+        'environment=PYTHONUNBUFFERED="1"', f'environment=PYTHONUNBUFFERED="1",{env}'
+    )
+    conf = tmp / "supervisord.conf"
+    conf.write_text(text)
+    return conf
+
+
+@contextlib.contextmanager
+def supervised(tmp: Path, port: int, extra_env: Sequence[str] = ()) -> Iterator[Path]:
+    """Run real supervisord on a copy of our config; shut it down and check nothing is left."""
+    conf = supervisor_conf(tmp, port, extra_env)
+    subprocess.run([str(BIN / "supervisord"), "-c", str(conf)], check=True, timeout=30)
+    pidfile = tmp / "run" / "supervisord.pid"
+    wait_until(pidfile.exists, 10, "supervisord's pidfile")
+    pid = int(pidfile.read_text())
+    try:
+        yield conf
+    finally:
+        children = supervisor_children(pid)
+        subprocess.run(
+            [str(BIN / "supervisorctl"), "-c", str(conf), "shutdown"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        wait_until(lambda: not pid_alive(pid), 20, "supervisord to exit")
+        wait_until(lambda: not any(pid_alive(p) for p in children), 10, "its programs to exit")
+
+
+def supervisorctl(conf: Path, *args: str) -> str:
+    """Run supervisorctl against ``conf`` and return its output."""
+    result = subprocess.run(
+        [str(BIN / "supervisorctl"), "-c", str(conf), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return result.stdout + result.stderr
+
+
+def pid_alive(pid: int) -> bool:
+    """Return whether ``pid`` is a live (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def supervisor_children(pid: int) -> list[int]:
+    """Return every descendant of ``pid``."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        path = Path(f"/proc/{parent}/task/{parent}/children")
+        with contextlib.suppress(FileNotFoundError):
+            kids = [int(x) for x in path.read_text().split()]
+            found.extend(kids)
+            frontier.extend(kids)
+    return found

@@ -1,0 +1,88 @@
+"""The echo round trip over a real broker and real sockets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.support import MqttProbe, Spawner
+
+
+@pytest.fixture
+def system(spawn: Spawner, port: int) -> MqttProbe:
+    """A broker and an echo client, and a paho peer subscribed to /pong."""
+    spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    echo.wait_for("Connected to")
+    probe = MqttProbe(port)
+    probe.subscribe("/pong")
+    return probe
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"1744796556", b"", bytes(range(256)), b"\xff\xfe\x00not utf-8", os.urandom(64 * 1024)],
+    ids=["timestamp", "empty", "all-bytes", "invalid-utf8", "64KiB"],
+)
+def test_echo_returns_every_payload_byte_for_byte(system: MqttProbe, payload: bytes) -> None:
+    system.publish("/ping", payload)
+    assert system.expect() == ("/pong", payload)
+    system.close()
+
+
+def test_echo_ignores_other_topics_and_never_loops(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    echo.wait_for("Connected to")
+    probe = MqttProbe(port)
+    probe.subscribe("#")
+    for topic in ("/pong", "/ping/sub", "ping", "/other"):
+        probe.publish(topic, b"not for echo")
+    probe.publish("/ping", b"marker")
+    # Everything above arrives in order; after the marker's echo, nothing else may come back.
+    seen = [probe.expect() for _ in range(6)]
+    assert seen[:4] == [(t, b"not for echo") for t in ("/pong", "/ping/sub", "ping", "/other")]
+    assert seen[4:] == [("/ping", b"marker"), ("/pong", b"marker")]
+    probe.publish("/ping", b"second")
+    assert [probe.expect(), probe.expect()] == [("/ping", b"second"), ("/pong", b"second")]
+    assert probe.drain() == []
+    assert echo.count(r"Publishing") == 2
+    probe.close()
+
+
+def test_echo_skips_payloads_over_the_limit(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), "--max-payload", "100", name="echo")
+    echo.wait_for("Connected to")
+    probe = MqttProbe(port)
+    probe.subscribe("/pong")
+    probe.publish("/ping", b"x" * 101)
+    echo.wait_for(r"Skipping 101-byte payload: over the 100-byte limit\.")
+    probe.publish("/ping", b"small")
+    assert probe.expect() == ("/pong", b"small")
+    probe.close()
+
+
+def test_echo_logs_binary_payloads_safely_and_truncated(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    echo.wait_for("Connected to")
+    probe = MqttProbe(port)
+    probe.subscribe("/pong")
+    probe.publish("/ping", b"\x00\xff" * 1000)
+    assert probe.expect() == ("/pong", b"\x00\xff" * 1000)
+    line = echo.wait_for(r"Got .* on /ping\.").group(0)
+    assert "(2000 bytes)" in line
+    assert len(line) < 200
+    probe.close()
+
+
+def test_ping_client_count_gets_every_echo(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    result = spawn.run("ping_client", "--port", str(port), "--count", "3", "--interval", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "3 sent, 3 received, 0 lost" in result.stdout
+    assert result.stderr.count("Publishing b'") == 3
+    assert len([line for line in result.stderr.splitlines() if "client: Got b'" in line]) == 3

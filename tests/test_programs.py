@@ -1,0 +1,119 @@
+"""Each program as a process: clean stop on signals, clear errors on bad input, no files."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.support import MqttProbe, Spawner, base_env, wait_until
+
+PROGRAMS = ["broker", "ping_client", "echo_client"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_each_program_exits_0_on_signal(spawn: Spawner, port: int, signum: int) -> None:
+    broker = spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    ping = spawn.start("ping_client", "--port", str(port), "--interval", "0.1", name="ping")
+    ping.wait_for(r"client: Got b'\d+\.\d' on /pong")
+    for proc in (ping, echo, broker):
+        proc.signal(signum)
+        assert proc.wait(5) == 0, proc.err()
+    assert "Traceback" not in ping.err() + echo.err() + broker.err()
+    assert "ping statistics" in ping.out()
+    assert "Echoed" in echo.err()
+    assert "Stopped." in broker.err()
+
+
+def test_broker_reports_port_in_use(spawn: Spawner, port: int) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        result = spawn.run("broker", "--port", str(port), timeout=10)
+    assert result.returncode == 69
+    assert result.stderr == f"broker: error: port {port} on 127.0.0.1 is already in use\n"
+    assert result.stdout == ""
+
+
+def test_broker_reports_an_address_it_cannot_bind(spawn: Spawner) -> None:
+    result = spawn.run("broker", "--host", "192.0.2.1", "--port", "0", timeout=10)
+    assert result.returncode == 69
+    assert result.stderr == "broker: error: address 192.0.2.1 is not an address of this machine\n"
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--port", "http"], {}, "argument --port: not a port number: 'http'"),
+        ([], {"MQTT_PORT": "70000"}, "MQTT_PORT='70000': port must be 0..65535, got 70000"),
+        (["--log-level", "loud"], {}, "log level must be one of"),
+        ([], {"MQTT_LOG_LEVEL": "x"}, "MQTT_LOG_LEVEL='x'"),
+        (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+    ],
+    ids=["bad-port-flag", "bad-port-env", "bad-level-flag", "bad-level-env", "unknown-flag"],
+)
+def test_malformed_settings_get_one_line_and_exit_64(
+    spawn: Spawner, program: str, args: list[str], env: dict[str, str], needle: str
+) -> None:
+    result = spawn.run(program, *args, env=base_env(**env), timeout=10)
+    assert result.returncode == 64
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"{program}: error: ")
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--qos", "3"],
+        ["--interval", "0"],
+        ["--interval", "nan"],
+        ["--ping-topic", "/a/+"],
+        ["--ping-topic", "/same", "--pong-topic", "/same"],
+        ["--count", "-1"],
+    ],
+)
+def test_ping_client_rejects_bad_values(spawn: Spawner, args: list[str]) -> None:
+    result = spawn.run("ping_client", *args, timeout=10)
+    assert result.returncode == 64, result
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("ping_client: error: ")
+
+
+def test_echo_client_refuses_to_echo_onto_its_own_topic(spawn: Spawner) -> None:
+    result = spawn.run("echo_client", "--pong-topic", "/ping", timeout=10)
+    assert result.returncode == 64
+    assert "the echo would feed itself" in result.stderr
+
+
+def test_every_program_has_help(spawn: Spawner) -> None:
+    for program in PROGRAMS:
+        result = spawn.run(program, "--help", timeout=10)
+        assert result.returncode == 0
+        assert "MQTT_PORT" in result.stdout
+        assert "--log-level" in result.stdout
+
+
+def test_broker_writes_no_file(spawn: Spawner, port: int, tmp_path: Path) -> None:
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    env = base_env(HOME=str(sandbox), TMPDIR=str(sandbox), PYTHONDONTWRITEBYTECODE="1")
+    broker = spawn.broker(port, env=env, cwd=sandbox)
+    # Exercise what could persist: sessions, subscriptions, retained and QoS 1/2 messages.
+    subscriber = MqttProbe(port, "keeper", clean_session=False)
+    subscriber.subscribe("/keep/#", qos=2)
+    publisher = MqttProbe(port)
+    for qos in (0, 1, 2):
+        publisher.publish(f"/keep/{qos}", b"payload", qos=qos)
+    publisher.client.publish("/retained", b"kept", qos=1, retain=True).wait_for_publish(5)
+    assert {subscriber.expect()[0] for _ in range(3)} == {"/keep/0", "/keep/1", "/keep/2"}
+    subscriber.close()
+    publisher.close()
+    wait_until(lambda: broker.count("disconnected") >= 2, 5, "both disconnects logged")
+    assert broker.stop() == 0
+    assert list(sandbox.rglob("*")) == []

@@ -1,0 +1,71 @@
+"""The three programs under real supervisord, on a copy of the repository's config."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+from tests.support import (
+    pid_alive,
+    port_accepts,
+    supervised,
+    supervisor_children,
+    supervisorctl,
+    wait_until,
+)
+
+
+def log(tmp: Path, name: str) -> str:
+    """The current text of one program's log file."""
+    path = tmp / "logs" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def pongs(tmp: Path) -> int:
+    """Number of echoes the ping client has logged so far."""
+    return len(re.findall(r"client: Got b'\d+' on /pong: seq \d+, rtt", log(tmp, "ping_client")))
+
+
+def test_supervisord_runs_all_three_and_leaves_nothing_behind(tmp_path: Path, port: int) -> None:
+    with supervised(tmp_path, port) as conf:
+        wait_until(lambda: pongs(tmp_path) >= 2, 20, "two pongs in ping_client.log")
+        status = supervisorctl(conf, "status")
+        for program in ("broker", "echo_client", "ping_client"):
+            assert re.search(rf"^{program}\s+RUNNING", status, re.MULTILINE), status
+        assert "echo_client: Got b'" in log(tmp_path, "echo_client")
+        assert f"Listening on 127.0.0.1:{port}" in log(tmp_path, "broker")
+        sock = tmp_path / "run" / "sv.sock"
+        assert sock.stat().st_mode & 0o777 == 0o700
+        pid = int((tmp_path / "run" / "supervisord.pid").read_text())
+        children = supervisor_children(pid)
+        assert len(children) >= 3
+    assert not pid_alive(pid)
+    assert not any(pid_alive(child) for child in children)
+    assert not port_accepts(port)
+    for program in ("broker", "echo_client", "ping_client"):
+        assert "Traceback" not in log(tmp_path, program)
+
+
+def test_broker_killed_is_restarted_and_pongs_resume(tmp_path: Path, port: int) -> None:
+    with supervised(tmp_path, port) as conf:
+        wait_until(lambda: pongs(tmp_path) >= 1, 20, "a first pong")
+        old = re.search(r"pid (\d+)", supervisorctl(conf, "status", "broker"))
+        assert old is not None
+        os.kill(int(old.group(1)), signal.SIGKILL)
+        wait_until(
+            lambda: (
+                "Lost connection" in log(tmp_path, "echo_client")
+                and "Lost connection" in log(tmp_path, "ping_client")
+            ),
+            10,
+            "both clients to report the loss",
+        )
+        wait_until(lambda: "Reconnected" in log(tmp_path, "ping_client"), 15, "reconnect")
+        before = pongs(tmp_path)
+        wait_until(lambda: pongs(tmp_path) >= before + 2, 15, "pongs to resume")
+        for name in ("echo_client", "ping_client"):
+            text = log(tmp_path, name)
+            assert text.count("Lost connection") == 1, text
+            assert text.count("Reconnected") == 1, text
