@@ -350,6 +350,8 @@ async def amain(settings: PingSettings) -> int:
     summary = await Probe(settings, reporter).run(stop)
     if settings.json:
         reporter.write({"event": "summary", "time": round(time.time(), 6), **summary.as_dict()})
+        # People watching a JSON run still see the summary, on stderr with the log.
+        sys.stderr.write(summary.as_text())
     else:
         sys.stdout.write(summary.as_text())
         sys.stdout.flush()

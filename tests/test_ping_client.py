@@ -1,0 +1,312 @@
+"""The ping client as a probe: counts, loss, exit codes, JSON, summaries, strangers on the topic."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from tests.support import MqttProbe, Spawner, wait_until
+
+
+def summary_counts(text: str) -> dict[str, int]:
+    """Parse the counts line of a human summary."""
+    match = re.search(
+        r"(\d+) sent, (\d+) received, (\d+) lost, (\d+) late, (\d+) duplicate, ([\d.]+)% loss", text
+    )
+    assert match is not None, text
+    keys = ("sent", "received", "lost", "late", "duplicates")
+    return dict(zip(keys, (int(g) for g in match.groups()[:5]), strict=True))
+
+
+class FaultyEcho:
+    """A misbehaving echo in the test process: it doubles or delays echoes on purpose."""
+
+    def __init__(self, port: int, *, delay: float = 0.0, copies: int = 1) -> None:
+        """Echo /ping to /pong ``copies`` times, ``delay`` seconds late."""
+        self.probe = MqttProbe(port)
+        self.delay = delay
+        self.copies = copies
+        self.probe.client.on_message = self._on_message
+        self.probe.subscribe("/ping")
+
+    def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        payload = bytes(message.payload)
+
+        def send() -> None:
+            for _ in range(self.copies):
+                self.probe.client.publish("/pong", payload)
+
+        if self.delay:
+            timer = threading.Timer(self.delay, send)
+            timer.daemon = True
+            timer.start()
+        else:
+            send()
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.probe.close()
+
+
+def test_count_5_exits_0_with_5_of_5(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    result = spawn.run("ping_client", "--port", str(port), "--count", "5", "--interval", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert summary_counts(result.stdout) == {
+        "sent": 5,
+        "received": 5,
+        "lost": 0,
+        "late": 0,
+        "duplicates": 0,
+    }
+    assert re.search(r"rtt min/avg/max/mdev = [\d.]+/[\d.]+/[\d.]+/[\d.]+ ms", result.stdout)
+    assert re.search(r"rtt p50/p90/p99 = [\d.]+/[\d.]+/[\d.]+ ms", result.stdout)
+    assert "disconnected 0.000 s, 0 reconnects" in result.stdout
+    rtts = re.findall(r"Got b'[\d.]+' on /pong: seq \d, rtt (\d+\.\d{3}) ms\.", result.stderr)
+    assert len(rtts) == 5
+
+
+def test_without_echo_client_every_ping_is_lost_and_exit_is_1(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    result = spawn.run(
+        "ping_client",
+        "--port",
+        str(port),
+        "--count",
+        "3",
+        "--timeout",
+        "0.5",
+        "--interval",
+        "0.2",
+        "--silence",
+        "0.5",
+    )
+    assert result.returncode == 1, result.stderr
+    assert summary_counts(result.stdout) == {
+        "sent": 3,
+        "received": 0,
+        "lost": 3,
+        "late": 0,
+        "duplicates": 0,
+    }
+    assert "100.0% loss" in result.stdout
+    assert len(re.findall(r"Lost b'[\d.]+' on /ping: seq \d", result.stderr)) == 3
+    assert result.stderr.count("is echo_client running") == 1
+
+
+def test_without_broker_exit_is_2_after_connect_timeout(spawn: Spawner, port: int) -> None:
+    result = spawn.run(
+        "ping_client", "--port", str(port), "--count", "1", "--connect-timeout", "1", timeout=15
+    )
+    assert result.returncode == 2, result.stderr
+    assert "never connected" in result.stdout
+    assert f"No connection to 127.0.0.1:{port} within 1 s." in result.stderr
+    assert result.stderr.count("Cannot connect") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_strangers_on_the_topics_do_not_change_the_counts(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    # A second ping client on the same broker, same topics, same schedule.
+    other = spawn.start("ping_client", "--port", str(port), "--interval", "0.1", name="other")
+    other.wait_for("Got b'")
+    stray = MqttProbe(port)
+    stop = threading.Event()
+
+    def pester() -> None:
+        while not stop.wait(0.05):
+            stray.client.publish("/pong", b"stray")
+            stray.client.publish("/pong", b"1744796556")
+
+    thread = threading.Thread(target=pester, daemon=True)
+    thread.start()
+    try:
+        result = spawn.run("ping_client", "--port", str(port), "--count", "20", "--interval", "0.1")
+    finally:
+        stop.set()
+        thread.join(5)
+        stray.close()
+    assert result.returncode == 0, result.stderr
+    assert summary_counts(result.stdout) == {
+        "sent": 20,
+        "received": 20,
+        "lost": 0,
+        "late": 0,
+        "duplicates": 0,
+    }
+    assert "unexpected echoes ignored" in result.stdout
+    assert "Unexpected b'stray' on /pong" in result.stderr
+
+
+def test_duplicate_echoes_are_counted_as_duplicates(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    echo = FaultyEcho(port, copies=2)
+    try:
+        proc = spawn.start(
+            "ping_client", "--port", str(port), "--interval", "0.1", "--json", name="ping"
+        )
+        wait_until(lambda: proc.out().count('"event":"duplicate"') >= 3, 10, "three duplicates")
+        proc.signal(signal.SIGTERM)
+        code = proc.wait(10)
+    finally:
+        echo.close()
+    assert code == 0
+    events = [json.loads(line) for line in proc.out().splitlines()]
+    summary = events[-1]
+    pong_seqs = [e["seq"] for e in events if e["event"] == "pong"]
+    dup_seqs = [e["seq"] for e in events if e["event"] == "duplicate"]
+    assert summary["duplicates"] == len(dup_seqs) >= 3
+    assert summary["received"] == len(pong_seqs)
+    assert summary["lost"] == 0
+    assert len(set(dup_seqs)) == len(dup_seqs)
+    assert set(dup_seqs) <= set(pong_seqs)
+
+
+def test_late_echoes_are_late_and_lost_not_received(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    echo = FaultyEcho(port, delay=0.6)
+    try:
+        proc = spawn.start(
+            "ping_client",
+            "--port",
+            str(port),
+            "--count",
+            "2",
+            "--interval",
+            "0.1",
+            "--timeout",
+            "0.3",
+            "--json",
+            name="ping",
+        )
+        # --count waits only for timeouts; keep the run going until the late echoes arrive.
+        code = proc.wait(15)
+    finally:
+        echo.close()
+    assert code == 1
+    events = [json.loads(line) for line in proc.out().splitlines()]
+    summary = events[-1]
+    assert summary["event"] == "summary"
+    assert (summary["sent"], summary["received"], summary["lost"]) == (2, 0, 2)
+    # Whether a late echo beats the exit is a race; when it does, it is late, never received.
+    assert summary["late"] == sum(1 for e in events if e["event"] == "late")
+
+
+def test_late_echo_during_a_long_run(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    echo = FaultyEcho(port, delay=0.5)
+    try:
+        proc = spawn.start(
+            "ping_client",
+            "--port",
+            str(port),
+            "--interval",
+            "0.2",
+            "--timeout",
+            "0.25",
+            "--json",
+            name="ping",
+        )
+        wait_until(lambda: proc.out().count('"event":"late"') >= 2, 15, "two late echoes")
+        proc.signal(signal.SIGTERM)
+        code = proc.wait(10)
+    finally:
+        echo.close()
+    assert code == 1
+    events = [json.loads(line) for line in proc.out().splitlines()]
+    summary = events[-1]
+    assert summary["event"] == "summary"
+    assert summary["received"] == 0
+    assert summary["late"] >= 2
+    assert summary["late"] <= summary["lost"]
+    late_seqs = [e["seq"] for e in events if e["event"] == "late"]
+    assert len(late_seqs) == len(set(late_seqs)) == summary["late"]
+
+
+def test_json_lines_parse_and_agree_with_the_human_summary(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    result = spawn.run(
+        "ping_client", "--port", str(port), "--count", "4", "--interval", "0.1", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "connected"
+    assert kinds.count("ping") == 4
+    assert kinds.count("pong") == 4
+    assert kinds[-1] == "summary"
+    summary = events[-1]
+    human = summary_counts(result.stderr)
+    assert human == {k: summary[k] for k in ("sent", "received", "lost", "late", "duplicates")}
+    pongs = [e for e in events if e["event"] == "pong"]
+    assert all(isinstance(e["rtt_ms"], float) and e["rtt_ms"] > 0 for e in pongs)
+    assert summary["rtt_ms"]["min"] == min(e["rtt_ms"] for e in pongs)
+    assert summary["rtt_ms"]["max"] == max(e["rtt_ms"] for e in pongs)
+    match = re.search(r"rtt min/avg/max/mdev = ([\d.]+)/([\d.]+)/([\d.]+)/", result.stderr)
+    assert match is not None
+    assert float(match.group(1)) == summary["rtt_ms"]["min"]
+    assert float(match.group(3)) == summary["rtt_ms"]["max"]
+
+
+def test_sigterm_mid_run_prints_the_summary_and_exits_by_the_rules(
+    spawn: Spawner, port: int
+) -> None:
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    ping = spawn.start("ping_client", "--port", str(port), "--interval", "0.05", name="ping")
+    wait_until(lambda: ping.count(r"Got b'") >= 5, 10, "five pongs")
+    ping.signal(signal.SIGTERM)
+    assert ping.wait(5) == 0
+    counts = summary_counts(ping.out())
+    assert counts["lost"] == 0
+    assert counts["received"] >= 5
+    assert counts["sent"] - counts["received"] <= 1  # at most the one in flight at the signal
+
+
+def test_rolling_status_line(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    ping = spawn.start(
+        "ping_client",
+        "--port",
+        str(port),
+        "--interval",
+        "0.1",
+        "--stats-interval",
+        "1",
+        name="ping",
+    )
+    line = ping.wait_for(
+        r"Last 1 s: (\d+) sent, (\d+) received, (\d+) lost, rtt p50 [\d.]+ ms, "
+        r"p99 [\d.]+ ms\."
+    )
+    assert int(line.group(1)) >= 5
+
+
+def test_echo_silence_is_reported_once_and_its_end_too(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    ping = spawn.start(
+        "ping_client",
+        "--port",
+        str(port),
+        "--interval",
+        "0.1",
+        "--timeout",
+        "0.3",
+        "--silence",
+        "0.5",
+        name="ping",
+    )
+    ping.wait_for(r"No echo for \d+ s: is echo_client running on /ping\?")
+    spawn.start("echo_client", "--port", str(port), name="echo")
+    ping.wait_for(r"Echoes are back after [\d.]+ s of silence\.")
+    wait_until(lambda: ping.count(r"Got b'") >= 3, 10, "pongs after the echo came back")
+    assert ping.count("is echo_client running") == 1
