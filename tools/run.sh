@@ -53,8 +53,15 @@ esac
 start
 touch "${LOGS[@]}"
 trap 'trap - INT TERM EXIT; echo; echo "Stopping..."; stop' INT TERM EXIT
-# tail names each file in a "==> file <==" header; awk turns that into a per-line prefix.
-tail -n 0 -F "${LOGS[@]}" 2>/dev/null | awk '
-  /^==> .* <==$/ { name = $2; sub(/^logs\//, "", name); sub(/\.log$/, "", name); next }
-  NF { printf "%-12s| %s\n", name, $0; fflush() }
-' || true
+# tail names each file in a "==> file <==" header; turn that into a per-line prefix. (A bash
+# loop, because mawk buffers its input and would hold lines back.)
+tail -n 0 -F "${LOGS[@]}" 2>/dev/null | {
+  name=""
+  while IFS= read -r line; do
+    if [[ $line =~ ^==\>\ logs/(.*)\.log\ \<==$ ]]; then
+      name=${BASH_REMATCH[1]}
+    elif [[ -n $line ]]; then
+      printf '%-12s| %s\n' "$name" "$line"
+    fi
+  done
+} || true
