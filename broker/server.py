@@ -29,10 +29,17 @@ def bind(host: str, port: int) -> socket.socket:
     except socket.gaierror as exc:
         raise BindError(f"cannot resolve {host!r}: {exc.strerror}") from exc
     family, _, _, _, address = infos[0]
+    # Create the socket with IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted
+    # sockets whose proto is IPPROTO_TCP, and socket.create_server() leaves it 0. Without
+    # NODELAY, a pong that follows another packet to the same client waits on Nagle.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        # create_server sets SO_REUSEADDR, so a restart never waits out TIME_WAIT.
-        return socket.create_server(address, family=family, backlog=1024)
+        # SO_REUSEADDR: a restart never waits out TIME_WAIT (it does not allow two listeners).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
     except OSError as exc:
+        sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise BindError(f"port {port} on {host} is already in use") from exc
         if exc.errno == errno.EADDRNOTAVAIL:
@@ -40,6 +47,7 @@ def bind(host: str, port: int) -> socket.socket:
         if exc.errno == errno.EACCES:
             raise BindError(f"permission denied to listen on {where}") from exc
         raise BindError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+    return sock
 
 
 def amqtt_config(settings: BrokerSettings, port: int) -> dict[str, Any]:

@@ -39,9 +39,18 @@ class Link:
         interval: float,
         listener: Listener | None = None,
         clock: Callable[[], float] = time.monotonic,
+        role: str = "",
+        quiet: bool = False,
     ) -> None:
-        """Wrap ``client``; ``interval`` is the pause between attempts (0 in tests)."""
+        """Wrap ``client``; ``interval`` is the pause between attempts (0 in tests).
+
+        ``role`` names a secondary connection in its log lines, e.g. ``"watcher"``; ``quiet``
+        logs its events at DEBUG, for a connection whose outages the main one already reports.
+        """
         self.client = client
+        self._prefix = f"{role}: " if role else ""
+        self._info = logging.DEBUG if quiet else logging.INFO
+        self._warning = logging.DEBUG if quiet else logging.WARNING
         self.address = address
         self.interval = interval
         self.connected = asyncio.Event()
@@ -79,15 +88,20 @@ class Link:
     def _up(self) -> None:
         now = self._clock()
         if not self.ever_connected.is_set():
-            logger.info("Connected to %s as %s.", self.address, self.client.identifier)
+            identifier = self.client.identifier
+            logger.log(
+                self._info, "%sConnected to %s as %s.", self._prefix, self.address, identifier
+            )
             self.ever_connected.set()
             outage = 0.0
         else:
             outage = now - (self._down_since or now)
             self._down_total += outage
             self.reconnects += 1
-            logger.warning(
-                "Reconnected to %s after %.3f s (%d attempts).",
+            logger.log(
+                self._warning,
+                "%sReconnected to %s after %.3f s (%d attempts).",
+                self._prefix,
                 self.address,
                 outage,
                 self.attempts,
@@ -105,8 +119,10 @@ class Link:
             self.connected.clear()
             self._down_since = now
             self._reminded_at = now
-            logger.warning(
-                "Lost connection to %s: %s. Retrying every %d ms.",
+            logger.log(
+                self._warning,
+                "%sLost connection to %s: %s. Retrying every %d ms.",
+                self._prefix,
                 self.address,
                 exc,
                 retry_ms,
@@ -114,8 +130,10 @@ class Link:
             self._emit("disconnected", reason=str(exc))
         elif self.attempts == 1 and not self.ever_connected.is_set():
             self._reminded_at = now
-            logger.warning(
-                "Cannot connect to %s: %s. Retrying every %d ms.",
+            logger.log(
+                self._warning,
+                "%sCannot connect to %s: %s. Retrying every %d ms.",
+                self._prefix,
                 self.address,
                 exc,
                 retry_ms,
@@ -123,8 +141,10 @@ class Link:
         elif now - self._reminded_at >= REMINDER_EVERY:
             self._reminded_at = now
             since = self._down_since if self._down_since is not None else now
-            logger.warning(
-                "Still cannot reach %s after %.0f s (%d attempts): %s.",
+            logger.log(
+                self._warning,
+                "%sStill cannot reach %s after %.0f s (%d attempts): %s.",
+                self._prefix,
                 self.address,
                 now - since,
                 self.attempts,

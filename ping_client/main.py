@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Final
 
 import aiomqtt
@@ -59,6 +60,19 @@ class Probe:
             listener=self._on_link,
             clock=clock,
         )
+        # A second connection watches the ping topic. Seeing other publishers' pings with our
+        # payloads keeps their echoes from counting as our duplicates. It is separate so that
+        # the measured path carries only pings and pongs: on the same connection, a copy of
+        # each ping arriving just before its pong can hold the pong back on a broker without
+        # TCP_NODELAY (mosquitto's default) for up to one interval.
+        self.watcher = Link(
+            make_client(replace(settings.client, client_id=settings.client.client_id + "-watch")),
+            address=self.target,
+            interval=settings.client.reconnect_interval,
+            clock=clock,
+            role="watcher",
+            quiet=True,
+        )
         self.done = asyncio.Event()
         self.not_sent = 0
         self.started = clock()
@@ -78,18 +92,21 @@ class Probe:
             self._unanswered_since = None
 
     async def session(self, client: aiomqtt.Client) -> None:
-        """Subscribe, then handle every echo (and every copy of a ping) until the link breaks."""
-        pong, ping = self.client_settings.pong_topic, self.client_settings.ping_topic
-        # The ping topic too, at QoS 0: seeing other publishers' pings with our payloads keeps
-        # their echoes from counting as our duplicates.
-        await client.subscribe([(pong, self.client_settings.qos), (ping, 0)])
+        """Subscribe to the pong topic, then handle every echo until the link breaks."""
+        pong = self.client_settings.pong_topic
+        await client.subscribe(pong, qos=self.client_settings.qos)
         async for message in client.messages:
             now = self.clock()
             payload = message.payload if isinstance(message.payload, bytes) else b""
             if message.topic.matches(pong):
                 self._on_echo(payload, now)
-            elif message.topic.matches(ping):
-                self.tracker.on_ping_copy(payload, now)
+
+    async def watch(self, client: aiomqtt.Client) -> None:
+        """Note every message on the ping topic: our own copies and other publishers' pings."""
+        await client.subscribe(self.client_settings.ping_topic, qos=0)
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            self.tracker.on_ping_copy(payload, self.clock())
 
     # --- echoes ---------------------------------------------------------------------------
 
@@ -298,6 +315,7 @@ class Probe:
         async with TaskGroup() as tg:
             workers = [
                 tg.create_task(self.link.run(self.session), name="ping-link"),
+                tg.create_task(self.watcher.run(self.watch), name="ping-watcher"),
                 tg.create_task(self.ticker(tg), name="ping-ticker"),
                 tg.create_task(self.expirer(), name="ping-expirer"),
             ]
