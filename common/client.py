@@ -7,8 +7,12 @@ import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from common import cli
 from common.constants import DEFAULT_HOST, DEFAULT_PORT, PING_TOPIC, PONG_TOPIC, RECONNECT_INTERVAL
@@ -121,9 +125,33 @@ def client_settings(parser: cli.Parser, args: argparse.Namespace, role: str) -> 
         parser.error(str(exc))
 
 
+class Client(aiomqtt.Client):
+    """aiomqtt's Client, failing a connect at once when the broker hangs up before CONNACK.
+
+    aiomqtt 2.5 ignores a disconnect that comes before CONNACK and waits out its whole timeout
+    (5 s here), so a broker that accepts and closes connections would stretch the 100 ms
+    reconnect loop to 5 s per attempt.
+    """
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,  # noqa: ANN401 - paho's callback signature
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        if not self._connected.done():
+            self._connected.set_exception(
+                aiomqtt.MqttCodeError(reason_code, "Connection closed before CONNACK")
+            )
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+
 def make_client(settings: ClientSettings) -> aiomqtt.Client:
     """Create the one aiomqtt client a process reuses across reconnects."""
-    return aiomqtt.Client(
+    return Client(
         settings.host,
         settings.port,
         identifier=settings.client_id,

@@ -1,0 +1,87 @@
+"""The 100 ms reconnect loop, seen from outside: real clients, a real broker that comes and goes."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import threading
+
+from tests.support import Proc, Spawner, wait_until
+
+
+def pongs(ping: Proc) -> int:
+    """Echoes the ping client has logged so far."""
+    return ping.count(r"client: Got b'[\d.]+' on /pong")
+
+
+def test_clients_started_before_the_broker_wait_and_connect(spawn: Spawner, port: int) -> None:
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    ping = spawn.start("ping_client", "--port", str(port), "--interval", "0.1", name="ping")
+    echo.wait_for("Cannot connect to")
+    ping.wait_for("Cannot connect to")
+    spawn.broker(port)
+    wait_until(lambda: pongs(ping) >= 3, 15, "pongs once the broker is up")
+    for proc in (echo, ping):
+        assert proc.count("Cannot connect") == 1
+        assert proc.count(r"Connected to 127\.0\.0\.1") == 1
+
+
+def test_broker_restart_reconnects_resubscribes_and_resumes(spawn: Spawner, port: int) -> None:
+    broker = spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    ping = spawn.start("ping_client", "--port", str(port), "--interval", "0.1", name="ping")
+    wait_until(lambda: pongs(ping) >= 3, 15, "first pongs")
+    broker.signal(signal.SIGKILL)
+    broker.wait(5)
+    for proc in (echo, ping):
+        proc.wait_for(r"Lost connection to 127\.0\.0\.1:\d+: .* Retrying every 100 ms\.")
+    before = pongs(ping)
+    spawn.broker(port)
+    for proc in (echo, ping):
+        proc.wait_for(r"Reconnected to 127\.0\.0\.1:\d+ after [\d.]+ s \(\d+ attempts\)\.")
+    wait_until(lambda: pongs(ping) >= before + 3, 15, "pongs after the restart")
+    for proc in (echo, ping):
+        assert proc.count("Lost connection") == 1
+        assert proc.count("Reconnected") == 1
+    # One subscription each after the restart: one echo per ping, no duplicates.
+    ping.signal(signal.SIGTERM)
+    assert ping.wait(5) in (0, 1)  # pings in flight at the kill may be lost
+    summary = ping.out()
+    assert re.search(r", 0 duplicate,", summary), summary
+    assert "1 reconnects" in summary
+
+
+def test_retrying_every_100_ms_floods_no_log(spawn: Spawner, port: int) -> None:
+    """While nothing speaks MQTT on the port, attempts go on and the log gets one line."""
+    attempts = 0
+    listening = threading.Event()
+    done = threading.Event()
+
+    def refuse_politely() -> None:
+        nonlocal attempts
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", port))
+            server.listen(64)
+            server.settimeout(0.2)
+            listening.set()
+            while not done.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                attempts += 1
+                conn.close()  # accept, then hang up: every CONNECT fails
+
+    thread = threading.Thread(target=refuse_politely, daemon=True)
+    thread.start()
+    listening.wait(5)
+    try:
+        echo = spawn.start("echo_client", "--port", str(port), name="echo")
+        wait_until(lambda: attempts >= 20, 15, "twenty connection attempts")
+    finally:
+        done.set()
+        thread.join(5)
+    assert echo.count("Cannot connect") == 1
+    assert echo.count("Connected to") == 0
+    assert len(echo.err().splitlines()) == 1, echo.err()
