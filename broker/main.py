@@ -27,7 +27,7 @@ async def serve(settings: BrokerSettings) -> int:
         sys.stderr.write(f"broker: error: {exc}\n")
         return EXIT_UNAVAILABLE
     host, port = sock.getsockname()[:2]
-    broker = PingPongBroker(amqtt_config(settings, port), sock)
+    broker = PingPongBroker(amqtt_config(settings, port), sock, settings.limits)
     await broker.start()
     shown = f"[{host}]" if ":" in host else host
     logger.info("Listening on %s:%d (pid %d).", shown, port, os.getpid())
@@ -44,8 +44,16 @@ async def serve(settings: BrokerSettings) -> int:
     return EXIT_OK
 
 
+class _AlreadyLogged(logging.Filter):
+    """Drop amqtt's line for a refused connection: the broker has logged it with its address."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to initialize client session")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the broker as a program: ``python -m broker --help``."""
     settings = parse(argv, os.environ)
     logs.configure("broker", settings.log_level)
+    logging.getLogger("amqtt.broker").addFilter(_AlreadyLogged())
     sys.exit(asyncio.run(serve(settings)))

@@ -1,0 +1,203 @@
+"""Our BrokerProtocolHandler: strict reading, keepalive, and QoS 1/2 that is never dropped.
+
+Each override names the amqtt 0.12.1 behaviour it replaces and the statement it implements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+
+from amqtt.adapters import BufferReader
+from amqtt.errors import MQTTError
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.constants import QOS_0, QOS_2
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrel import PubrelPacket
+from amqtt.session import OUTGOING
+
+from broker import protocol
+from broker.protocol import Frame, ProtocolViolation
+
+logger = logging.getLogger("broker")
+
+KEEPALIVE_GRACE = 1.5
+"""[MQTT-3.1.2-24]: close a client silent for more than 1.5 times its keepalive."""
+
+
+class StrictHandler(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler with a strict reader loop."""
+
+    max_packet_size: int = protocol.DEFAULT_MAX_PACKET_SIZE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - amqtt's signature
+        """Create the handler as amqtt does; add a place to keep redelivery tasks."""
+        super().__init__(*args, **kwargs)
+        self._flows: set[asyncio.Task[None]] = set()
+        self.closed_reason: str | None = None
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def _reader_loop(self) -> None:
+        # Replaces ProtocolHandler._reader_loop, which reads whatever remaining length a client
+        # declares, logs and carries on after malformed packets, and has no keepalive deadline.
+        self._reader_ready.set()
+        keep_alive = self.session.keep_alive if self.session else 0
+        deadline = keep_alive * KEEPALIVE_GRACE if keep_alive > 0 else None
+        client_id = self.session.client_id if self.session else "?"
+        try:
+            while True:
+                try:
+                    frame = await protocol.read_with_timeout(
+                        self.reader, self.max_packet_size, deadline
+                    )
+                    protocol.check(frame, connected=True)
+                    if await self._dispatch(frame):
+                        break
+                except asyncio.TimeoutError:
+                    self.closed_reason = f"silent for more than {deadline:g} s [MQTT-3.1.2-24]"
+                    logger.warning("Client %s closed: %s.", client_id, self.closed_reason)
+                    break
+                except ProtocolViolation as exc:
+                    self.closed_reason = str(exc)
+                    logger.warning("Client %s closed: %s.", client_id, exc)
+                    break
+                except (EOFError, asyncio.IncompleteReadError, ConnectionError, OSError):
+                    break
+        except asyncio.CancelledError:
+            pass
+        for task in self._flows:
+            task.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    async def _dispatch(self, frame: Frame) -> bool:
+        """Decode ``frame`` with amqtt and handle it; return True after DISCONNECT."""
+        header = MQTTFixedHeader(frame.packet_type, frame.flags, len(frame.body))
+        try:
+            packet = await packet_class(header).from_stream(
+                BufferReader(frame.body), fixed_header=header
+            )
+        except (MQTTError, struct.error, ValueError, IndexError) as exc:
+            raise ProtocolViolation(f"malformed {frame.name}: {exc}", "MQTT-1.5 / 2.2") from exc
+        kind = frame.packet_type
+        if kind == protocol.PUBLISH and packet.qos == QOS_2:
+            # An incoming QoS 2 flow waits for PUBREL: run it beside the reader.
+            self._spawn(self.handle_publish(packet))
+        elif kind == protocol.PUBLISH:
+            await self.handle_publish(packet)
+        elif kind == protocol.PUBACK:
+            await self.handle_puback(packet)
+        elif kind == protocol.PUBREC:
+            await self.handle_pubrec(packet)
+        elif kind == protocol.PUBREL:
+            await self._handle_pubrel(packet)
+        elif kind == protocol.PUBCOMP:
+            await self.handle_pubcomp(packet)
+        elif kind == protocol.SUBSCRIBE:
+            await self.handle_subscribe(packet)
+        elif kind == protocol.UNSUBSCRIBE:
+            await self.handle_unsubscribe(packet)
+        elif kind == protocol.PINGREQ:
+            await self.handle_pingreq(packet)
+        elif kind == protocol.DISCONNECT:
+            await self.handle_disconnect(packet)
+            return True
+        return False
+
+    async def _handle_pubrel(self, pubrel: PubrelPacket) -> None:
+        # amqtt ignores a PUBREL it has no waiter for. After a reconnect the client resends
+        # PUBREL for a QoS 2 message whose waiter died with the old connection: deliver the
+        # stored message now, and answer PUBCOMP either way [MQTT-4.3.3-2, MQTT-4.4.0-1].
+        packet_id = pubrel.packet_id
+        waiter = self._pubrel_waiters.get(packet_id)
+        if waiter is not None and not waiter.done():
+            await self.handle_pubrel(pubrel)
+            return
+        stored = self.session.inflight_in.pop(packet_id, None)
+        if stored is not None:
+            await self.session.delivered_message_queue.put(stored)
+        await self._send_packet(PubcompPacket.build(packet_id))
+
+    def _spawn(self, coro: Any) -> None:  # noqa: ANN401 - a coroutine
+        task = asyncio.create_task(coro)
+        self._flows.add(task)
+        task.add_done_callback(self._flow_done)
+
+    def _flow_done(self, task: asyncio.Task[None]) -> None:
+        self._flows.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("Message flow failed: %r", task.exception())
+
+    # --- keepalive: reading is what enforces it --------------------------------------------
+
+    def handle_read_timeout(self) -> None:
+        """Unused: the reader loop closes a silent client itself."""
+
+    # --- outgoing QoS 1 and 2: keep until acknowledged ---------------------------------------
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:  # noqa: ANN401
+        # Replaces amqtt's outgoing QoS 1 flow, which drops the message after 5 s without
+        # PUBACK. At least once means the message stays in the session until acknowledged and
+        # is resent (DUP set) on reconnect [MQTT-4.4.0-1]. Incoming QoS 1 is amqtt's.
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        packet_id = app_message.packet_id
+        self.session.inflight_out[packet_id] = app_message
+        publish = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            await self._send_packet(publish)
+            app_message.publish_packet = publish
+            app_message.puback_packet = await waiter
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+        self.session.inflight_out.pop(packet_id, None)
+
+    async def _handle_qos2_message_flow(self, app_message: Any) -> None:  # noqa: ANN401
+        # Replaces amqtt's outgoing QoS 2 flow, which gives up after 5 s without PUBREC or
+        # PUBCOMP and forgets the message. Here it waits; after a reconnect the flow resumes
+        # where it stopped: PUBLISH again (DUP) before PUBREC, PUBREL after [MQTT-4.4.0-1].
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        packet_id = app_message.packet_id
+        self.session.inflight_out[packet_id] = app_message
+        loop = asyncio.get_running_loop()
+        if app_message.pubrec_packet is None:
+            publish = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+            waiter: asyncio.Future[Any] = loop.create_future()
+            self._pubrec_waiters[packet_id] = waiter
+            try:
+                await self._send_packet(publish)
+                app_message.publish_packet = publish
+                app_message.pubrec_packet = await waiter
+            finally:
+                self._pubrec_waiters.pop(packet_id, None)
+        comp: asyncio.Future[Any] = loop.create_future()
+        self._pubcomp_waiters[packet_id] = comp
+        try:
+            app_message.pubrel_packet = PubrelPacket.build(packet_id)
+            await self._send_packet(app_message.pubrel_packet)
+            app_message.pubcomp_packet = await comp
+        finally:
+            self._pubcomp_waiters.pop(packet_id, None)
+        self.session.inflight_out.pop(packet_id, None)
+
+    async def _retry_deliveries(self) -> None:
+        # Replaces amqtt's version, which start() awaits with a 10 s limit per message, holding
+        # up the whole connection. Unacknowledged messages are resent in the background.
+        for message in list(self.session.inflight_out.values()):
+            if message.qos != QOS_0:
+                self._spawn(self._handle_message_flow(message))
+
+    def deliver(self, topic: str, data: bytes | bytearray, qos: int, *, retain: bool) -> None:
+        """Send a message to this client without making the caller wait for the flow."""
+        self._spawn(self.mqtt_publish(topic, data, qos, retain))
