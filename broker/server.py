@@ -153,7 +153,10 @@ class PingPongBroker(Broker):
             # [MQTT-3.1.2-6]: a clean session starts empty and ends with the connection.
             await self._delete_session(session.client_id)
             session.parent = 0
-        elif session.client_id in self._sessions:
+        elif (
+            session.client_id in self._sessions
+            and not self._sessions[session.client_id][0].clean_session
+        ):
             # [MQTT-3.2.2-2]: resume the stored session, with this connection's will and
             # keepalive, and say so in CONNACK (session present = 1).
             stored, _ = self._sessions[session.client_id]
@@ -224,6 +227,12 @@ class PingPongBroker(Broker):
                 handler.deliver(queued.topic, queued.data, queued.qos, retain=False)
             await self._client_message_loop(client_session, handler)
         finally:
+            if client_session.clean_session and self._sessions.get(client_id, (None,))[0] is (
+                client_session
+            ):
+                # [MQTT-3.1.2-6]: a clean session ends with its connection (amqtt keeps it
+                # until its session monitor runs, up to a second later).
+                await self._cleanup_session(client_id)
             done.set()
             if self._live.get(client_id) is done:
                 del self._live[client_id]
@@ -242,8 +251,8 @@ class PingPongBroker(Broker):
         message = wait_deliver.result()
         if message is None:
             return True
-        if message.topic.startswith("$"):
-            # [MQTT-4.7.2-1]: $-topics are the server's; a client's publish there is dropped.
+        if message.topic.startswith("$SYS"):
+            # $SYS is the server's own (section 4.7.2); a client's publish there is dropped.
             logger.warning("Client %s published to %s: dropped.", client_session.client_id,
                            message.topic)  # fmt: skip
             return True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mqtt_raw import RawClient
 from tests.support import Spawner, free_port
 
 
@@ -22,3 +23,10 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
     spawner = Spawner(tmp_path)
     yield spawner
     spawner.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_clients() -> Iterator[None]:
+    """Close the raw MQTT sockets a test opened, so none leaks into the next."""
+    yield
+    RawClient.close_all()
