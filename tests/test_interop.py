@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support import Spawner
+from tests.support import MqttProbe, Spawner, wait_until
 
 
 def tool(name: str) -> str:
@@ -58,3 +60,68 @@ def test_mosquitto_clients_round_trip_through_broker_and_echo(spawn: Spawner, po
         sub.kill()
     assert out == "1744796556\n"
     assert sub.returncode == 0
+
+
+def test_amqtt_client_qos_levels_and_retained(spawn: Spawner, port: int) -> None:
+    """amqtt's own MQTTClient, an independent implementation of the client side."""
+    import asyncio  # noqa: PLC0415 - only this test runs an event loop
+
+    from amqtt.client import MQTTClient  # noqa: PLC0415
+    from amqtt.mqtt.constants import QOS_1, QOS_2  # noqa: PLC0415
+
+    spawn.broker(port)
+
+    async def scenario() -> list[tuple[str, bytes, int, bool]]:
+        uri = f"mqtt://127.0.0.1:{port}/"
+        publisher = MQTTClient(client_id="amqtt-pub")
+        subscriber = MQTTClient(client_id="amqtt-sub")
+        await publisher.connect(uri)
+        await publisher.publish("interop/retained", b"kept", qos=QOS_1, retain=True)
+        await subscriber.connect(uri)
+        await subscriber.subscribe([("interop/#", QOS_2)])
+        await publisher.publish("interop/q1", b"one", qos=QOS_1)
+        await publisher.publish("interop/q2", b"two", qos=QOS_2)
+        got = []
+        for _ in range(3):
+            message = await subscriber.deliver_message(timeout_duration=5)
+            assert message is not None
+            got.append((message.topic, bytes(message.data), message.qos, message.retain))
+        await publisher.publish("interop/retained", b"", qos=QOS_1, retain=True)
+        await subscriber.disconnect()
+        await publisher.disconnect()
+        return got
+
+    got = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert got == [
+        ("interop/retained", b"kept", 1, True),
+        ("interop/q1", b"one", 1, False),
+        ("interop/q2", b"two", 2, False),
+    ]
+
+
+def test_paho_persistent_session_and_will(spawn: Spawner, port: int) -> None:
+    """paho-mqtt used directly: clean_session=False resumes; an abrupt end publishes the will."""
+    spawn.broker(port)
+    watcher = MqttProbe(port, "paho-watcher")
+    watcher.subscribe("interop/will")
+    durable = MqttProbe(port, "paho-durable", clean_session=False)
+    durable.subscribe("interop/durable", qos=1)
+    durable.close()
+    publisher = MqttProbe(port, "paho-pub")
+    publisher.publish("interop/durable", b"while away", qos=1)
+    back = MqttProbe(port, "paho-durable", clean_session=False)
+    assert back.expect() == ("interop/durable", b"while away")
+    back.close()
+    doomed = paho.Client(CallbackAPIVersion.VERSION2, client_id="paho-doomed",
+                         protocol=paho.MQTTv311)  # fmt: skip
+    doomed.will_set("interop/will", b"doomed", qos=1)
+    doomed.connect("127.0.0.1", port)
+    doomed.loop_start()
+    wait_until(doomed.is_connected, 5, "paho CONNACK")
+    sock = doomed.socket()
+    assert sock is not None
+    sock.close()  # abrupt: no DISCONNECT
+    assert watcher.expect() == ("interop/will", b"doomed")
+    doomed.loop_stop()
+    watcher.close()
+    publisher.close()
