@@ -9,10 +9,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONF   := supervisord.conf
 
-.PHONY: help venv run start stop status logs test lint typecheck pytest bench clean
+.PHONY: help venv run start stop status logs test lint typecheck pytest bench soak add-user clean
 
 help:
-	@echo "make run | start | stop | status | logs | test | bench | clean"
+	@echo "make run | start | stop | status | logs | test | bench | soak | add-user NAME=x | clean"
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ logs:
 	@mkdir -p logs
 	@touch logs/broker.log logs/echo_client.log logs/ping_client.log
 	tail -n 20 -F logs/broker.log logs/echo_client.log logs/ping_client.log
+
+# make add-user NAME=alice  (asks for the password; writes passwords.txt, mode 0600)
+add-user: $(STAMP)
+	@test -n "$(NAME)" || { echo "usage: make add-user NAME=alice" >&2; exit 64; }
+	$(BIN)/python -m broker.users add "$(NAME)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker.server import BindError, PingPongBroker, amqtt_config, bind
+from broker.server import BindError, Listener, PingPongBroker, amqtt_config, bind, tls_context
 from broker.settings import BrokerSettings, parse
 from common import logs
 from common.constants import EXIT_OK, EXIT_UNAVAILABLE
@@ -21,16 +21,28 @@ async def serve(settings: BrokerSettings) -> int:
     """Run the broker until a stop signal; return the exit code."""
     stop = asyncio.Event()
     install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
+    listeners: dict[str, Listener] = {}
     try:
-        sock = bind(settings.host, settings.port)
+        listeners["default"] = Listener(bind(settings.host, settings.port))
+        if settings.tls_port is not None and settings.tls_cert and settings.tls_key:
+            context = tls_context(settings.tls_cert, settings.tls_key)
+            listeners["tls"] = Listener(bind(settings.host, settings.tls_port), context)
     except BindError as exc:
+        for listener in listeners.values():
+            listener.sock.close()
         sys.stderr.write(f"broker: error: {exc}\n")
         return EXIT_UNAVAILABLE
-    host, port = sock.getsockname()[:2]
-    broker = PingPongBroker(amqtt_config(settings, port), sock, settings.limits)
+    broker = PingPongBroker(
+        amqtt_config(settings, listeners), listeners, settings.limits, settings.max_connections
+    )
     await broker.start()
-    shown = f"[{host}]" if ":" in host else host
-    logger.info("Listening on %s:%d (pid %d).", shown, port, os.getpid())
+    for listener in listeners.values():
+        host, port = listener.sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        kind = "MQTT over TLS" if listener.tls else "MQTT"
+        logger.info("Listening on %s:%d for %s (pid %d).", shown, port, kind, os.getpid())
+    if settings.password_file is not None:
+        logger.info("Clients must authenticate: users from %s.", settings.password_file)
     await stop.wait()
     logger.info("Shutting down.")
     try:
@@ -39,7 +51,8 @@ async def serve(settings: BrokerSettings) -> int:
         logger.warning(
             "amqtt did not shut down within %.1f s; closing anyway.", settings.shutdown_timeout
         )
-    sock.close()
+    for listener in listeners.values():
+        listener.sock.close()
     logger.info("Stopped.")
     return EXIT_OK
 

@@ -7,7 +7,10 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from amqtt.adapters import BufferReader
@@ -59,23 +62,44 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def amqtt_config(settings: BrokerSettings, port: int) -> dict[str, Any]:
-    """Return the amqtt configuration: one TCP listener, our two plugins, nothing on disk."""
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return {
-        "listeners": {
-            "default": {
-                "type": "tcp",
-                "bind": f"{host}:{port}",
-                "max_connections": settings.max_connections,
-            },
-        },
-        # amqtt's loader needs an auth plugin whenever `plugins` is given, or it refuses everyone.
-        "plugins": {
-            "broker.plugins.AllowAnonymous": {},
-            "broker.plugins.ConnectionLog": {},
-        },
-    }
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A bound socket and, for the TLS listener, its TLS context."""
+
+    sock: socket.socket
+    tls: ssl.SSLContext | None = None
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """Build a server TLS context (TLS 1.2 or newer) for the certificate chain and key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise BindError(f"cannot load TLS certificate {cert} and key {key}: {exc}") from exc
+    return context
+
+
+def amqtt_config(settings: BrokerSettings, listeners: dict[str, Listener]) -> dict[str, Any]:
+    """Return the amqtt configuration: our listeners, our plugins, nothing on disk."""
+    config: dict[str, Any] = {"listeners": {}}
+    for name, listener in listeners.items():
+        host, port = listener.sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        # max_connections stays 0 for amqtt, whose limit makes extra clients wait in silence;
+        # PingPongBroker refuses them at once instead.
+        config["listeners"][name] = {"type": "tcp", "bind": f"{shown}:{port}"}
+    # amqtt's loader needs an auth plugin whenever `plugins` is given, or it refuses everyone.
+    auth: dict[str, Any] = {"broker.plugins.AllowAnonymous": {}}
+    if settings.password_file is not None:
+        auth = {
+            "amqtt.plugins.authentication.FileAuthPlugin": {
+                "password_file": str(settings.password_file)
+            }
+        }
+    config["plugins"] = {**auth, "broker.plugins.ConnectionLog": {}}
+    return config
 
 
 class PingPongBroker(Broker):
@@ -85,11 +109,20 @@ class PingPongBroker(Broker):
     specification it implements; tests/test_conformance.py checks each one on the wire.
     """
 
-    def __init__(self, config: dict[str, Any], sock: socket.socket, limits: Limits) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        listeners: dict[str, Listener],
+        limits: Limits,
+        max_connections: int = 0,
+    ) -> None:
         """Create the broker; must run inside the event loop (amqtt takes the running loop)."""
         super().__init__(config)
-        self._sock = sock
+        self._listeners = listeners
         self._limits = limits
+        self._max_connections = max_connections
+        self._connections = 0
+        self._refused = 0
         self._live: dict[str, asyncio.Event] = {}
         """Client id -> set when that client's current connection has fully ended."""
         self._match_cache: dict[str, list[tuple[Session, int]]] = {}
@@ -100,17 +133,39 @@ class PingPongBroker(Broker):
         listener_type: ListenerType,
         address: str | None,  # noqa: ARG002 - amqtt's signature; the socket is already bound
         port: int,  # noqa: ARG002
-        ssl_context: Any,  # noqa: ANN401 - ssl.SSLContext | None
+        ssl_context: Any,  # noqa: ANN401, ARG002 - ours is in self._listeners
     ) -> asyncio.Server:
         # Replaces amqtt's Broker._create_server_instance, which binds by host and port itself.
         # We bind first so that a taken port is a clear error before amqtt is involved.
         if listener_type != ListenerType.TCP:
             raise BindError(f"unsupported listener type {listener_type}")
+        listener = self._listeners[listener_name]
         return await asyncio.start_server(
             partial(self.stream_connected, listener_name=listener_name),
-            sock=self._sock,
-            ssl=ssl_context,
+            sock=listener.sock,
+            ssl=listener.tls,
+            ssl_handshake_timeout=self._limits.connect_timeout if listener.tls else None,
         )
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        """Serve one TCP connection, or refuse it at once when --max-connections are in use."""
+        # amqtt's own limit (a semaphore) makes the extra client wait without a word.
+        if self._max_connections and self._connections >= self._max_connections:
+            self._refused += 1
+            if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
+                logger.warning(
+                    "Refused a connection: %d of --max-connections %d in use (%d refused so far).",
+                    self._connections, self._max_connections, self._refused,
+                )  # fmt: skip
+            writer.close()
+            return
+        self._connections += 1
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self._connections -= 1
 
     # --- connecting ------------------------------------------------------------------------
 

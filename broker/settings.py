@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from broker.protocol import DEFAULT_MAX_PACKET_SIZE
 from common import cli
@@ -31,6 +32,36 @@ class BrokerSettings:
     shutdown_timeout: float = 2.0
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
+    password_file: Path | None = None
+    """When set, only the users in this file may connect (amqtt's FileAuthPlugin)."""
+    tls_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+def readable_file(text: str) -> Path:
+    """Accept the path of an existing, readable file."""
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {text}: {exc.strerror}") from None
+    return path
+
+
+def password_file(text: str) -> Path:
+    """Accept a password file of ``name:argon2-hash`` lines (make add-user writes them)."""
+    path = readable_file(text)
+    for number, raw in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, digest = line.partition(":")
+        if not name or not digest.startswith("$argon2"):
+            raise ValueError(f"{text}:{number}: expected 'name:$argon2...' (see make add-user)")
+    return path
 
 
 def filter_list(text: str) -> tuple[str, ...]:
@@ -105,8 +136,44 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         default=(),
         help="comma-separated topic filters no client may subscribe to, e.g. 'secret/#'",
     )
+    add(
+        parser,
+        environ,
+        "--password-file",
+        convert=password_file,
+        default=None,
+        help="require user names and passwords from this file (default: anonymous access)",
+    )
+    add(
+        parser,
+        environ,
+        "--tls-port",
+        convert=cli.port,
+        default=None,
+        help="also listen for MQTT over TLS on this port (needs --tls-cert and --tls-key)",
+    )
+    add(
+        parser,
+        environ,
+        "--tls-cert",
+        convert=readable_file,
+        default=None,
+        help="PEM certificate chain for the TLS listener",
+    )
+    add(
+        parser,
+        environ,
+        "--tls-key",
+        convert=readable_file,
+        default=None,
+        help="PEM private key for the TLS listener",
+    )
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
     args = parser.parse_args(argv)
+    if (args.tls_port is None) != (args.tls_cert is None) or (args.tls_cert is None) != (
+        args.tls_key is None
+    ):
+        parser.error("--tls-port, --tls-cert and --tls-key go together")
     return BrokerSettings(
         host=args.host,
         port=args.port,
@@ -118,4 +185,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
             connect_timeout=args.connect_timeout,
             deny_subscribe=args.deny_subscribe,
         ),
+        password_file=args.password_file,
+        tls_port=args.tls_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ class ClientSettings:
     client_id: str = ""
     username: str | None = None
     password: str | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    """CA bundle to verify the broker's certificate (default: the system's)."""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -102,11 +106,25 @@ def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
         default=None,
         help="MQTT password (prefer the environment variable to the flag)",
     )
+    cli.add_flag(parser, environ, "--tls", help="connect with TLS (the broker's --tls-port)")
+    add(
+        parser,
+        environ,
+        "--tls-ca",
+        convert=str,
+        default=None,
+        help="CA certificate file that signed the broker's certificate (implies --tls)",
+    )
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
 
 
 def client_settings(parser: cli.Parser, args: argparse.Namespace, role: str) -> ClientSettings:
     """Build ClientSettings from parsed flags; a bad combination is a usage error."""
+    if args.tls_ca is not None:
+        try:
+            ssl.create_default_context(cafile=args.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--tls-ca {args.tls_ca}: {getattr(exc, 'strerror', None) or exc}")
     try:
         return ClientSettings(
             host=args.host,
@@ -119,6 +137,8 @@ def client_settings(parser: cli.Parser, args: argparse.Namespace, role: str) -> 
             client_id=args.client_id or f"{role}-{secrets.token_hex(4)}",
             username=args.username,
             password=args.password,
+            tls=args.tls or args.tls_ca is not None,
+            tls_ca=args.tls_ca,
             log_level=args.log_level,
         )
     except ValueError as exc:
@@ -165,4 +185,5 @@ def make_client(settings: ClientSettings) -> aiomqtt.Client:
         clean_session=True,
         # paho's defaults (20 in flight) and aiomqtt's (10 pending calls) throttle QoS 1/2 echo.
         max_inflight_messages=1000,
+        tls_context=ssl.create_default_context(cafile=settings.tls_ca) if settings.tls else None,
     )

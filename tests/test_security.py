@@ -1,0 +1,129 @@
+"""Locked-down defaults and the optional protections: authentication, TLS, connection limit."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from broker.settings import parse
+from tests.mqtt_raw import RawClient
+from tests.support import REPO, Spawner, base_env, wait_until
+
+
+def test_broker_binds_loopback_by_default() -> None:
+    assert parse([], {}).host == "127.0.0.1"
+
+
+def test_supervisord_conf_has_no_inet_server_and_a_private_socket() -> None:
+    conf = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    conf.read(REPO / "supervisord.conf")
+    assert "inet_http_server" not in conf.sections()
+    assert conf.get("unix_http_server", "file") == "%(here)s/run/sv.sock"
+    assert conf.get("unix_http_server", "chmod") == "0700"
+    assert conf.get("supervisorctl", "serverurl") == "unix://%(here)s/run/sv.sock"
+
+
+@pytest.fixture
+def password_file(tmp_path: Path, spawn: Spawner) -> Path:
+    """A password file with user alice, made by the same command `make add-user` runs."""
+    path = tmp_path / "passwords.txt"
+    result = spawn.run("broker.users", "add", "alice", "--file", str(path),
+                       env=base_env(MQTT_NEW_PASSWORD="wonderland"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().startswith("alice:$argon2")
+    return path
+
+
+def test_with_a_password_file_only_known_users_get_in(
+    spawn: Spawner, port: int, password_file: Path
+) -> None:
+    broker = spawn.broker(port, "--password-file", str(password_file))
+    broker.wait_for("Clients must authenticate")
+    anonymous = RawClient(port)
+    assert anonymous.connect("anon") == (False, 5)  # 5: not authorized
+    assert anonymous.closed_within(3)
+    wrong = RawClient(port)
+    assert wrong.connect("wrong", username="alice", password="rabbit") == (False, 5)
+    unknown = RawClient(port)
+    assert unknown.connect("who", username="mallory", password="wonderland") == (False, 5)
+    right = RawClient(port)
+    assert right.connect("alice-1", username="alice", password="wonderland") == (False, 0)
+    assert broker.count("refused: not authorized") == 3
+
+
+def test_clients_use_credentials_from_the_environment(
+    spawn: Spawner, port: int, password_file: Path
+) -> None:
+    spawn.broker(port, "--password-file", str(password_file))
+    creds = {"MQTT_USERNAME": "alice", "MQTT_PASSWORD": "wonderland"}
+    spawn.start("echo_client", "--port", str(port), env=base_env(**creds),
+                name="echo").wait_for("Connected to")  # fmt: skip
+    result = spawn.run("ping_client", "--port", str(port), "--count", "2", "--interval", "0.1",
+                       env=base_env(**creds))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    refused = spawn.run("ping_client", "--port", str(port), "--count", "1",
+                        "--connect-timeout", "1")  # fmt: skip
+    assert refused.returncode == 2
+    assert "Not authorized" in refused.stderr or "not authori" in refused.stderr.lower()
+
+
+def test_malformed_password_file_is_a_usage_error(spawn: Spawner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("alice:plaintext\n")
+    result = spawn.run("broker", "--password-file", str(bad), timeout=10)
+    assert result.returncode == 64
+    assert "expected 'name:$argon2...'" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made now."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_listener_carries_the_round_trip(
+    spawn: Spawner, port: int, certificate: tuple[Path, Path]
+) -> None:
+    from tests.support import free_port  # noqa: PLC0415
+
+    cert, key = certificate
+    tls_port = free_port()
+    broker = spawn.broker(port, "--tls-port", str(tls_port), "--tls-cert", str(cert),
+                          "--tls-key", str(key))  # fmt: skip
+    broker.wait_for(rf"Listening on 127\.0\.0\.1:{tls_port} for MQTT over TLS")
+    tls = ["--port", str(tls_port), "--tls-ca", str(cert)]
+    spawn.start("echo_client", *tls, name="echo").wait_for("Connected to")
+    result = spawn.run("ping_client", *tls, "--count", "3", "--interval", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert "3 sent, 3 received" in result.stdout
+    # A client that does not trust the certificate is refused, and says so in one line.
+    untrusting = spawn.run("ping_client", "--port", str(tls_port), "--tls", "--count", "1",
+                           "--connect-timeout", "1")  # fmt: skip
+    assert untrusting.returncode == 2
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusting.stderr
+    assert "Traceback" not in untrusting.stderr
+
+
+def test_max_connections_refuses_extra_clients_at_once(spawn: Spawner, port: int) -> None:
+    broker = spawn.broker(port, "--max-connections", "3")
+    held = [RawClient(port) for _ in range(3)]
+    for i, c in enumerate(held):
+        assert c.connect(f"held-{i}") == (False, 0)
+    extra = RawClient(port)
+    assert extra.closed_within(3)
+    broker.wait_for(r"Refused a connection: 3 of --max-connections 3 in use")
+    held[0].close()
+    wait_until(lambda: broker.count("disconnected") >= 1, 5, "the slot to free up")
+    assert RawClient(port).connect("after") == (False, 0)
