@@ -6,7 +6,10 @@ import os
 import shutil
 import signal
 import subprocess
+from functools import partial
 from pathlib import Path
+
+import pytest
 
 from tests.support import (
     REPO,
@@ -26,17 +29,52 @@ def checkout(tmp: Path) -> Path:
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "tools", root / "tools")
     (root / ".venv").symlink_to(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")))
+    # The shared .venv is installed already: keep make from seeing pyproject.toml as newer.
+    os.utime(root / "pyproject.toml", (0, 0))
     return root
 
 
 def test_make_run_streams_logs_and_ctrl_c_stops_everything(tmp_path: Path, port: int) -> None:
+    run_and_interrupt(checkout(tmp_path), tmp_path, port)
+
+
+@pytest.mark.timeout(240)
+def test_ten_start_stop_cycles_leave_no_process_behind(tmp_path: Path, port: int) -> None:
+    """Ctrl-C on make run and make stop, alternately, ten times in a row."""
     root = checkout(tmp_path)
+    env = base_env(MQTT_PORT=str(port), MQTT_INTERVAL="0.2")
+    for cycle in range(10):
+        if cycle % 2 == 0:
+            run_and_interrupt(root, tmp_path, port, env)
+            continue
+        subprocess.run(["make", "--no-print-directory", "start"], cwd=root, env=env,
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        pid = int((root / "run" / "supervisord.pid").read_text())
+        ping_log = root / "logs" / "ping_client.log"
+        seen = ping_log.read_text().count("client: Got b'") if ping_log.exists() else 0
+        wait_until(partial(more_pongs, ping_log, seen), 30, "a pong")
+        family = [pid, *supervisor_children(pid)]
+        subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        assert not any(pid_alive(p) for p in family), f"cycle {cycle}: processes left"
+        assert not port_accepts(port), f"cycle {cycle}: port still open"
+
+
+def more_pongs(ping_log: Path, seen: int) -> bool:
+    """Whether the ping client has logged more than ``seen`` pongs."""
+    return ping_log.read_text().count("client: Got b'") > seen
+
+
+def run_and_interrupt(
+    root: Path, tmp_path: Path, port: int, env: dict[str, str] | None = None
+) -> None:
+    """make run, wait for a pong on the terminal, Ctrl-C, check that nothing is left."""
     out_path = tmp_path / "make.out"
     with out_path.open("wb") as out:
         make = subprocess.Popen(
             ["make", "--no-print-directory", "run"],
             cwd=root,
-            env=base_env(MQTT_PORT=str(port)),
+            env=env or base_env(MQTT_PORT=str(port)),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
