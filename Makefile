@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONF   := supervisord.conf
 
-.PHONY: help venv run start stop status logs test lint typecheck pytest bench soak add-user clean
+.PHONY: help venv run start stop status logs test lint typecheck pytest bench bench-full soak add-user clean
 
 help:
 	@echo "make run | start | stop | status | logs | test | bench | soak | add-user NAME=x | clean"
@@ -56,6 +56,13 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Benchmarks against mosquitto (apt-get install mosquitto). Not tests: they measure.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-full: $(STAMP)
+	$(BIN)/python -m bench.run --full
 
 clean: stop
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmark and soak harness (``make bench``, ``make soak``); not tests: they measure."""

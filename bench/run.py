@@ -1,0 +1,289 @@
+"""``make bench``: our broker side by side with mosquitto, every figure a ratio from one run.
+
+    python -m bench.run            # quick, under about a minute
+    python -m bench.run --full     # more rounds and cycles, a few minutes
+
+Prints one table and writes bench/results.json. Rounds alternate between the brokers (A/B, A/B,
+...) so that drift on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    PYTHON,
+    REPO,
+    Broker,
+    mosquitto_path,
+    ping,
+    rss_mb,
+    start_broker,
+    start_program,
+    wait_connected,
+    windowed,
+    workspace,
+)
+
+RESULTS = Path(__file__).with_name("results.json")
+Row = tuple[str, float, float, str]  # metric, ours, mosquitto, unit
+
+
+def median(values: list[float]) -> float:
+    """The median, or NaN for no values."""
+    return statistics.median(values) if values else float("nan")
+
+
+def lean_echo(port: int) -> subprocess.Popen[bytes]:
+    """The lean echo in its own process, so that it does not share a core with the pinger."""
+    code = (
+        "import asyncio, sys\n"
+        "from bench.harness import lean_echo\n"
+        "asyncio.run(lean_echo(int(sys.argv[1]), '/ping', '/pong', asyncio.Event()))\n"
+    )
+    return subprocess.Popen([PYTHON, "-c", code, str(port)], cwd=REPO)
+
+
+def with_brokers(kinds: list[str], rounds: int, measure: Callable[[Broker], dict[str, float]]
+                 ) -> dict[str, list[dict[str, float]]]:  # fmt: skip
+    """Run ``measure`` against a fresh broker of each kind, alternating, ``rounds`` times."""
+    out: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    with workspace() as tmp:
+        for _ in range(rounds):
+            for kind in kinds:
+                broker = start_broker(kind, tmp)
+                try:
+                    out[kind].append(measure(broker))
+                finally:
+                    broker.stop()
+    return out
+
+
+def rtt(qos: int, count: int) -> Callable[[Broker], dict[str, float]]:
+    """Whole-stack RTT: our echo_client and ping_client, one ping in flight."""
+
+    def measure(broker: Broker) -> dict[str, float]:
+        echo = start_program("echo_client", broker.port, "--qos", str(qos))
+        try:
+            ping(broker.port, 5, 0.01, "--qos", str(qos))  # warm-up, and echo subscribed
+            summary = ping(broker.port, count, 0.01, "--qos", str(qos))
+        finally:
+            echo.terminate()
+            echo.wait(10)
+        r = summary["rtt_ms"]
+        return {"p50": r["p50"], "p90": r["p90"], "p99": r["p99"]}
+
+    return measure
+
+
+def throughput(window: int, seconds: float, lean: bool) -> Callable[[Broker], dict[str, float]]:
+    """Round trips/s with ``window`` in flight, through our echo_client or the lean echo."""
+
+    def measure(broker: Broker) -> dict[str, float]:
+        echo = lean_echo(broker.port) if lean else start_program("echo_client", broker.port)
+        try:
+            time.sleep(0.5)  # the echo subscribes; a warm-up round follows anyway
+            asyncio.run(windowed(broker.port, window, 0.3, "/ping", "/pong"))
+            result = asyncio.run(windowed(broker.port, window, seconds, "/ping", "/pong"))
+            result["rss_mb"] = broker.rss_mb()
+        finally:
+            echo.terminate()
+            echo.wait(10)
+        return result
+
+    return measure
+
+
+def restart_to_pong(kind: str, cycles: int) -> list[float]:
+    """Seconds from a restarted broker answering CONNECT to the next pong, over ``cycles``."""
+    samples = []
+    with workspace() as tmp:
+        broker = start_broker(kind, tmp)
+        port = broker.port
+        echo = start_program("echo_client", port)
+        pinger = subprocess.Popen(
+            [PYTHON, "-m", "ping_client", "--port", str(port), "--interval", "0.01", "--json",
+             "--stats-interval", "0", "--timeout", "1"],
+            cwd=REPO, env={**os.environ, "MQTT_LOG_LEVEL": "WARNING"},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        pongs: list[float] = []
+
+        def collect() -> None:
+            assert pinger.stdout is not None
+            for line in pinger.stdout:
+                if '"event":"pong"' in line:
+                    pongs.append(json.loads(line)["time"])
+
+        reader = threading.Thread(target=collect, daemon=True)
+        reader.start()
+        try:
+            while not pongs:
+                time.sleep(0.01)
+            for _ in range(cycles):
+                broker.proc.send_signal(signal.SIGKILL)
+                broker.proc.wait(5)
+                broker = start_broker(kind, tmp, port)
+                ready = time.time()
+                deadline = time.monotonic() + 10
+                while not any(t > ready for t in pongs) and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                after = [t for t in pongs if t > ready]
+                if after:
+                    samples.append(min(after) - ready)
+        finally:
+            pinger.terminate()
+            echo.terminate()
+            pinger.wait(10)
+            echo.wait(10)
+            broker.stop()
+    return samples
+
+
+def sigterm_under_load(kind: str, tries: int) -> list[float]:
+    """Seconds from SIGTERM to exit with 100 messages in flight through the lean echo."""
+    samples = []
+    with workspace() as tmp:
+        for _ in range(tries):
+            broker = start_broker(kind, tmp)
+            echo = lean_echo(broker.port)
+            try:
+                wait_connected(broker.port)
+                time.sleep(0.3)
+
+                def load(port: int = broker.port) -> None:
+                    # The broker goes away mid-run: that is the point.
+                    with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError):
+                        asyncio.run(windowed(port, 100, 3.0, "/ping", "/pong"))
+
+                loader = threading.Thread(target=load, daemon=True)
+                loader.start()
+                time.sleep(0.5)
+                start = time.perf_counter()
+                broker.proc.send_signal(signal.SIGTERM)
+                try:
+                    broker.proc.wait(30)
+                    samples.append(time.perf_counter() - start)
+                except subprocess.TimeoutExpired:
+                    samples.append(float("inf"))
+                    broker.proc.kill()
+                loader.join(10)
+            finally:
+                echo.terminate()
+                echo.wait(10)
+                broker.stop()
+    return samples
+
+
+def main() -> None:
+    """Measure, print the table, write bench/results.json."""
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__)
+    parser.add_argument("--full", action="store_true", help="more rounds (a few minutes)")
+    args = parser.parse_args()
+    mosquitto_path()
+    # A load client whose broker is killed under it says so once per write; that is expected.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    full = args.full
+    rounds, count = (5, 1000) if full else (2, 150)
+    started = time.monotonic()
+    rows: list[Row] = []
+    extra: dict[str, Any] = {}
+
+    def add(metric: str, ours: float, theirs: float, unit: str) -> None:
+        rows.append((metric, ours, theirs, unit))
+        sys.stderr.write(f"  {metric}: ours {ours:.3f} {unit}, mosquitto {theirs:.3f} {unit}\n")
+
+    sys.stderr.write("RTT, whole stack (our echo_client and ping_client), one in flight\n")
+    for qos in (0, 1):
+        res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count))
+        for p in ("p50", "p90", "p99"):
+            add(f"QoS {qos} RTT {p}", median([r[p] for r in res["ours"]]),
+                median([r[p] for r in res["mosquitto"]]), "ms")  # fmt: skip
+
+    sys.stderr.write("Round trips/s through our echo_client\n")
+    seconds = 3.0 if full else 1.0
+    for window in (1, 10, 100):
+        res = with_brokers(["ours", "mosquitto"], rounds, throughput(window, seconds, lean=False))
+        ours_rt = median([r["round_trips_per_s"] for r in res["ours"]])
+        theirs_rt = median([r["round_trips_per_s"] for r in res["mosquitto"]])
+        add(f"round trips/s, {window} in flight", ours_rt, theirs_rt, "/s")
+
+    sys.stderr.write("Broker capacity: lean echo and pinger, 100 in flight\n")
+    res = with_brokers(["ours", "amqtt", "mosquitto"], rounds, throughput(100, seconds, lean=True))
+    cap = {k: median([r["round_trips_per_s"] for r in v]) for k, v in res.items()}
+    add("capacity, round trips/s", cap["ours"], cap["mosquitto"], "/s")
+    extra["capacity_bare_amqtt"] = cap["amqtt"]
+    extra["capacity_vs_bare_amqtt"] = cap["ours"] / cap["amqtt"]
+    add("capacity p50 RTT", median([r["p50_ms"] for r in res["ours"]]),
+        median([r["p50_ms"] for r in res["mosquitto"]]), "ms")  # fmt: skip
+    add("broker RSS after load", median([r["rss_mb"] for r in res["ours"]]),
+        median([r["rss_mb"] for r in res["mosquitto"]]), "MiB")  # fmt: skip
+
+    sys.stderr.write("Start-up, idle memory\n")
+    boots: dict[str, list[Broker]] = {"ours": [], "mosquitto": []}
+    with workspace() as tmp:
+        for _ in range(5 if full else 2):
+            for kind in ("ours", "mosquitto"):
+                broker = start_broker(kind, tmp)
+                time.sleep(0.2)
+                boots[kind].append(broker)
+                broker.idle_rss = rss_mb(broker.proc.pid)
+                broker.stop()
+    add("start-up to first CONNACK", median([b.startup * 1000 for b in boots["ours"]]),
+        median([b.startup * 1000 for b in boots["mosquitto"]]), "ms")  # fmt: skip
+    add("broker RSS idle", median([b.idle_rss for b in boots["ours"]]),
+        median([b.idle_rss for b in boots["mosquitto"]]), "MiB")  # fmt: skip
+
+    sys.stderr.write("Restart: broker answering CONNECT -> next pong\n")
+    cycles = 10 if full else 3
+    ours_r, theirs_r = restart_to_pong("ours", cycles), restart_to_pong("mosquitto", cycles)
+    add("restart to first pong, p50", median(ours_r) * 1000, median(theirs_r) * 1000, "ms")
+
+    sys.stderr.write("SIGTERM to exit, 100 messages in flight\n")
+    tries = 20 if full else 3
+    ours_t, theirs_t = sigterm_under_load("ours", tries), sigterm_under_load("mosquitto", tries)
+    add("SIGTERM to exit under load, max", max(ours_t) * 1000, max(theirs_t) * 1000, "ms")
+
+    elapsed = time.monotonic() - started
+    lines = [
+        f"mqtt-pingpong benchmark, {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, "
+        f"{'full' if full else 'quick'} mode ({rounds} A/B rounds), {elapsed:.0f} s",
+        "",
+        "| metric | ours | mosquitto | ours / mosquitto |",
+        "|---|---|---|---|",
+    ]
+    for metric, ours, theirs, unit in rows:
+        ratio = ours / theirs if theirs else float("nan")
+        lines.append(f"| {metric} | {ours:.3f} {unit} | {theirs:.3f} {unit} | {ratio:.2f}x |")
+    lines.append("")
+    lines.append(
+        f"Capacity of bare amqtt 0.12.1 in the same run: {extra['capacity_bare_amqtt']:.0f} "
+        f"round trips/s; ours is {extra['capacity_vs_bare_amqtt']:.2f}x that."
+    )
+    table = "\n".join(lines)
+    sys.stdout.write(table + "\n")
+    RESULTS.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "nproc": os.cpu_count(), "full": full,
+        "rows": [{"metric": m, "ours": o, "mosquitto": t, "unit": u, "ratio": o / t if t else None}
+                 for m, o, t, u in rows],
+        **extra, "restart_samples_s": {"ours": ours_r, "mosquitto": theirs_r},
+        "sigterm_samples_s": {"ours": ours_t, "mosquitto": theirs_t},
+    }, indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
