@@ -16,6 +16,7 @@ from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_2
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING
@@ -33,12 +34,17 @@ class StrictHandler(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler with a strict reader loop."""
 
     max_packet_size: int = protocol.DEFAULT_MAX_PACKET_SIZE
+    router: Any = None
+    """The broker, when it routes QoS 0/1 publishes straight from the reader (the hot path)."""
+    QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
+    """Above this many unsent bytes for a client, QoS 0 messages to it are dropped."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - amqtt's signature
         """Create the handler as amqtt does; add a place to keep redelivery tasks."""
         super().__init__(*args, **kwargs)
         self._flows: set[asyncio.Task[None]] = set()
         self.closed_reason: str | None = None
+        self.dropped = 0
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -55,8 +61,10 @@ class StrictHandler(BrokerProtocolHandler):
                     frame = await protocol.read_with_timeout(
                         self.reader, self.max_packet_size, deadline
                     )
-                    protocol.check(frame, connected=True)
-                    if await self._dispatch(frame):
+                    publish = protocol.check(frame, connected=True)
+                    if publish is not None and publish.qos < QOS_2 and self.router is not None:
+                        await self._route(publish)
+                    elif await self._dispatch(frame):
                         break
                 except asyncio.TimeoutError:
                     self.closed_reason = f"silent for more than {deadline:g} s [MQTT-3.1.2-24]"
@@ -75,6 +83,36 @@ class StrictHandler(BrokerProtocolHandler):
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+    async def _route(self, publish: protocol.Publish) -> None:
+        # Replaces, for QoS 0 and 1, amqtt's path from reader to subscribers: an application
+        # message object, the session queue, the client loop's asyncio.wait over four futures,
+        # the broadcast queue, a task for the broadcast and a task per subscriber.
+        if publish.qos == 1:
+            # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; route it first so that
+            # it is already on its way.
+            await self.router.route(self.session, publish)
+            await self._send_packet(PubackPacket.build(publish.packet_id))
+        else:
+            await self.router.route(self.session, publish)
+
+    def write_frame(self, frame: bytes) -> None:
+        """Write an encoded QoS 0 PUBLISH now, without a task; drop it if the client lags."""
+        writer = getattr(self.writer, "_writer", None)
+        transport = writer.transport if writer is not None else None
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self.QOS0_BUFFER_LIMIT:
+            # At most once allows it; an unbounded buffer for a client that reads nothing
+            # would not be. Said once per thousand, not per message.
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                logger.warning(
+                    "Client %s is not reading: dropped %d QoS 0 messages so far.",
+                    self.session.client_id if self.session else "?", self.dropped,
+                )  # fmt: skip
+            return
+        transport.write(frame)
 
     async def _dispatch(self, frame: Frame) -> bool:
         """Decode ``frame`` with amqtt and handle it; return True after DISCONNECT."""

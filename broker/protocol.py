@@ -77,23 +77,25 @@ async def read_frame(reader: ReaderAdapter, max_size: int) -> Frame:
     The remaining length is checked against ``max_size`` before the body is read, so a client
     that declares 256 MB costs nothing.
     """
-    first = await reader.read(1)
-    if not first:
+    header = await reader.read(2)  # every packet has at least a type byte and a length byte
+    if len(header) < 2:
         raise EOFError
-    header = bytearray(first)
-    length = 0
-    multiplier = 1
-    for _ in range(4):
-        byte = await reader.read(1)
-        if not byte:
-            raise EOFError
-        header += byte
-        length += (byte[0] & 0x7F) * multiplier
-        if not byte[0] & 0x80:
-            break
-        multiplier *= 128
-    else:
-        raise ProtocolViolation("remaining length longer than 4 bytes", "MQTT-2.2.3")
+    first = header[:1]
+    length = header[1] & 0x7F
+    if header[1] & 0x80:
+        header = bytearray(header)
+        multiplier = 128
+        for _ in range(3):
+            byte = await reader.read(1)
+            if not byte:
+                raise EOFError
+            header += byte
+            length += (byte[0] & 0x7F) * multiplier
+            if not byte[0] & 0x80:
+                break
+            multiplier *= 128
+        else:
+            raise ProtocolViolation("remaining length longer than 4 bytes", "MQTT-2.2.3")
     if len(header) + length > max_size:
         raise ProtocolViolation(
             f"packet of {len(header) + length} bytes exceeds the {max_size}-byte maximum",
@@ -131,8 +133,11 @@ def _packet_id(body: bytes, offset: int, what: str) -> int:
     return int(packet_id)
 
 
-def check(frame: Frame, *, connected: bool) -> None:
-    """Raise ProtocolViolation if ``frame`` breaks the specification for a client packet."""
+def check(frame: Frame, *, connected: bool) -> Publish | None:
+    """Raise ProtocolViolation if ``frame`` breaks the specification for a client packet.
+
+    A PUBLISH comes back decoded, so that the hot path needs no second parse.
+    """
     kind, flags, body = frame.packet_type, frame.flags, frame.body
     if kind in (0, 15):
         raise ProtocolViolation(f"reserved packet type {kind}", "MQTT-2.2.1")
@@ -143,8 +148,7 @@ def check(frame: Frame, *, connected: bool) -> None:
     if kind != CONNECT and not connected:
         raise ProtocolViolation(f"first packet is {frame.name}, not CONNECT", "MQTT-3.1.0-1")
     if kind == PUBLISH:
-        _check_publish(flags, body)
-        return
+        return _check_publish(flags, body)
     expected = 0b0010 if kind in (PUBREL, SUBSCRIBE, UNSUBSCRIBE) else 0
     if flags != expected:
         statement = {PUBREL: "MQTT-3.6.1-1", SUBSCRIBE: "MQTT-3.8.1-1",
@@ -160,9 +164,21 @@ def check(frame: Frame, *, connected: bool) -> None:
         _check_subscribe(body)
     elif kind == UNSUBSCRIBE:
         _check_unsubscribe(body)
+    return None
 
 
-def _check_publish(flags: int, body: bytes) -> None:
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A checked PUBLISH, decoded without amqtt (the hot path)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    packet_id: int | None
+
+
+def _check_publish(flags: int, body: bytes) -> Publish:
     qos = (flags >> 1) & 0b11
     if qos == 3:
         raise ProtocolViolation("PUBLISH with QoS 3", "MQTT-3.3.1-4")
@@ -173,8 +189,11 @@ def _check_publish(flags: int, body: bytes) -> None:
         raise ProtocolViolation("PUBLISH with an empty topic", "MQTT-4.7.3-1")
     if "+" in topic or "#" in topic:
         raise ProtocolViolation(f"PUBLISH topic {topic!r} has a wildcard", "MQTT-3.3.2-2")
+    packet_id = None
     if qos:
-        _packet_id(body, offset, "PUBLISH")
+        packet_id = _packet_id(body, offset, "PUBLISH")
+        offset += 2
+    return Publish(topic, body[offset:], qos, bool(flags & 1), packet_id)
 
 
 def _filters(body: bytes, what: str, *, with_qos: bool) -> int:
@@ -242,3 +261,16 @@ async def read_with_timeout(reader: ReaderAdapter, max_size: int, timeout: float
     if timeout is None:
         return await read_frame(reader, max_size)
     return await asyncio.wait_for(read_frame(reader, max_size), timeout)
+
+
+def encode_publish_qos0(topic: str, payload: bytes) -> bytes:
+    """Encode a QoS 0 PUBLISH with RETAIN 0: built once per message, written to each subscriber."""
+    raw_topic = topic.encode()
+    length = 2 + len(raw_topic) + len(payload)
+    encoded = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return b"\x30" + bytes(encoded) + struct.pack("!H", len(raw_topic)) + raw_topic + payload

@@ -203,6 +203,7 @@ class PingPongBroker(Broker):
             await _close(writer)  # amqtt refused it with a CONNACK code and says why
             raise
         handler.max_packet_size = self._limits.max_packet_size
+        handler.router = self
         await self._take_over(session.client_id)
         if session.clean_session:
             # [MQTT-3.1.2-6]: a clean session starts empty and ends with the connection.
@@ -316,6 +317,33 @@ class PingPongBroker(Broker):
             # [MQTT-3.3.1-5]: keep it for future subscribers; an empty payload clears it [-10].
             await self.retain_message(client_session, message.topic, message.data, message.qos)
         return True
+
+    async def route(self, source: Session, publish: protocol.Publish) -> None:
+        """Deliver a QoS 0/1 PUBLISH straight from its reader to every matching subscriber."""
+        topic = publish.topic
+        if topic.startswith("$SYS"):
+            logger.warning("Client %s published to %s: dropped.", source.client_id, topic)
+            return
+        frame: bytes | None = None
+        for target, granted in self._matches_for(topic):
+            qos = min(publish.qos, granted)
+            if not target.transitions.is_connected():
+                if not target.clean_session and qos > QOS_0:
+                    broadcast = {"session": source, "topic": topic, "data": publish.payload}
+                    await self._retain_broadcast_message(broadcast, qos, target)
+                continue
+            handler = self._get_handler(target)
+            if handler is None:
+                continue
+            if qos == QOS_0:
+                if frame is None:
+                    frame = protocol.encode_publish_qos0(topic, publish.payload)
+                handler.write_frame(frame)
+            else:
+                handler.deliver(topic, publish.payload, qos, retain=False)
+        if publish.retain:
+            # [MQTT-3.3.1-5]: keep it for future subscribers; an empty payload clears it [-10].
+            await self.retain_message(source, topic, publish.payload, publish.qos)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:  # noqa: ANN401 - a deque
         # Replaces amqtt's version: the QoS of each delivery is min(publish QoS, granted QoS)

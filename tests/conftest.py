@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,3 +31,10 @@ def _close_raw_clients() -> Iterator[None]:
     """Close the raw MQTT sockets a test opened, so none leaks into the next."""
     yield
     RawClient.close_all()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after each test, so that a leaked resource is blamed on its own test."""
+    yield
+    gc.collect()

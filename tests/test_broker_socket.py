@@ -20,12 +20,15 @@ def test_accepted_connections_get_tcp_nodelay(port: int) -> None:
             sock = writer.get_extra_info("socket")
             await accepted.put(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             writer.close()
+            await writer.wait_closed()
 
         server = await asyncio.start_server(on_connect, sock=bind("127.0.0.1", port))
         async with server:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
             value = await asyncio.wait_for(accepted.get(), 5)
+            await reader.read()  # the server hangs up
             writer.close()
+            await writer.wait_closed()
             return value
 
     assert asyncio.run(scenario()) != 0

@@ -62,6 +62,9 @@ def test_mosquitto_clients_round_trip_through_broker_and_echo(spawn: Spawner, po
     assert sub.returncode == 0
 
 
+# amqtt 0.12.1's MQTTClient leaves one socket unclosed after disconnect(): its leak, not ours.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_amqtt_client_qos_levels_and_retained(spawn: Spawner, port: int) -> None:
     """amqtt's own MQTTClient, an independent implementation of the client side."""
     import asyncio  # noqa: PLC0415 - only this test runs an event loop
