@@ -53,7 +53,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 3 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
@@ -63,6 +63,10 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m bench.run --full
+
+# Fault, flood, load and fuzz figures for the README's Reliability table (about 2 minutes).
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean: stop
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
