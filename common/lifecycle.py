@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ def install_stop_handlers(stop: asyncio.Event, hard_limit: float) -> None:
     at once.
     """
     loop = asyncio.get_running_loop()
+    install_exception_handler()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
@@ -33,6 +35,29 @@ def install_stop_handlers(stop: asyncio.Event, hard_limit: float) -> None:
 
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
+
+
+def install_exception_handler() -> None:
+    """Report exceptions from loop callbacks in one log line (with a traceback at DEBUG).
+
+    aiomqtt schedules paho's socket callbacks with call_soon_threadsafe; when a connection
+    closes while one is queued, asyncio reports `add_writer(...)` on a closed descriptor with a
+    full traceback, though nothing is wrong. Real errors still show, in one line.
+    """
+    loop = asyncio.get_running_loop()
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        found = context.get("exception")
+        exc = found if isinstance(found, BaseException) else None
+        message = context.get("message", "")
+        if isinstance(exc, OSError) and exc.errno == errno.EBADF:
+            logger.debug("Callback on a closed socket: %s (%r)", message, exc)
+            return
+        logger.error(
+            "%s: %r", message, exc, exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None
+        )  # fmt: skip
+
+    loop.set_exception_handler(handler)
 
 
 def _arm_watchdog(limit: float) -> None:

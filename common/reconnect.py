@@ -62,6 +62,7 @@ class Link:
         self._down_since: float | None = clock()
         self._down_total = 0.0
         self._reminded_at = 0.0
+        self._stopping = False
 
     def downtime(self) -> float:
         """Seconds spent disconnected after the first connection, including an outage under way."""
@@ -70,15 +71,30 @@ class Link:
         current = self._clock() - self._down_since if self._down_since is not None else 0.0
         return self._down_total + current
 
+    def stop(self) -> None:
+        """Prepare to be cancelled: no more reconnects, and a short goodbye.
+
+        aiomqtt's disconnect on cancellation can fail with MqttError (its DISCONNECT never
+        acknowledged), which replaces the CancelledError; without this flag the loop would
+        then reconnect instead of ending.
+        """
+        self._stopping = True
+        self.client.timeout = 1.0
+
     async def run(self, session: Session) -> None:
-        """Connect, run ``session``, and start again after every connection error; never returns."""
-        while True:
+        """Connect, run ``session``, and start again after every connection error.
+
+        Returns only after :meth:`stop`; otherwise it runs until cancelled.
+        """
+        while not self._stopping:
             self.attempts += 1
             try:
                 async with self.client:
                     self._up()
                     await session(self.client)
             except aiomqtt.MqttError as exc:
+                if self._stopping:
+                    return
                 self._down(exc)
             else:
                 # A session only returns when its message stream ended without an error.

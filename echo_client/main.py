@@ -122,6 +122,7 @@ async def amain(settings: EchoSettings) -> int:
     async with TaskGroup() as tg:
         runner = tg.create_task(link.run(echo.session), name="echo-link")
         await stop.wait()
+        link.stop()
         runner.cancel()
     logger.info(
         "Echoed %d messages (%d bytes), skipped %d; disconnected %.3f s, %d reconnects.",

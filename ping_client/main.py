@@ -328,6 +328,8 @@ class Probe:
             if self.settings.connect_timeout is not None:
                 ends.append(tg.create_task(self._connect_deadline(), name="connect-deadline"))
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            self.link.stop()
+            self.watcher.stop()
             for task in workers + ends:
                 task.cancel()
         return summarize(

@@ -117,3 +117,17 @@ def test_broker_writes_no_file(spawn: Spawner, port: int, tmp_path: Path) -> Non
     wait_until(lambda: broker.count("disconnected") >= 2, 5, "both disconnects logged")
     assert broker.stop() == 0
     assert list(sandbox.rglob("*")) == []
+
+
+def test_qos1_echo_stops_cleanly_mid_traffic(spawn: Spawner, port: int) -> None:
+    """Stopping while QoS 1 echoes are in flight leaves no traceback in the log."""
+    spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), "--qos", "1", name="echo")
+    ping = spawn.start("ping_client", "--port", str(port), "--qos", "1", "--interval", "0.01",
+                       name="ping")  # fmt: skip
+    wait_until(lambda: ping.count(r"client: Got b'") >= 20, 10, "QoS 1 pongs")
+    echo.signal(signal.SIGTERM)
+    assert echo.wait(5) == 0
+    ping.signal(signal.SIGTERM)
+    assert ping.wait(5) in (0, 1)  # pings in flight when the echo stopped may be lost
+    assert "Traceback" not in echo.err() + ping.err()
