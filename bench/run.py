@@ -29,6 +29,7 @@ from bench.harness import (
     PYTHON,
     REPO,
     Broker,
+    echo_ready,
     mosquitto_path,
     ping,
     rss_mb,
@@ -96,7 +97,7 @@ def throughput(window: int, seconds: float, lean: bool) -> Callable[[Broker], di
     def measure(broker: Broker) -> dict[str, float]:
         echo = lean_echo(broker.port) if lean else start_program("echo_client", broker.port)
         try:
-            time.sleep(0.5)  # the echo subscribes; a warm-up round follows anyway
+            asyncio.run(echo_ready(broker.port))
             asyncio.run(windowed(broker.port, window, 0.3, "/ping", "/pong"))
             result = asyncio.run(windowed(broker.port, window, seconds, "/ping", "/pong"))
             result["rss_mb"] = broker.rss_mb()
@@ -163,7 +164,7 @@ def sigterm_under_load(kind: str, tries: int) -> list[float]:
             echo = lean_echo(broker.port)
             try:
                 wait_connected(broker.port)
-                time.sleep(0.3)
+                asyncio.run(echo_ready(broker.port))
 
                 def load(port: int = broker.port) -> None:
                     # The broker goes away mid-run: that is the point.
