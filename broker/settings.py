@@ -123,10 +123,10 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     add(
         parser,
         environ,
-        "--connect-timeout",
+        "--handshake-timeout",
         convert=cli.positive_seconds,
         default=10.0,
-        help="seconds a new connection may take to send CONNECT",
+        help="seconds a new connection may take to finish TLS and send CONNECT",
     )
     add(
         parser,
@@ -182,7 +182,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         log_level=args.log_level,
         limits=Limits(
             max_packet_size=args.max_packet_size,
-            connect_timeout=args.connect_timeout,
+            connect_timeout=args.handshake_timeout,
             deny_subscribe=args.deny_subscribe,
         ),
         password_file=args.password_file,

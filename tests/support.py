@@ -312,3 +312,21 @@ def supervisor_children(pid: int) -> list[int]:
             found.extend(kids)
             frontier.extend(kids)
     return found
+
+
+def program_log(tmp: Path, name: str) -> str:
+    """The current text of one program's log file under ``tmp/logs``."""
+    path = tmp / "logs" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def logged_pongs(tmp: Path) -> int:
+    """Echoes the ping client has logged so far in ``tmp/logs/ping_client.log``."""
+    return len(re.findall(r"client: Got b'[\d.]+' on /pong", program_log(tmp, "ping_client")))
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, in KiB."""
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    assert match is not None
+    return int(match.group(1))

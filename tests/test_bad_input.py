@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import random
-import re
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import RawClient
-from tests.support import MqttProbe, Proc, Spawner
+from tests.support import MqttProbe, Proc, Spawner, rss_kib
 
 SEED = 20261129
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, in KiB."""
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    assert match is not None
-    return int(match.group(1))
 
 
 def round_trip(port: int, payload: bytes) -> None:
@@ -74,7 +65,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 @pytest.fixture
 def system(spawn: Spawner, port: int) -> Proc:
     """A broker (2 s connect timeout) and an echo client."""
-    broker = spawn.broker(port, "--connect-timeout", "2", "--max-packet-size", "65536")
+    broker = spawn.broker(port, "--handshake-timeout", "2", "--max-packet-size", "65536")
     spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
     return broker
 
@@ -116,7 +107,7 @@ def test_connection_flood_and_slowloris(system: Proc, port: int, spawn: Spawner)
         result = spawn.run("ping_client", "--port", str(port), "--count", "20",
                            "--interval", "0.05", "--timeout", "2")  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
-        # Connections that never send CONNECT are closed after --connect-timeout (2 s).
+        # Connections that never send CONNECT are closed after --handshake-timeout (2 s).
         started = time.monotonic()
         for sock in silent:
             sock.settimeout(max(0.1, started + 8 - time.monotonic()))

@@ -6,17 +6,15 @@ Each test names the normative statement of the OASIS MQTT 3.1.1 specification it
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import RawClient
-from tests.support import Spawner, free_port
+from tests.support import Spawner, free_port, rss_kib
 
 _ids = itertools.count()
 
@@ -31,7 +29,7 @@ def broker_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """One broker for the module, on its own free port; tests use unique ids and topics."""
     spawner = Spawner(tmp_path_factory.mktemp("conformance"))
     port = free_port()
-    spawner.broker(port, "--connect-timeout", "2", "--max-packet-size", "65536",
+    spawner.broker(port, "--handshake-timeout", "2", "--max-packet-size", "65536",
                    "--deny-subscribe", "secret/#,$SYS/#")  # fmt: skip
     yield port
     spawner.cleanup()
@@ -339,14 +337,6 @@ def test_will_message_of_a_violator_is_published(broker_port: int) -> None:
 
 
 # --- 7. packet size bound ---------------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, in KiB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    assert match is not None
-    return int(match.group(1))
 
 
 def test_declared_256_mb_packet_is_refused_without_memory_growth(spawn: Spawner, port: int) -> None:

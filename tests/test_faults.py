@@ -12,20 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.mqtt_raw import RawClient
-from tests.support import pid_alive, supervised, supervisorctl, wait_until
+from tests.support import (
+    logged_pongs,
+    pid_alive,
+    program_log,
+    rss_kib,
+    supervised,
+    supervisorctl,
+    wait_until,
+)
 
 FAST = ['MQTT_INTERVAL="0.2"', 'MQTT_TIMEOUT="0.5"', 'MQTT_SILENCE="1"']
-
-
-def log(tmp: Path, name: str) -> str:
-    """The current text of one program's log file."""
-    path = tmp / "logs" / f"{name}.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def pongs(tmp: Path) -> int:
-    """Echoes the ping client has logged so far."""
-    return len(re.findall(r"client: Got b'[\d.]+' on /pong", log(tmp, "ping_client")))
 
 
 def pid_of(conf: Path, program: str) -> int:
@@ -43,38 +40,35 @@ def stamp(line: str) -> dt.datetime:
     return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f")
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, in KiB."""
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    assert match is not None
-    return int(match.group(1))
-
-
 def test_broker_sigkill_clients_recover_fast_and_nothing_doubles(tmp_path: Path, port: int) -> None:
     with supervised(tmp_path, port, FAST) as conf:
-        wait_until(lambda: pongs(tmp_path) >= 3, 20, "first pongs")
+        wait_until(lambda: logged_pongs(tmp_path) >= 3, 20, "first pongs")
         os.kill(pid_of(conf, "broker"), signal.SIGKILL)
-        wait_until(lambda: log(tmp_path, "broker").count("Listening on") == 2, 15, "restart")
-        wait_until(lambda: "Reconnected" in log(tmp_path, "ping_client"), 10, "reconnect")
-        before = pongs(tmp_path)
-        wait_until(lambda: pongs(tmp_path) >= before + 5, 10, "pongs after the restart")
-        listening = [ln for ln in log(tmp_path, "broker").splitlines() if "Listening on" in ln]
+        wait_until(
+            lambda: program_log(tmp_path, "broker").count("Listening on") == 2, 15, "restart"
+        )
+        wait_until(lambda: "Reconnected" in program_log(tmp_path, "ping_client"), 10, "reconnect")
+        before = logged_pongs(tmp_path)
+        wait_until(lambda: logged_pongs(tmp_path) >= before + 5, 10, "pongs after the restart")
+        listening = [
+            ln for ln in program_log(tmp_path, "broker").splitlines() if "Listening on" in ln
+        ]
         ready = stamp(listening[1])
         first_pong = next(
-            stamp(ln) for ln in log(tmp_path, "ping_client").splitlines()
+            stamp(ln) for ln in program_log(tmp_path, "ping_client").splitlines()
             if "client: Got b'" in ln and stamp(ln) > ready
         )  # fmt: skip
         recovery = (first_pong - ready).total_seconds()
         # 100 ms retry + connect + the next 200 ms tick: well under a second; assert generously.
         assert recovery < 2.0, recovery
         for name in ("echo_client", "ping_client"):
-            text = log(tmp_path, name)
+            text = program_log(tmp_path, name)
             assert text.count("Lost connection") == 1, text
             assert text.count("Reconnected") == 1, text
-        ping_log = log(tmp_path, "ping_client")
+        ping_log = program_log(tmp_path, "ping_client")
         assert "Duplicate" not in ping_log
         echoed = re.findall(
-            r"echo_client: Publishing (b'[\d.]+') on /pong", log(tmp_path, "echo_client")
+            r"echo_client: Publishing (b'[\d.]+') on /pong", program_log(tmp_path, "echo_client")
         )
         assert len(echoed) == len(set(echoed)), "a ping was echoed twice"
 
@@ -83,55 +77,66 @@ def test_broker_sigkill_clients_recover_fast_and_nothing_doubles(tmp_path: Path,
 @pytest.mark.timeout(150)
 def test_broker_down_for_60_s_clients_retry_quietly_and_recover(tmp_path: Path, port: int) -> None:
     with supervised(tmp_path, port, FAST) as conf:
-        wait_until(lambda: pongs(tmp_path) >= 2, 20, "first pongs")
+        wait_until(lambda: logged_pongs(tmp_path) >= 2, 20, "first pongs")
         assert "stopped" in supervisorctl(conf, "stop", "broker")
         clients = {name: pid_of(conf, name) for name in ("echo_client", "ping_client")}
-        lines_before = {name: len(log(tmp_path, name).splitlines()) for name in clients}
-        wait_until(lambda: all("Lost connection" in log(tmp_path, n) for n in clients), 10, "loss")
+        lines_before = {name: len(program_log(tmp_path, name).splitlines()) for name in clients}
+        wait_until(
+            lambda: all("Lost connection" in program_log(tmp_path, n) for n in clients), 10, "loss"
+        )
         rss_before = {name: rss_kib(pid) for name, pid in clients.items()}
         # The reminder lines come every 15 s; the fourth says a minute has passed.
         wait_until(
             lambda: all(
-                re.search(r"Still cannot reach \S+ after 6\d s", log(tmp_path, n)) for n in clients
+                re.search(r"Still cannot reach \S+ after 6\d s", program_log(tmp_path, n))
+                for n in clients
             ),
             75,
             "a minute of retrying",
         )
         rss_after = {name: rss_kib(pid) for name, pid in clients.items()}
         assert "started" in supervisorctl(conf, "start", "broker")
-        wait_until(lambda: all("Reconnected" in log(tmp_path, n) for n in clients), 10, "recovery")
-        before = pongs(tmp_path)
-        wait_until(lambda: pongs(tmp_path) >= before + 3, 10, "pongs again")
+        wait_until(
+            lambda: all("Reconnected" in program_log(tmp_path, n) for n in clients), 10, "recovery"
+        )
+        before = logged_pongs(tmp_path)
+        wait_until(lambda: logged_pongs(tmp_path) >= before + 3, 10, "pongs again")
         for name in clients:
-            outage = log(tmp_path, name).splitlines()[lines_before[name] :]
+            outage = program_log(tmp_path, name).splitlines()[lines_before[name] :]
             retry_lines = [ln for ln in outage if "onnect" in ln or "Still cannot" in ln]
             assert len(retry_lines) <= 7, retry_lines  # loss + 4 reminders + recovery (+ slack)
             assert rss_after[name] - rss_before[name] < 2048, (rss_before, rss_after)
             assert re.search(r"Reconnected to \S+ after 6\d\.\d+ s \(\d{3} attempts\)",
-                             log(tmp_path, name))  # fmt: skip
+                             program_log(tmp_path, name))  # fmt: skip
 
 
 def test_echo_client_stopped_then_started(tmp_path: Path, port: int) -> None:
     with supervised(tmp_path, port, FAST) as conf:
-        wait_until(lambda: pongs(tmp_path) >= 2, 20, "first pongs")
+        wait_until(lambda: logged_pongs(tmp_path) >= 2, 20, "first pongs")
         assert "stopped" in supervisorctl(conf, "stop", "echo_client")
-        wait_until(lambda: "is echo_client running" in log(tmp_path, "ping_client"), 10, "silence")
-        assert re.search(r"Lost b'[\d.]+' on /ping: seq \d+", log(tmp_path, "ping_client"))
+        wait_until(
+            lambda: "is echo_client running" in program_log(tmp_path, "ping_client"), 10, "silence"
+        )
+        assert re.search(r"Lost b'[\d.]+' on /ping: seq \d+", program_log(tmp_path, "ping_client"))
         assert "started" in supervisorctl(conf, "start", "echo_client")
-        wait_until(lambda: "Echoes are back" in log(tmp_path, "ping_client"), 10, "echoes back")
-        before = pongs(tmp_path)
-        wait_until(lambda: pongs(tmp_path) >= before + 3, 10, "pongs again")
-        assert log(tmp_path, "ping_client").count("is echo_client running") == 1
+        wait_until(
+            lambda: "Echoes are back" in program_log(tmp_path, "ping_client"), 10, "echoes back"
+        )
+        before = logged_pongs(tmp_path)
+        wait_until(lambda: logged_pongs(tmp_path) >= before + 3, 10, "pongs again")
+        assert program_log(tmp_path, "ping_client").count("is echo_client running") == 1
 
 
 def test_echo_client_killed_is_restarted_and_pongs_resume(tmp_path: Path, port: int) -> None:
     with supervised(tmp_path, port, FAST) as conf:
-        wait_until(lambda: pongs(tmp_path) >= 2, 20, "first pongs")
+        wait_until(lambda: logged_pongs(tmp_path) >= 2, 20, "first pongs")
         old = pid_of(conf, "echo_client")
         os.kill(old, signal.SIGKILL)
         wait_until(lambda: not pid_alive(old), 5, "the echo client to die")
-        before = pongs(tmp_path)
-        wait_until(lambda: pongs(tmp_path) >= before + 3, 15, "pongs from the new echo client")
+        before = logged_pongs(tmp_path)
+        wait_until(
+            lambda: logged_pongs(tmp_path) >= before + 3, 15, "pongs from the new echo client"
+        )
         assert pid_of(conf, "echo_client") != old
 
 
@@ -139,7 +144,7 @@ def test_frozen_client_is_dropped_after_1_5_keepalive_and_recovers(
     tmp_path: Path, port: int
 ) -> None:
     with supervised(tmp_path, port, [*FAST, 'MQTT_KEEPALIVE="2"']) as conf:
-        wait_until(lambda: pongs(tmp_path) >= 2, 20, "first pongs")
+        wait_until(lambda: logged_pongs(tmp_path) >= 2, 20, "first pongs")
         echo = pid_of(conf, "echo_client")
         os.kill(echo, signal.SIGSTOP)
         try:
@@ -150,16 +155,18 @@ def test_frozen_client_is_dropped_after_1_5_keepalive_and_recovers(
             wait_until(
                 lambda: re.search(
                     r"Client echo_client-\w+ closed: silent for more than 3 s",
-                    log(tmp_path, "broker"),
+                    program_log(tmp_path, "broker"),
                 ),
                 10,
                 "the broker to drop the frozen client",
             )
         finally:
             os.kill(echo, signal.SIGCONT)
-        wait_until(lambda: "Reconnected" in log(tmp_path, "echo_client"), 15, "echo to reconnect")
-        before = pongs(tmp_path)
-        wait_until(lambda: pongs(tmp_path) >= before + 3, 10, "pongs again")
+        wait_until(
+            lambda: "Reconnected" in program_log(tmp_path, "echo_client"), 15, "echo to reconnect"
+        )
+        before = logged_pongs(tmp_path)
+        wait_until(lambda: logged_pongs(tmp_path) >= before + 3, 10, "pongs again")
 
 
 def test_broker_that_cannot_bind_ends_fatal_and_the_others_keep_running(
@@ -171,10 +178,10 @@ def test_broker_that_cannot_bind_ends_fatal_and_the_others_keep_running(
         with supervised(tmp_path, port) as conf:
             wait_until(lambda: re.search(r"^broker\s+FATAL", supervisorctl(conf, "status"),
                                          re.MULTILINE), 30, "broker FATAL")  # fmt: skip
-            broker_log = log(tmp_path, "broker")
+            broker_log = program_log(tmp_path, "broker")
             assert broker_log.count(f"port {port} on 127.0.0.1 is already in use") == 4
             assert "Traceback" not in broker_log
             status = supervisorctl(conf, "status")
             assert re.search(r"^echo_client\s+RUNNING", status, re.MULTILINE), status
             assert re.search(r"^ping_client\s+RUNNING", status, re.MULTILINE), status
-            assert "gave up: broker entered FATAL state" in log(tmp_path, "supervisord")
+            assert "gave up: broker entered FATAL state" in program_log(tmp_path, "supervisord")

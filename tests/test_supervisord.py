@@ -8,8 +8,10 @@ import signal
 from pathlib import Path
 
 from tests.support import (
+    logged_pongs,
     pid_alive,
     port_accepts,
+    program_log,
     supervised,
     supervisor_children,
     supervisorctl,
@@ -17,25 +19,14 @@ from tests.support import (
 )
 
 
-def log(tmp: Path, name: str) -> str:
-    """The current text of one program's log file."""
-    path = tmp / "logs" / f"{name}.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def pongs(tmp: Path) -> int:
-    """Number of echoes the ping client has logged so far."""
-    return len(re.findall(r"client: Got b'\d+' on /pong: seq \d+, rtt", log(tmp, "ping_client")))
-
-
 def test_supervisord_runs_all_three_and_leaves_nothing_behind(tmp_path: Path, port: int) -> None:
     with supervised(tmp_path, port) as conf:
-        wait_until(lambda: pongs(tmp_path) >= 2, 20, "two pongs in ping_client.log")
+        wait_until(lambda: logged_pongs(tmp_path) >= 2, 20, "two pongs in ping_client.log")
         status = supervisorctl(conf, "status")
         for program in ("broker", "echo_client", "ping_client"):
             assert re.search(rf"^{program}\s+RUNNING", status, re.MULTILINE), status
-        assert "echo_client: Got b'" in log(tmp_path, "echo_client")
-        assert f"Listening on 127.0.0.1:{port}" in log(tmp_path, "broker")
+        assert "echo_client: Got b'" in program_log(tmp_path, "echo_client")
+        assert f"Listening on 127.0.0.1:{port}" in program_log(tmp_path, "broker")
         sock = tmp_path / "run" / "sv.sock"
         assert sock.stat().st_mode & 0o777 == 0o700
         pid = int((tmp_path / "run" / "supervisord.pid").read_text())
@@ -45,27 +36,27 @@ def test_supervisord_runs_all_three_and_leaves_nothing_behind(tmp_path: Path, po
     assert not any(pid_alive(child) for child in children)
     assert not port_accepts(port)
     for program in ("broker", "echo_client", "ping_client"):
-        assert "Traceback" not in log(tmp_path, program)
+        assert "Traceback" not in program_log(tmp_path, program)
 
 
 def test_broker_killed_is_restarted_and_pongs_resume(tmp_path: Path, port: int) -> None:
     with supervised(tmp_path, port) as conf:
-        wait_until(lambda: pongs(tmp_path) >= 1, 20, "a first pong")
+        wait_until(lambda: logged_pongs(tmp_path) >= 1, 20, "a first pong")
         old = re.search(r"pid (\d+)", supervisorctl(conf, "status", "broker"))
         assert old is not None
         os.kill(int(old.group(1)), signal.SIGKILL)
         wait_until(
             lambda: (
-                "Lost connection" in log(tmp_path, "echo_client")
-                and "Lost connection" in log(tmp_path, "ping_client")
+                "Lost connection" in program_log(tmp_path, "echo_client")
+                and "Lost connection" in program_log(tmp_path, "ping_client")
             ),
             10,
             "both clients to report the loss",
         )
-        wait_until(lambda: "Reconnected" in log(tmp_path, "ping_client"), 15, "reconnect")
-        before = pongs(tmp_path)
-        wait_until(lambda: pongs(tmp_path) >= before + 2, 15, "pongs to resume")
+        wait_until(lambda: "Reconnected" in program_log(tmp_path, "ping_client"), 15, "reconnect")
+        before = logged_pongs(tmp_path)
+        wait_until(lambda: logged_pongs(tmp_path) >= before + 2, 15, "pongs to resume")
         for name in ("echo_client", "ping_client"):
-            text = log(tmp_path, name)
+            text = program_log(tmp_path, name)
             assert text.count("Lost connection") == 1, text
             assert text.count("Reconnected") == 1, text
