@@ -163,7 +163,7 @@ class Client(aiomqtt.Client):
     ) -> None:
         if not self._connected.done():
             self._connected.set_exception(
-                aiomqtt.MqttCodeError(reason_code, "Connection closed before CONNACK")
+                aiomqtt.MqttError(f"connection closed before CONNACK ({reason_code})")
             )
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)

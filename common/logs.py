@@ -11,6 +11,10 @@ DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 # Libraries that log on every packet or connection at INFO. Our own loggers say what matters.
 QUIET = ("amqtt", "transitions", "aiomqtt", "paho", "asyncio")
+# paho's messages, through aiomqtt's "mqtt" logger, repeat at ERROR what the reconnect loop
+# already reports once per outage ("failed to receive on socket: Connection reset by peer"),
+# once per failed attempt: ten lines a second while a broker resets connections.
+SILENT = ("mqtt",)
 
 
 def configure(label: str, level: str, stream: TextIO | None = None) -> None:
@@ -23,3 +27,5 @@ def configure(label: str, level: str, stream: TextIO | None = None) -> None:
     third_party = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in QUIET:
         logging.getLogger(name).setLevel(third_party)
+    for name in SILENT:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
