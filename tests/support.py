@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -27,11 +28,34 @@ PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that nothing uses right now, for one test alone.
+
+    Not from the ephemeral range: there, any outgoing connection (thousands, in these tests)
+    may take the port between the check and the broker's bind. Each xdist worker draws from
+    its own slice, so parallel tests never pick the same port.
+    """
+    low, high = 10000, _ephemeral_low()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    span = (high - low) // 8
+    start = low + (index % 8) * span
+    for _ in range(200):
+        port = random.randrange(start, start + span)  # noqa: S311 - not a secret
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
