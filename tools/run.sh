@@ -24,6 +24,15 @@ start() {
   fi
   rm -f run/sv.sock
   "$BIN/supervisord" -c "$CONF"
+  # supervisord daemonizes: its pidfile appears a moment after the command returns.
+  for _ in $(seq 1 100); do
+    running && break
+    sleep 0.1
+  done
+  if ! running; then
+    echo "supervisord did not start; see logs/supervisord.log" >&2
+    exit 1
+  fi
   echo "Started supervisord (pid $(cat "$PIDFILE")). Logs are in logs/."
 }
 
