@@ -43,7 +43,6 @@ class StrictHandler(BrokerProtocolHandler):
         """Create the handler as amqtt does; add a place to keep redelivery tasks."""
         super().__init__(*args, **kwargs)
         self._flows: set[asyncio.Task[None]] = set()
-        self.closed_reason: str | None = None
         self.dropped = 0
 
     # --- reading ---------------------------------------------------------------------------
@@ -67,11 +66,12 @@ class StrictHandler(BrokerProtocolHandler):
                     elif await self._dispatch(frame):
                         break
                 except asyncio.TimeoutError:
-                    self.closed_reason = f"silent for more than {deadline:g} s [MQTT-3.1.2-24]"
-                    logger.warning("Client %s closed: %s.", client_id, self.closed_reason)
+                    logger.warning(
+                        "Client %s closed: silent for more than %g s [MQTT-3.1.2-24].",
+                        client_id, deadline,
+                    )  # fmt: skip
                     break
                 except ProtocolViolation as exc:
-                    self.closed_reason = str(exc)
                     logger.warning("Client %s closed: %s.", client_id, exc)
                     break
                 except (EOFError, asyncio.IncompleteReadError, ConnectionError, OSError):
