@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.protocol import remaining_length
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 QUIET = {"MQTT_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
@@ -187,14 +189,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def _packet(kind: int, flags: int, body: bytes) -> bytes:
-    length = len(body)
-    encoded = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            break
-    return bytes([kind << 4 | flags]) + bytes(encoded) + body
+    return bytes([kind << 4 | flags]) + remaining_length(len(body)) + body
 
 
 def _string(text: str) -> bytes:

@@ -263,14 +263,18 @@ async def read_with_timeout(reader: ReaderAdapter, max_size: int, timeout: float
     return await asyncio.wait_for(read_frame(reader, max_size), timeout)
 
 
-def encode_publish_qos0(topic: str, payload: bytes) -> bytes:
-    """Encode a QoS 0 PUBLISH with RETAIN 0: built once per message, written to each subscriber."""
-    raw_topic = topic.encode()
-    length = 2 + len(raw_topic) + len(payload)
+def remaining_length(length: int) -> bytes:
+    """Encode a remaining length, 1 to 4 bytes of 7 bits each (section 2.2.3)."""
     encoded = bytearray()
     while True:
         byte, length = length % 128, length // 128
         encoded.append(byte | (0x80 if length else 0))
         if not length:
-            break
-    return b"\x30" + bytes(encoded) + struct.pack("!H", len(raw_topic)) + raw_topic + payload
+            return bytes(encoded)
+
+
+def encode_publish_qos0(topic: str, payload: bytes) -> bytes:
+    """Encode a QoS 0 PUBLISH with RETAIN 0: built once per message, written to each subscriber."""
+    raw_topic = topic.encode()
+    length = remaining_length(2 + len(raw_topic) + len(payload))
+    return b"\x30" + length + struct.pack("!H", len(raw_topic)) + raw_topic + payload

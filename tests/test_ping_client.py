@@ -10,7 +10,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from tests.support import MqttProbe, Spawner, wait_until
+from tests.support import MqttProbe, Proc, Spawner, wait_until
 
 
 def summary_counts(text: str) -> dict[str, int]:
@@ -21,6 +21,13 @@ def summary_counts(text: str) -> dict[str, int]:
     assert match is not None, text
     keys = ("sent", "received", "lost", "late", "duplicates")
     return dict(zip(keys, (int(g) for g in match.groups()[:5]), strict=True))
+
+
+def json_events(proc: Proc) -> list[dict[str, Any]]:
+    """Every JSON event a --json ping client printed, the summary last."""
+    events = [json.loads(line) for line in proc.out().splitlines()]
+    assert events[-1]["event"] == "summary"
+    return events
 
 
 class FaultyEcho:
@@ -158,7 +165,7 @@ def test_duplicate_echoes_are_counted_as_duplicates(spawn: Spawner, port: int) -
     finally:
         echo.close()
     assert code == 0
-    events = [json.loads(line) for line in proc.out().splitlines()]
+    events = json_events(proc)
     summary = events[-1]
     pong_seqs = [e["seq"] for e in events if e["event"] == "pong"]
     dup_seqs = [e["seq"] for e in events if e["event"] == "duplicate"]
@@ -191,9 +198,8 @@ def test_late_echoes_are_late_and_lost_not_received(spawn: Spawner, port: int) -
     finally:
         echo.close()
     assert code == 1
-    events = [json.loads(line) for line in proc.out().splitlines()]
+    events = json_events(proc)
     summary = events[-1]
-    assert summary["event"] == "summary"
     assert (summary["sent"], summary["received"], summary["lost"]) == (2, 0, 2)
     # Whether a late echo beats the exit is a race; when it does, it is late, never received.
     assert summary["late"] == sum(1 for e in events if e["event"] == "late")
@@ -220,9 +226,8 @@ def test_late_echo_during_a_long_run(spawn: Spawner, port: int) -> None:
     finally:
         echo.close()
     assert code == 1
-    events = [json.loads(line) for line in proc.out().splitlines()]
+    events = json_events(proc)
     summary = events[-1]
-    assert summary["event"] == "summary"
     assert summary["received"] == 0
     assert summary["late"] >= 2
     assert summary["late"] <= summary["lost"]
