@@ -43,21 +43,31 @@ def test_ten_start_stop_cycles_leave_no_process_behind(tmp_path: Path, port: int
     """Ctrl-C on make run and make stop, alternately, ten times in a row."""
     root = checkout(tmp_path)
     env = base_env(MQTT_PORT=str(port), MQTT_INTERVAL="0.2")
-    for cycle in range(10):
-        if cycle % 2 == 0:
-            run_and_interrupt(root, tmp_path, port, env)
-            continue
-        subprocess.run(["make", "--no-print-directory", "start"], cwd=root, env=env,
-                       check=True, capture_output=True, timeout=60)  # fmt: skip
-        pid = int((root / "run" / "supervisord.pid").read_text())
-        ping_log = root / "logs" / "ping_client.log"
-        seen = ping_log.read_text().count("client: Got b'") if ping_log.exists() else 0
-        wait_until(partial(more_pongs, ping_log, seen), 30, "a pong")
-        family = [pid, *supervisor_children(pid)]
+    try:
+        for cycle in range(10):
+            one_cycle(root, tmp_path, port, env, cycle)
+    finally:
+        # Whatever failed, leave no supervisord behind (make start daemonizes it).
         subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
-                       check=True, capture_output=True, timeout=60)  # fmt: skip
-        assert not any(pid_alive(p) for p in family), f"cycle {cycle}: processes left"
-        assert not port_accepts(port), f"cycle {cycle}: port still open"
+                       capture_output=True, timeout=60, check=False)  # fmt: skip
+
+
+def one_cycle(root: Path, tmp_path: Path, port: int, env: dict[str, str], cycle: int) -> None:
+    """Start and stop once: Ctrl-C on make run for even cycles, make stop for odd ones."""
+    if cycle % 2 == 0:
+        run_and_interrupt(root, tmp_path, port, env)
+        return
+    ping_log = root / "logs" / "ping_client.log"
+    seen = ping_log.read_text().count("client: Got b'") if ping_log.exists() else 0
+    subprocess.run(["make", "--no-print-directory", "start"], cwd=root, env=env,
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    pid = int((root / "run" / "supervisord.pid").read_text())
+    wait_until(partial(more_pongs, ping_log, seen), 30, "a pong")
+    family = [pid, *supervisor_children(pid)]
+    subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    assert not any(pid_alive(p) for p in family), f"cycle {cycle}: processes left"
+    assert not port_accepts(port), f"cycle {cycle}: port still open"
 
 
 def more_pongs(ping_log: Path, seen: int) -> bool:
@@ -103,3 +113,6 @@ def run_and_interrupt(
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
             make.wait(5)
+        # After a failure, supervisord (daemonized, in its own session) may still run.
+        subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
+                       capture_output=True, timeout=60, check=False)  # fmt: skip
