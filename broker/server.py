@@ -18,6 +18,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
 from amqtt.errors import MQTTError
 from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0
 from amqtt.session import Session
 
@@ -202,6 +203,14 @@ class PingPongBroker(Broker):
         except MQTTError:
             await _close(writer)  # amqtt refused it with a CONNACK code and says why
             raise
+        if not await self._authenticate(session, None):
+            # Before take-over and session lookup: a client that fails to log in must not
+            # knock off, or end the session of, the client whose id it used.
+            logger.warning("Client %s from %s refused: not authorized.", session.client_id, where)
+            with contextlib.suppress(ConnectionError, OSError):
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await _close(writer)
+            raise MQTTError("not authorized")
         handler.max_packet_size = self._limits.max_packet_size
         handler.router = self
         await self._take_over(session.client_id)
@@ -248,30 +257,21 @@ class PingPongBroker(Broker):
         client_session: Session,
         handler: StrictHandler,
         server: Any,  # noqa: ANN401, ARG002 - amqtt's Server
-        listener_name: str,
+        listener_name: str,  # noqa: ARG002
     ) -> None:
         # Replaces amqtt's version, which on connect sends the client the retained messages of
         # every subscription of every client [against MQTT-3.3.1-6], waits for queued QoS 1/2
-        # messages to be acknowledged before reading, and keeps refused clients' sessions.
+        # messages to be acknowledged before reading, and authenticates only after take-over.
         client_id = client_session.client_id
         done = asyncio.Event()
         self._live[client_id] = done
         try:
-            authenticated = await self._authenticate(
-                client_session, self.listeners_config[listener_name]
-            )
             if client_session.transitions.is_connected():
                 client_session.transitions.disconnect()
             client_session.transitions.connect()
             handler.attach(client_session, reader, writer)
             self._sessions[client_id] = (client_session, handler)
-            await handler.mqtt_connack_authorize(authenticated)
-            if not authenticated:
-                logger.warning("Client %s refused: not authorized.", client_id)
-                client_session.transitions.disconnect()
-                self._sessions.pop(client_id, None)
-                await _close(writer)
-                return
+            await handler.mqtt_connack_authorize(True)  # authenticated in _initialize_...
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=client_session
             )

@@ -127,3 +127,22 @@ def test_max_connections_refuses_extra_clients_at_once(spawn: Spawner, port: int
     held[0].close()
     wait_until(lambda: broker.count("disconnected") >= 1, 5, "the slot to free up")
     assert RawClient(port).connect("after") == (False, 0)
+
+
+def test_a_failed_login_cannot_take_over_a_client_id(
+    spawn: Spawner, port: int, password_file: Path
+) -> None:
+    """Take-over [MQTT-3.1.4-2] happens only after authentication succeeds."""
+    spawn.broker(port, "--password-file", str(password_file))
+    alice = RawClient(port)
+    assert alice.connect("alice-box", username="alice", password="wonderland",
+                         clean=False) == (False, 0)  # fmt: skip
+    assert alice.subscribe(1, ("alice/inbox", 1)) == [1]
+    impostor = RawClient(port)
+    assert impostor.connect("alice-box", username="alice", password="guess") == (False, 5)
+    assert impostor.closed_within(3)
+    assert alice.barrier() == []  # still connected, still served
+    again = RawClient(port)
+    assert again.connect("alice-box", username="alice", password="wonderland",
+                         clean=False) == (True, 0)  # fmt: skip
+    assert alice.closed_within(3)  # a real take-over, by the rightful owner
