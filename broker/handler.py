@@ -76,6 +76,15 @@ class StrictHandler(BrokerProtocolHandler):
                     break
                 except (EOFError, asyncio.IncompleteReadError, ConnectionError, OSError):
                     break
+                except Exception as exc:
+                    # A bug in handling one packet must end this connection, visibly, rather
+                    # than kill the reader and leave a connection that looks alive but is never
+                    # read again (the fate of amqtt's reader after such an error).
+                    logger.error(  # noqa: TRY400 - one line; the traceback at DEBUG
+                        "Client %s closed: internal error %r.", client_id, exc,
+                        exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
+                    )  # fmt: skip
+                    break
         except asyncio.CancelledError:
             pass
         for task in self._flows:
@@ -112,7 +121,12 @@ class StrictHandler(BrokerProtocolHandler):
                     self.session.client_id if self.session else "?", self.dropped,
                 )  # fmt: skip
             return
-        transport.write(frame)
+        try:
+            transport.write(frame)
+        except RuntimeError:
+            # amqtt is closing this connection (write_eof sent, close not yet): at most once
+            # allows dropping the message; the publisher's reader must not see the error.
+            return
 
     async def _dispatch(self, frame: Frame) -> bool:
         """Decode ``frame`` with amqtt and handle it; return True after DISCONNECT."""

@@ -17,12 +17,14 @@ SEED = 20261129
 
 
 def round_trip(port: int, payload: bytes) -> None:
-    """A real client's ping must still come back from the echo client."""
+    """A real client's ping must still come back from the echo client (after any backlog)."""
     probe = MqttProbe(port)
     try:
         probe.subscribe("/pong")
         probe.publish("/ping", payload)
-        assert probe.expect(5) == ("/pong", payload)
+        deadline = time.monotonic() + 10
+        while (got := probe.expect(max(0.1, deadline - time.monotonic()))) != ("/pong", payload):
+            assert got[0] == "/pong", got  # earlier pings' echoes may still be on their way
     finally:
         probe.close()
 
@@ -160,3 +162,20 @@ def test_message_load_keeps_ping_echo_working(
     round_trip(port, b"after the load")
     assert system.popen.poll() is None
     assert rss_kib(system.popen.pid) - before < 50 * 1024
+
+
+def test_subscribers_leaving_mid_stream_do_not_stall_the_publisher(system: Proc, port: int) -> None:
+    """A subscriber that hangs up while its echoes are being written must not break the echo.
+
+    (The broker once wrote to a connection it had half-closed; the RuntimeError killed the
+    reader of the *publishing* client, which then looked connected but was never read again.)
+    """
+    for round_ in range(8):
+        leaver = RawClient(port)
+        assert leaver.connect(f"leaver-{round_}", keepalive=0) == (False, 0)
+        assert leaver.subscribe(1, ("/pong", 0)) == [0]
+        leaver.send(b"".join(m.publish("/ping", str(i).encode()) for i in range(200)))
+        leaver.close()  # gone while the echoes of its 200 pings are on their way to it
+    round_trip(port, b"still echoing")
+    assert "Traceback" not in system.err()
+    assert "never retrieved" not in system.err()
