@@ -52,7 +52,8 @@ def median(values: list[float]) -> float:
 def lean_echo(port: int) -> subprocess.Popen[bytes]:
     """The lean echo in its own process, so that it does not share a core with the pinger."""
     code = (
-        "import asyncio, sys\n"
+        "import asyncio, logging, sys\n"
+        "logging.getLogger('asyncio').setLevel(logging.CRITICAL)\n"
         "from bench.harness import lean_echo\n"
         "asyncio.run(lean_echo(int(sys.argv[1]), '/ping', '/pong', asyncio.Event()))\n"
     )

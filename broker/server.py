@@ -281,7 +281,16 @@ class PingPongBroker(Broker):
             while not client_session.retained_messages.empty():
                 queued = client_session.retained_messages.get_nowait()
                 handler.deliver(queued.topic, queued.data, queued.qos, retain=False)
-            await self._client_message_loop(client_session, handler)
+            try:
+                await self._client_message_loop(client_session, handler)
+            except Exception as exc:
+                # As in the reader: a bug must close this connection, not leave it open with
+                # nobody serving its subscriptions (asyncio would only log it).
+                logger.error(  # noqa: TRY400 - one line; the traceback at DEBUG
+                    "Client %s closed: internal error %r.", client_id, exc,
+                    exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
+                )  # fmt: skip
+                await self._stop_handler(handler)
         finally:
             if client_session.clean_session and self._sessions.get(client_id, (None,))[0] is (
                 client_session
