@@ -97,13 +97,10 @@ class StrictHandler(BrokerProtocolHandler):
         # Replaces, for QoS 0 and 1, amqtt's path from reader to subscribers: an application
         # message object, the session queue, the client loop's asyncio.wait over four futures,
         # the broadcast queue, a task for the broadcast and a task per subscriber.
+        await self.router.route(self.session, publish)
         if publish.qos == 1:
-            # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; route it first so that
-            # it is already on its way.
-            await self.router.route(self.session, publish)
+            # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; it is already on its way.
             await self._send_packet(PubackPacket.build(publish.packet_id))
-        else:
-            await self.router.route(self.session, publish)
 
     def write_frame(self, frame: bytes) -> None:
         """Write an encoded QoS 0 PUBLISH now, without a task; drop it if the client lags."""

@@ -314,31 +314,56 @@ class PingPongBroker(Broker):
         # QoS 2 subscriber at QoS 2, against MQTT-3.8.4-6) and fires two plugin events per
         # message that nothing here listens to. Topic names were checked when read.
         message = wait_deliver.result()
-        if message is None:
-            return True
-        if message.topic.startswith("$SYS"):
-            # $SYS is the server's own (section 4.7.2); a client's publish there is dropped.
-            logger.warning("Client %s published to %s: dropped.", client_session.client_id,
-                           message.topic)  # fmt: skip
-            return True
-        await self._broadcast_message(client_session, message.topic, message.data, message.qos)
-        if message.publish_packet is not None and message.publish_packet.retain_flag:
-            # [MQTT-3.3.1-5]: keep it for future subscribers; an empty payload clears it [-10].
-            await self.retain_message(client_session, message.topic, message.data, message.qos)
+        if message is not None:
+            retain = message.publish_packet is not None and message.publish_packet.retain_flag
+            await self.publish(
+                client_session, message.topic, bytes(message.data), message.qos, retain=retain
+            )
         return True
 
     async def route(self, source: Session, publish: protocol.Publish) -> None:
         """Deliver a QoS 0/1 PUBLISH straight from its reader to every matching subscriber."""
-        topic = publish.topic
+        await self.publish(
+            source, publish.topic, publish.payload, publish.qos, retain=publish.retain
+        )
+
+    async def publish(
+        self, source: Session, topic: str, data: bytes, qos: int, *, retain: bool
+    ) -> None:
+        """Handle a client's PUBLISH: deliver it now, and keep it when RETAIN is set."""
         if topic.startswith("$SYS"):
+            # $SYS is the server's own (section 4.7.2); a client's publish there is dropped.
             logger.warning("Client %s published to %s: dropped.", source.client_id, topic)
             return
+        await self._deliver(source, topic, data, qos)
+        if retain:
+            # [MQTT-3.3.1-5]: keep it for future subscribers; an empty payload clears it [-10].
+            await self.retain_message(source, topic, data, qos)
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:  # noqa: ANN401, ARG002 - a deque
+        # Replaces amqtt's version, which ran a task per subscriber at the subscription's QoS.
+        # Only wills and plugin broadcasts still come through amqtt's queue.
+        broadcast = await self._broadcast_queue.get()
+        await self._deliver(
+            broadcast["session"], broadcast["topic"], broadcast["data"], broadcast.get("qos")
+        )
+
+    async def _deliver(
+        self, source: Session | None, topic: str, data: bytes, publish_qos: int | None
+    ) -> None:
+        """Send a message to every matching subscriber, or queue it for an offline session.
+
+        Each delivery's QoS is min(publish QoS, granted QoS) [MQTT-3.8.4-6, section 3.3.5]; a
+        client whose filters overlap gets one copy at the highest granted QoS [MQTT-3.3.5-1].
+        QoS 0 is encoded once and written at once; QoS 1/2 start their flow as a task.
+        """
         frame: bytes | None = None
         for target, granted in self._matches_for(topic):
-            qos = min(publish.qos, granted)
+            qos = granted if publish_qos is None else min(publish_qos, granted)
             if not target.transitions.is_connected():
                 if not target.clean_session and qos > QOS_0:
-                    broadcast = {"session": source, "topic": topic, "data": publish.payload}
+                    # [MQTT-3.1.2-5]: queue QoS 1/2 messages for an offline persistent session.
+                    broadcast = {"session": source, "topic": topic, "data": data}
                     await self._retain_broadcast_message(broadcast, qos, target)
                 continue
             handler = self._get_handler(target)
@@ -346,35 +371,10 @@ class PingPongBroker(Broker):
                 continue
             if qos == QOS_0:
                 if frame is None:
-                    frame = protocol.encode_publish_qos0(topic, publish.payload)
+                    frame = protocol.encode_publish_qos0(topic, data)
                 handler.write_frame(frame)
             else:
-                handler.deliver(topic, publish.payload, qos, retain=False)
-        if publish.retain:
-            # [MQTT-3.3.1-5]: keep it for future subscribers; an empty payload clears it [-10].
-            await self.retain_message(source, topic, publish.payload, publish.qos)
-
-    async def _run_broadcast(self, running_tasks: Any) -> None:  # noqa: ANN401 - a deque
-        # Replaces amqtt's version: the QoS of each delivery is min(publish QoS, granted QoS)
-        # [MQTT-3.8.4-6, section 3.3.5]; a client whose filters overlap gets one copy at the
-        # highest granted QoS [MQTT-3.3.5-1]; matches are cached per topic; no plugin call per
-        # message and subscriber.
-        broadcast = await self._broadcast_queue.get()
-        topic = broadcast["topic"]
-        data = broadcast["data"]
-        publish_qos = broadcast.get("qos")
-        for target, granted in self._matches_for(topic):
-            qos = granted if publish_qos is None else min(publish_qos, granted)
-            if not target.transitions.is_connected():
-                if not target.clean_session and qos > QOS_0:
-                    # [MQTT-3.1.2-5]: queue QoS 1/2 messages for an offline persistent session.
-                    await self._retain_broadcast_message(broadcast, qos, target)
-                continue
-            handler = self._get_handler(target)
-            if handler is not None:
-                running_tasks.append(
-                    asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-                )
+                handler.deliver(topic, data, qos, retain=False)
 
     def _matches_for(self, topic: str) -> list[tuple[Session, int]]:
         cached = self._match_cache.get(topic)
