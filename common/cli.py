@@ -8,8 +8,6 @@ stderr and exit code 64 (``EX_USAGE``), never with a traceback.
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import logging
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -115,14 +113,6 @@ def host(text: str) -> str:
     return value
 
 
-def ip_address(text: str) -> str:
-    """Accept a literal IPv4 or IPv6 address (what the broker binds to)."""
-    try:
-        return str(ipaddress.ip_address(text.strip().strip("[]")))
-    except ValueError:
-        raise ValueError(f"not an IP address: {text!r}") from None
-
-
 def seconds(text: str) -> float:
     """Parse a finite, non-negative number of seconds."""
     try:
@@ -179,8 +169,3 @@ def log_level(text: str) -> str:
     if value not in LOG_LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return value
-
-
-def level_number(name: str) -> int:
-    """Return the numeric logging level of a validated level name."""
-    return int(logging.getLevelName(name))

@@ -18,5 +18,3 @@ EXIT_USAGE: Final = 64
 """A malformed flag or environment variable (EX_USAGE)."""
 EXIT_UNAVAILABLE: Final = 69
 """The broker could not listen on its address, e.g. the port is taken (EX_UNAVAILABLE)."""
-EXIT_SOFTWARE: Final = 70
-"""An internal error that should never happen (EX_SOFTWARE)."""
