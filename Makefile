@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONF   := supervisord.conf
 
-.PHONY: help venv run start stop status logs test lint typecheck pytest bench bench-full soak add-user clean
+.PHONY: help venv bytecode run start stop status logs test lint typecheck pytest bench bench-full soak add-user clean
 
 help:
 	@echo "make run | start | stop | status | logs | test | bench | soak | add-user NAME=x | clean"
@@ -23,10 +23,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+# Compile the programs' bytecode ahead of time. Python skips writing it where
+# PYTHONDONTWRITEBYTECODE is set (as on our CI machines), and then compiles every module at every
+# start: about 10 % of the broker's start-up. Up-to-date files are skipped; a stale file is
+# never used (Python checks each source's mtime and size).
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q broker common ping_client echo_client
+
+run: bytecode
 	@bash tools/run.sh
 
-start: $(STAMP)
+start: bytecode
 	@bash tools/run.sh --start-only
 
 stop:
@@ -52,20 +59,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: bytecode
 	$(BIN)/python -m pytest -n 3 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
 # Benchmarks against mosquitto (apt-get install mosquitto). Not tests: they measure.
-bench: $(STAMP)
+bench: bytecode
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-bench-full: $(STAMP)
+bench-full: bytecode
 	$(BIN)/python -m bench.run --full
 
 # Fault, flood, load and fuzz figures for the README's Reliability table (about 2 minutes).
-soak: $(STAMP)
+soak: bytecode
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean: stop
