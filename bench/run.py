@@ -242,7 +242,8 @@ def main() -> None:
     sys.stderr.write("Start-up, idle memory\n")
     boots: dict[str, list[Broker]] = {"ours": [], "mosquitto": []}
     with workspace() as tmp:
-        for _ in range(5 if full else 2):
+        # Start-up is short and the machine noisy: more boots than other rows, alternating.
+        for _ in range(15 if full else 5):
             for kind in ("ours", "mosquitto"):
                 broker = start_broker(kind, tmp)
                 time.sleep(0.2)
