@@ -14,6 +14,7 @@ from amqtt.adapters import BufferReader
 from amqtt.errors import MQTTError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -30,6 +31,53 @@ KEEPALIVE_GRACE = 1.5
 """[MQTT-3.1.2-24]: close a client silent for more than 1.5 times its keepalive."""
 
 
+class SilenceWatch:
+    """Cancel a reader that has waited ``limit`` seconds since its last complete packet.
+
+    One timer per connection, re-armed only when it fires: a packet costs a clock read, where
+    ``asyncio.wait_for`` around each read cost a task, a timer and two extra loop iterations.
+    """
+
+    def __init__(self, limit: float, task: asyncio.Task[Any]) -> None:
+        """Start watching ``task``, which reads the connection."""
+        self.limit = limit
+        self.expired = False
+        self.reading = False
+        self._task = task
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._timer = self._loop.call_at(self._last + limit, self._check)
+
+    @classmethod
+    def of_current_task(cls, limit: float) -> SilenceWatch | None:
+        """Watch the running task; None when ``limit`` is 0 (keepalive off)."""
+        task = asyncio.current_task()
+        return cls(limit, task) if limit > 0 and task is not None else None
+
+    def heard(self) -> None:
+        """Note a complete packet."""
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self.limit
+        if self._loop.time() < due or not self.reading:
+            # Heard from since the timer was armed, or busy with a packet: not silent.
+            self._timer = self._loop.call_at(max(due, self._loop.time() + 0.1), self._check)
+            return
+        self.expired = True
+        self._task.cancel()
+
+    def forgive(self) -> None:
+        """Take back the cancel, once the reader has handled it (Python 3.11 counts them)."""
+        uncancel = getattr(self._task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
+
+    def close(self) -> None:
+        """Stop watching."""
+        self._timer.cancel()
+
+
 class StrictHandler(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler with a strict reader loop."""
 
@@ -44,6 +92,28 @@ class StrictHandler(BrokerProtocolHandler):
         super().__init__(*args, **kwargs)
         self._flows: set[asyncio.Task[None]] = set()
         self.dropped = 0
+        self._disconnected: tuple[DisconnectPacket | None] | None = None
+
+    # --- the end of a connection -------------------------------------------------------------
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        """Remember how the connection ended (DISCONNECT or None: lost), then tell amqtt."""
+        # amqtt hands the result to a future and forgets it; the broker's client loop reads it
+        # through wait_disconnect() in a task that may not have started yet when a client
+        # connects and at once says DISCONNECT. That task then saw no future, took None for a
+        # lost connection and published the will of a client that had said goodbye
+        # [MQTT-3.1.2-10]. The first result is kept for it here.
+        if self._disconnected is None:
+            self._disconnected = (disconnect,)
+        await super().handle_disconnect(disconnect)
+
+    async def wait_disconnect(self) -> DisconnectPacket | None:
+        """Wait until the connection ends; the DISCONNECT packet, or None if it was lost."""
+        if self._disconnected is None:
+            lost = await super().wait_disconnect()
+            if self._disconnected is None:
+                return lost
+        return self._disconnected[0]
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -52,23 +122,24 @@ class StrictHandler(BrokerProtocolHandler):
         # declares, logs and carries on after malformed packets, and has no keepalive deadline.
         self._reader_ready.set()
         keep_alive = self.session.keep_alive if self.session else 0
-        deadline = keep_alive * KEEPALIVE_GRACE if keep_alive > 0 else None
         client_id = self.session.client_id if self.session else "?"
+        watch = SilenceWatch.of_current_task(keep_alive * KEEPALIVE_GRACE)
         try:
             while True:
                 try:
-                    frame = await protocol.read_with_timeout(
-                        self.reader, self.max_packet_size, deadline
-                    )
+                    frame = await self._read_frame(watch)
                     publish = protocol.check(frame, connected=True)
                     if publish is not None and publish.qos < QOS_2 and self.router is not None:
                         await self._route(publish)
                     elif await self._dispatch(frame):
                         break
-                except asyncio.TimeoutError:
+                except asyncio.CancelledError:
+                    if watch is None or not watch.expired:
+                        raise
+                    watch.forgive()
                     logger.warning(
                         "Client %s closed: silent for more than %g s [MQTT-3.1.2-24].",
-                        client_id, deadline,
+                        client_id, watch.limit,
                     )  # fmt: skip
                     break
                 except ProtocolViolation as exc:
@@ -87,11 +158,23 @@ class StrictHandler(BrokerProtocolHandler):
                     break
         except asyncio.CancelledError:
             pass
-        for task in self._flows:
-            task.cancel()
+        finally:
+            if watch is not None:
+                watch.close()
+        for flow in self._flows:
+            flow.cancel()
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+    async def _read_frame(self, watch: SilenceWatch | None) -> Frame:
+        if watch is None:
+            return await protocol.read_frame(self.reader, self.max_packet_size)
+        watch.reading = True
+        frame = await protocol.read_frame(self.reader, self.max_packet_size)
+        watch.reading = False
+        watch.heard()
+        return frame
 
     async def _route(self, publish: protocol.Publish) -> None:
         # Replaces, for QoS 0 and 1, amqtt's path from reader to subscribers: an application

@@ -444,6 +444,23 @@ def test_will_on_abnormal_disconnect_and_none_on_a_clean_one(broker_port: int) -
     assert watcher.barrier() == []
 
 
+def test_no_will_when_disconnect_comes_in_the_same_segment_as_connect(broker_port: int) -> None:
+    """[MQTT-3.1.2-10], when the broker reads DISCONNECT before it starts waiting for one.
+
+    amqtt's client loop learned of the DISCONNECT through a future that was already gone and
+    published the will; seen as soon as the reader no longer lost time per packet.
+    """
+    topic = uid("will")
+    watcher = new(broker_port)
+    watcher.subscribe(1, (topic, 0))
+    for _ in range(5):
+        hasty = RawClient(broker_port)
+        hasty.send(m.connect(uid("hasty"), will=(topic, b"hasty", 0, False)) + m.DISCONNECT_PACKET)
+        assert hasty.expect(m.CONNACK).body[1] == 0  # accepted
+        assert hasty.closed_within(3)
+    assert watcher.barrier() == []
+
+
 def test_unsubscribe_stops_delivery(broker_port: int, client: RawClient) -> None:
     """Section 3.10 and [MQTT-3.10.4-4]."""
     topic, marker = uid("unsub"), uid("marker")
