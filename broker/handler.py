@@ -20,7 +20,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING
+from amqtt.session import OUTGOING, OutgoingApplicationMessage
 
 from broker import protocol
 from broker.protocol import Frame, ProtocolViolation
@@ -181,19 +181,42 @@ class StrictHandler(BrokerProtocolHandler):
         # message object, the session queue, the client loop's asyncio.wait over four futures,
         # the broadcast queue, a task for the broadcast and a task per subscriber.
         await self.router.route(self.session, publish)
-        if publish.qos == 1:
+        if publish.qos == 1 and publish.packet_id is not None:
             # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; it is already on its way.
-            await self._send_packet(PubackPacket.build(publish.packet_id))
+            self.write_now(protocol.encode_puback(publish.packet_id))
+
+    def _transport(self) -> asyncio.WriteTransport | None:
+        """Return the connection's transport while it can still be written to, else None."""
+        writer = getattr(self.writer, "_writer", None)
+        transport: asyncio.WriteTransport | None = writer.transport if writer is not None else None
+        if transport is None or transport.is_closing():
+            return None
+        return transport
+
+    def write_now(self, frame: bytes) -> bool:
+        """Write an encoded packet now, without a task or a lock; False if the connection is gone.
+
+        Safe beside amqtt's own writes: each of them is one write() in one step of a task.
+        """
+        transport = self._transport()
+        if transport is None:
+            return False
+        try:
+            transport.write(frame)
+        except RuntimeError:
+            # amqtt is closing this connection (write_eof sent, close not yet); the caller's
+            # reader (the publisher's, for a delivery) must not see the error.
+            return False
+        return True
 
     def write_frame(self, frame: bytes) -> None:
-        """Write an encoded QoS 0 PUBLISH now, without a task; drop it if the client lags."""
-        writer = getattr(self.writer, "_writer", None)
-        transport = writer.transport if writer is not None else None
-        if transport is None or transport.is_closing():
+        """Write an encoded QoS 0 PUBLISH now; drop it if the client lags (at most once)."""
+        transport = self._transport()
+        if transport is None:
             return
         if transport.get_write_buffer_size() > self.QOS0_BUFFER_LIMIT:
-            # At most once allows it; an unbounded buffer for a client that reads nothing
-            # would not be. Said once per thousand, not per message.
+            # An unbounded buffer for a client that reads nothing would not be allowed; at
+            # most once allows dropping. Said once per thousand, not per message.
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 logger.warning(
@@ -201,15 +224,13 @@ class StrictHandler(BrokerProtocolHandler):
                     self.session.client_id if self.session else "?", self.dropped,
                 )  # fmt: skip
             return
-        try:
-            transport.write(frame)
-        except RuntimeError:
-            # amqtt is closing this connection (write_eof sent, close not yet): at most once
-            # allows dropping the message; the publisher's reader must not see the error.
-            return
+        self.write_now(frame)
 
     async def _dispatch(self, frame: Frame) -> bool:
         """Decode ``frame`` with amqtt and handle it; return True after DISCONNECT."""
+        if frame.packet_type == protocol.PUBACK:  # checked: 2 bytes, a packet id
+            self._acknowledged(int.from_bytes(frame.body, "big"))
+            return False
         header = MQTTFixedHeader(frame.packet_type, frame.flags, len(frame.body))
         try:
             packet = await packet_class(header).from_stream(
@@ -331,5 +352,31 @@ class StrictHandler(BrokerProtocolHandler):
                 self._spawn(self._handle_message_flow(message))
 
     def deliver(self, topic: str, data: bytes | bytearray, qos: int, *, retain: bool) -> None:
-        """Send a message to this client without making the caller wait for the flow."""
-        self._spawn(self.mqtt_publish(topic, data, qos, retain))
+        """Send a message to this client without making the caller wait for the flow.
+
+        QoS 1 is written at once and kept in the session until PUBACK (no task: a task would
+        cost the message a loop iteration before it leaves); QoS 2 runs amqtt's flow as a task.
+        """
+        session = self.session
+        if qos != 1 or session is None or self._transport() is None:
+            self._spawn(self.mqtt_publish(topic, data, qos, retain))
+            return
+        packet_id = session.next_packet_id
+        message = OutgoingApplicationMessage(packet_id, topic, qos, bytes(data), retain)
+        message.publish_packet = message.build_publish_packet()  # sent: a resend sets DUP
+        session.inflight_out[packet_id] = message  # until PUBACK [MQTT-4.3.2-1, MQTT-4.4.0-1]
+        self.write_now(protocol.encode_publish_qos1(topic, bytes(data), packet_id, retain=retain))
+
+    def _acknowledged(self, packet_id: int) -> None:
+        """Handle PUBACK: end a resent flow that waits for it, or a message deliver() sent."""
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(PubackPacket.build(packet_id))
+            return
+        inflight = self.session.inflight_out if self.session else {}
+        message = inflight.get(packet_id)
+        if message is not None and message.qos == 1:
+            del inflight[packet_id]
+        else:  # unknown, or a QoS 2 message's id: ignored, as amqtt does
+            logger.debug("PUBACK for unknown packet id %d.", packet_id)

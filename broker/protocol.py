@@ -278,3 +278,19 @@ def encode_publish_qos0(topic: str, payload: bytes) -> bytes:
     raw_topic = topic.encode()
     length = remaining_length(2 + len(raw_topic) + len(payload))
     return b"\x30" + length + struct.pack("!H", len(raw_topic)) + raw_topic + payload
+
+
+def encode_publish_qos1(topic: str, payload: bytes, packet_id: int, *, retain: bool) -> bytes:
+    """Encode a first-time (DUP 0) QoS 1 PUBLISH (section 3.3)."""
+    raw_topic = topic.encode()
+    length = remaining_length(4 + len(raw_topic) + len(payload))
+    first = b"\x33" if retain else b"\x32"
+    return (
+        first + length + struct.pack("!H", len(raw_topic)) + raw_topic
+        + struct.pack("!H", packet_id) + payload
+    )  # fmt: skip
+
+
+def encode_puback(packet_id: int) -> bytes:
+    """Encode a PUBACK (section 3.4)."""
+    return struct.pack("!BBH", PUBACK << 4, 2, packet_id)
