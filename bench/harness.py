@@ -164,6 +164,12 @@ def ping(port: int, count: int, interval: float, *extra: str) -> dict[str, Any]:
     return dict(lines[-1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process in MiB."""
     match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
