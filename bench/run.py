@@ -4,7 +4,9 @@
     python -m bench.run --full     # more rounds and cycles, a few minutes
 
 Prints one table and writes bench/results.json. Rounds alternate between the brokers (A/B, A/B,
-...) so that drift on a shared machine hits both alike.
+...) so that drift on a shared machine hits both alike. Where a figure comes from such rounds,
+its ratio is the median of the per-round ratios: each pairs the two brokers back to back, which
+a ratio of overall medians does not.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from bench.harness import (
 )
 
 RESULTS = Path(__file__).with_name("results.json")
-Row = tuple[str, float, float, str]  # metric, ours, mosquitto, unit
+Row = tuple[str, float, float, str, float]  # metric, ours, mosquitto, unit, ratio
 
 
 def median(values: list[float]) -> float:
@@ -204,22 +206,33 @@ def main() -> None:
     # A load client whose broker is killed under it says so once per write; that is expected.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     full = args.full
-    rounds, count = (5, 1000) if full else (2, 100)
+    # Many short rounds rather than a few long ones: the machine's speed drifts over minutes,
+    # and each round pairs the two brokers back to back.
+    rounds, count = (10, 500) if full else (2, 100)
     load_rounds = rounds if full else 1  # quick mode stays under about a minute
     started = time.monotonic()
     rows: list[Row] = []
     extra: dict[str, Any] = {}
 
-    def add(metric: str, ours: float, theirs: float, unit: str) -> None:
-        rows.append((metric, ours, theirs, unit))
-        sys.stderr.write(f"  {metric}: ours {ours:.3f} {unit}, mosquitto {theirs:.3f} {unit}\n")
+    def add(metric: str, ours: float, theirs: float, unit: str, ratio: float | None = None) -> None:
+        ratio = ratio if ratio is not None else (ours / theirs if theirs else float("nan"))
+        rows.append((metric, ours, theirs, unit, ratio))
+        sys.stderr.write(
+            f"  {metric}: ours {ours:.3f} {unit}, mosquitto {theirs:.3f} {unit} ({ratio:.2f}x)\n"
+        )
+
+    def add_paired(metric: str, res: dict[str, list[dict[str, float]]], key: str, unit: str
+                   ) -> None:  # fmt: skip
+        """Add a row whose ratio is the median of the per-round ratios (ours / mosquitto)."""
+        ours, theirs = [r[key] for r in res["ours"]], [r[key] for r in res["mosquitto"]]
+        ratios = [o / t for o, t in zip(ours, theirs, strict=True) if t]
+        add(metric, median(ours), median(theirs), unit, median(ratios) if ratios else None)
 
     sys.stderr.write("RTT, whole stack (our echo_client and ping_client), one in flight\n")
     for qos in (0, 1):
         res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count))
         for p in ("p50", "p90", "p99"):
-            add(f"QoS {qos} RTT {p}", median([r[p] for r in res["ours"]]),
-                median([r[p] for r in res["mosquitto"]]), "ms")  # fmt: skip
+            add_paired(f"QoS {qos} RTT {p}", res, p, "ms")
 
     sys.stderr.write("Round trips/s through our echo_client\n")
     seconds = 3.0 if full else 1.0
@@ -227,24 +240,20 @@ def main() -> None:
         res = with_brokers(
             ["ours", "mosquitto"], load_rounds, throughput(window, seconds, lean=False)
         )
-        ours_rt = median([r["round_trips_per_s"] for r in res["ours"]])
-        theirs_rt = median([r["round_trips_per_s"] for r in res["mosquitto"]])
-        add(f"round trips/s, {window} in flight", ours_rt, theirs_rt, "/s")
+        add_paired(f"round trips/s, {window} in flight", res, "round_trips_per_s", "/s")
 
     sys.stderr.write("Broker capacity: lean echo and pinger, 100 in flight\n")
     kinds = ["ours", "amqtt", "mosquitto"]
     res = with_brokers(kinds, load_rounds, throughput(100, seconds, lean=True))
     cap = {k: median([r["round_trips_per_s"] for r in v]) for k, v in res.items()}
-    add("capacity, round trips/s", cap["ours"], cap["mosquitto"], "/s")
+    add_paired("capacity, round trips/s", res, "round_trips_per_s", "/s")
     extra["capacity_bare_amqtt"] = cap["amqtt"]
     extra["capacity_vs_bare_amqtt"] = cap["ours"] / cap["amqtt"]
     # CPU time is what a broker spends per message whatever else the machine does: it moves
     # a few % between runs where latency moves tens of %.
-    add("broker CPU per round trip", median([r["cpu_us"] for r in res["ours"]]),
-        median([r["cpu_us"] for r in res["mosquitto"]]), "us")  # fmt: skip
+    add_paired("broker CPU per round trip", res, "cpu_us", "us")
     extra["cpu_us_bare_amqtt"] = median([r["cpu_us"] for r in res["amqtt"]])
-    add("capacity p50 RTT", median([r["p50_ms"] for r in res["ours"]]),
-        median([r["p50_ms"] for r in res["mosquitto"]]), "ms")  # fmt: skip
+    add_paired("capacity p50 RTT", res, "p50_ms", "ms")
     add("broker RSS after load", median([r["rss_mb"] for r in res["ours"]]),
         median([r["rss_mb"] for r in res["mosquitto"]]), "MiB")  # fmt: skip
 
@@ -283,8 +292,7 @@ def main() -> None:
         "| metric | ours | mosquitto | ours / mosquitto |",
         "|---|---|---|---|",
     ]
-    for metric, ours, theirs, unit in rows:
-        ratio = ours / theirs if theirs else float("nan")
+    for metric, ours, theirs, unit, ratio in rows:
         lines.append(f"| {metric} | {ours:.3f} {unit} | {theirs:.3f} {unit} | {ratio:.2f}x |")
     lines.append("")
     lines.append(
@@ -296,8 +304,8 @@ def main() -> None:
     sys.stdout.write(table + "\n")
     RESULTS.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "nproc": os.cpu_count(), "full": full,
-        "rows": [{"metric": m, "ours": o, "mosquitto": t, "unit": u, "ratio": o / t if t else None}
-                 for m, o, t, u in rows],
+        "rows": [{"metric": m, "ours": o, "mosquitto": t, "unit": u, "ratio": r}
+                 for m, o, t, u, r in rows],
         **extra, "restart_samples_s": {"ours": ours_r, "mosquitto": theirs_r},
         "sigterm_samples_s": {"ours": ours_t, "mosquitto": theirs_t},
     }, indent=2) + "\n")  # fmt: skip
