@@ -6,6 +6,7 @@ Everything runs on 127.0.0.1, on free ports, as real processes.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -70,11 +71,13 @@ def mosquitto_path() -> str:
     return path
 
 
-def connack_within(port: int, timeout: float) -> bool:
-    """Try once to CONNECT; True when a CONNACK comes back."""
+def connack_within(port: int, timeout: float, version: int = 4) -> bool:
+    """Try once to CONNECT (protocol level ``version``); True when a CONNACK comes back."""
+    properties = b"\x00" if version == 5 else b""
+    body = _string("MQTT") + bytes([version, 2]) + b"\x00\x3c" + properties + _string("")
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00")
+            s.sendall(_packet(1, 0, body))
             return s.recv(4)[:1] == b"\x20"
     except OSError:
         return False
@@ -106,10 +109,21 @@ class Broker:
                 self.proc.wait(5)
 
 
+MQTT_VERSION = {"mqttools": 5}
+"""The protocol level each broker kind is spoken to in (4, MQTT 3.1.1, unless listed)."""
+
+
+def mqttools_available() -> bool:
+    """Whether the mqttools broker (pip install mqttools; in the dev extra) can be started."""
+    return importlib.util.find_spec("mqttools") is not None
+
+
 def broker_command(kind: str, port: int, workdir: Path) -> list[str]:
     """The command that starts a broker of ``kind`` on ``port``."""
     if kind == "ours":
         return [PYTHON, "-m", "broker", "--port", str(port)]
+    if kind == "mqttools":  # the other asyncio broker the tracker compares with; MQTT 5 only
+        return [PYTHON, "-m", "mqttools", "broker", "--host", "127.0.0.1", "--port", str(port)]
     if kind == "amqtt":
         script = workdir / "bare_amqtt.py"
         script.write_text(BARE_AMQTT)
@@ -129,7 +143,7 @@ def start_broker(kind: str, workdir: Path, port: int | None = None) -> Broker:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = started + 20
-    while not connack_within(port, 1):
+    while not connack_within(port, 1, MQTT_VERSION.get(kind, 4)):
         if proc.poll() is not None or time.perf_counter() > deadline:
             raise RuntimeError(f"{kind} broker did not start on port {port}")
         time.sleep(0.002)
@@ -204,80 +218,108 @@ def _string(text: str) -> bytes:
 
 
 class LeanClient:
-    """The least Python an MQTT 3.1.1 client can be, so that it is not the bottleneck."""
+    """The least Python an MQTT client can be, so that it is not the bottleneck.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    It speaks MQTT 3.1.1, or MQTT 5 (empty properties) to a broker that knows nothing else.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, version: int = 4
+    ) -> None:
         """Wrap an open connection."""
         self.reader, self.writer = reader, writer
+        self.properties = b"\x00" if version == 5 else b""
+        """What goes where MQTT 5 has a property length: no properties."""
 
     @classmethod
-    async def connect(cls, port: int, client_id: str) -> LeanClient:
+    async def connect(cls, port: int, client_id: str, version: int = 4) -> LeanClient:
         """Open a connection and complete CONNECT/CONNACK."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = _string("MQTT") + b"\x04\x02\x00\x00" + _string(client_id)
-        writer.write(_packet(1, 0, body))
-        await reader.readexactly(4)
-        return cls(reader, writer)
+        client = cls(reader, writer, version)
+        body = _string("MQTT") + bytes([version, 2]) + b"\x00\x00" + client.properties
+        writer.write(_packet(1, 0, body + _string(client_id)))
+        await client.read_packet()  # CONNACK
+        return client
 
-    async def subscribe(self, topic: str, qos: int = 0) -> None:
-        """Subscribe and wait for SUBACK."""
-        self.writer.write(_packet(8, 2, b"\x00\x01" + _string(topic) + bytes([qos])))
-        await self.reader.readexactly(5)
-
-    def publish_packet(self, topic: str, payload: bytes) -> bytes:
-        """A QoS 0 PUBLISH, built once and sent many times."""
-        return _packet(3, 0, _string(topic) + payload)
-
-    async def read_publish(self) -> bytes:
-        """Read one QoS 0 PUBLISH; return its payload."""
+    async def read_packet(self) -> tuple[int, bytes]:
+        """Read one packet; return its first byte and its body."""
         head = await self.reader.readexactly(2)
         length, shift, byte = head[1] & 0x7F, 7, head[1]
         while byte & 0x80:
             byte = (await self.reader.readexactly(1))[0]
             length |= (byte & 0x7F) << shift
             shift += 7
-        body = await self.reader.readexactly(length)
+        return head[0], await self.reader.readexactly(length)
+
+    async def subscribe(self, topic: str, qos: int = 0) -> None:
+        """Subscribe and wait for SUBACK."""
+        self.writer.write(
+            _packet(8, 2, b"\x00\x01" + self.properties + _string(topic) + bytes([qos]))
+        )
+        while (await self.read_packet())[0] >> 4 != 9:
+            pass
+
+    def publish_packet(self, topic: str, payload: bytes) -> bytes:
+        """A QoS 0 PUBLISH."""
+        return _packet(3, 0, _string(topic) + self.properties + payload)
+
+    async def read_publish(self) -> bytes:
+        """Read one QoS 0 PUBLISH; return its payload."""
+        _, body = await self.read_packet()
         (size,) = struct.unpack_from("!H", body)
-        return body[2 + size :]
+        offset = 2 + size
+        if self.properties:  # MQTT 5: skip the properties (a variable byte integer, then them)
+            length, shift = 0, 0
+            while True:
+                byte = body[offset]
+                offset += 1
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            offset += length
+        return body[offset:]
 
     def close(self) -> None:
         """Close the connection."""
         self.writer.close()
 
 
-async def lean_echo(port: int, ping: str, pong: str, ready: asyncio.Event) -> None:
+async def lean_echo(
+    port: int, ping: str, pong: str, ready: asyncio.Event, version: int = 4
+) -> None:
     """Echo ping to pong with the lean client (the 'not the bottleneck' echo)."""
-    client = await LeanClient.connect(port, f"lean-echo-{port}")
+    client = await LeanClient.connect(port, f"lean-echo-{port}", version)
     await client.subscribe(ping)
     ready.set()
-    header = _string(pong)
     try:
         while True:
             payload = await client.read_publish()
-            client.writer.write(_packet(3, 0, header + payload))
+            client.writer.write(client.publish_packet(pong, payload))
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     finally:
         client.close()
 
 
-async def windowed(port: int, window: int, seconds: float, ping: str, pong: str) -> dict[str, Any]:
+async def windowed(
+    port: int, window: int, seconds: float, ping: str, pong: str, *, version: int = 4
+) -> dict[str, Any]:
     """Keep ``window`` pings in flight for ``seconds``; return round trips/s and RTTs."""
-    client = await LeanClient.connect(port, f"lean-ping-{port}-{window}")
+    client = await LeanClient.connect(port, f"lean-ping-{port}-{window}", version)
     await client.subscribe(pong)
     sent: dict[bytes, float] = {}
     rtts: list[float] = []
     seq = 0
-    header = _string(ping)
 
     def send_one() -> None:
         nonlocal seq
         seq += 1
         payload = str(seq).encode()
         sent[payload] = time.perf_counter()
-        client.writer.write(_packet(3, 0, header + payload))
+        client.writer.write(client.publish_packet(ping, payload))
 
     for _ in range(window):
         send_one()
@@ -312,15 +354,15 @@ async def windowed(port: int, window: int, seconds: float, ping: str, pong: str)
 
 
 async def echo_ready(
-    port: int, ping: str = "/ping", pong: str = "/pong", timeout: float = 15
+    port: int, ping: str = "/ping", pong: str = "/pong", timeout: float = 15, version: int = 4
 ) -> None:
     """Wait until an echo client answers on ``port`` (it subscribes some time after starting)."""
-    client = await LeanClient.connect(port, f"ready-{port}-{time.monotonic_ns()}")
+    client = await LeanClient.connect(port, f"ready-{port}-{time.monotonic_ns()}", version)
     try:
         await client.subscribe(pong)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            client.writer.write(_packet(3, 0, _string(ping) + b"ready"))
+            client.writer.write(client.publish_packet(ping, b"ready"))
             try:
                 await asyncio.wait_for(client.read_publish(), 0.2)
             except (TimeoutError, asyncio.TimeoutError):

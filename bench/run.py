@@ -24,16 +24,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    MQTT_VERSION,
     PYTHON,
     REPO,
     Broker,
     cpu_seconds,
     echo_ready,
     mosquitto_path,
+    mqttools_available,
     ping,
     rss_mb,
     start_broker,
@@ -52,15 +55,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def lean_echo(port: int) -> subprocess.Popen[bytes]:
+def lean_echo(port: int, version: int = 4) -> subprocess.Popen[bytes]:
     """The lean echo in its own process, so that it does not share a core with the pinger."""
     code = (
         "import asyncio, logging, sys\n"
         "logging.getLogger('asyncio').setLevel(logging.CRITICAL)\n"
         "from bench.harness import lean_echo\n"
-        "asyncio.run(lean_echo(int(sys.argv[1]), '/ping', '/pong', asyncio.Event()))\n"
+        "asyncio.run(lean_echo(int(sys.argv[1]), '/ping', '/pong', asyncio.Event(), "
+        "int(sys.argv[2])))\n"
     )
-    return subprocess.Popen([PYTHON, "-c", code, str(port)], cwd=REPO)
+    return subprocess.Popen([PYTHON, "-c", code, str(port), str(version)], cwd=REPO)
 
 
 def with_brokers(kinds: list[str], rounds: int, measure: Callable[[Broker], dict[str, float]]
@@ -99,12 +103,15 @@ def throughput(window: int, seconds: float, lean: bool) -> Callable[[Broker], di
     """Round trips/s with ``window`` in flight, through our echo_client or the lean echo."""
 
     def measure(broker: Broker) -> dict[str, float]:
-        echo = lean_echo(broker.port) if lean else start_program("echo_client", broker.port)
+        level = MQTT_VERSION.get(broker.kind, 4)
+        echo = lean_echo(broker.port, level) if lean else start_program("echo_client", broker.port)
         try:
-            asyncio.run(echo_ready(broker.port))
-            asyncio.run(windowed(broker.port, window, 0.3, "/ping", "/pong"))
+            asyncio.run(echo_ready(broker.port, version=level))
+            asyncio.run(windowed(broker.port, window, 0.3, "/ping", "/pong", version=level))
             cpu_before = cpu_seconds(broker.proc.pid)
-            result = asyncio.run(windowed(broker.port, window, seconds, "/ping", "/pong"))
+            result = asyncio.run(
+                windowed(broker.port, window, seconds, "/ping", "/pong", version=level)
+            )
             trips = result["round_trips_per_s"] * seconds
             result["cpu_us"] = (cpu_seconds(broker.proc.pid) - cpu_before) / trips * 1e6
             result["rss_mb"] = broker.rss_mb()
@@ -244,6 +251,10 @@ def main() -> None:
 
     sys.stderr.write("Broker capacity: lean echo and pinger, 100 in flight\n")
     kinds = ["ours", "amqtt", "mosquitto"]
+    if mqttools_available():
+        kinds.insert(2, "mqttools")
+    else:
+        sys.stderr.write("  (mqttools not installed: pip install mqttools; skipped)\n")
     res = with_brokers(kinds, load_rounds, throughput(100, seconds, lean=True))
     cap = {k: median([r["round_trips_per_s"] for r in v]) for k, v in res.items()}
     add_paired("capacity, round trips/s", res, "round_trips_per_s", "/s")
@@ -253,6 +264,10 @@ def main() -> None:
     # a few % between runs where latency moves tens of %.
     add_paired("broker CPU per round trip", res, "cpu_us", "us")
     extra["cpu_us_bare_amqtt"] = median([r["cpu_us"] for r in res["amqtt"]])
+    if "mqttools" in res:
+        extra["capacity_mqttools"] = cap["mqttools"]
+        extra["capacity_vs_mqttools"] = cap["ours"] / cap["mqttools"]
+        extra["cpu_us_mqttools"] = median([r["cpu_us"] for r in res["mqttools"]])
     add_paired("capacity p50 RTT", res, "p50_ms", "ms")
     add("broker RSS after load", median([r["rss_mb"] for r in res["ours"]]),
         median([r["rss_mb"] for r in res["mosquitto"]]), "MiB")  # fmt: skip
@@ -300,6 +315,13 @@ def main() -> None:
         f"round trips/s; ours is {extra['capacity_vs_bare_amqtt']:.2f}x that. Its CPU per round "
         f"trip: {extra['cpu_us_bare_amqtt']:.1f} us."
     )
+    if "capacity_mqttools" in extra:
+        lines.append(
+            f"mqttools {version('mqttools')} (MQTT 5, the lean clients speaking MQTT 5 to it): "
+            f"{extra['capacity_mqttools']:.0f} round trips/s; ours is "
+            f"{extra['capacity_vs_mqttools']:.2f}x that. Its CPU per round trip: "
+            f"{extra['cpu_us_mqttools']:.1f} us."
+        )
     table = "\n".join(lines)
     sys.stdout.write(table + "\n")
     RESULTS.write_text(json.dumps({
