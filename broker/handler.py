@@ -31,6 +31,39 @@ KEEPALIVE_GRACE = 1.5
 """[MQTT-3.1.2-24]: close a client silent for more than 1.5 times its keepalive."""
 
 
+class Cork:
+    """Hold the writes made while a reader works through packets that are already buffered.
+
+    Under load one read brings many packets; written one by one, each costs a send(). Corked,
+    every connection written to gets its share in one write when the reader is about to wait
+    for its socket again. A reader releases the cork before anything that could let another
+    task run (its next read would wait, a packet amqtt handles, a retained or queued message),
+    so nothing else can write to a connection in between and order is kept. With one message
+    in flight there is never a second packet buffered: each is written at once, as before.
+    """
+
+    def __init__(self) -> None:
+        """Start uncorked."""
+        self.active = False
+        self._held: dict[StrictHandler, list[bytes]] = {}
+
+    def hold(self, handler: StrictHandler, frame: bytes) -> None:
+        """Keep ``frame`` for ``handler``'s connection until release()."""
+        self._held.setdefault(handler, []).append(frame)
+
+    def release(self) -> None:
+        """Write everything held, one write per connection, and stop holding."""
+        self.active = False
+        if self._held:
+            held, self._held = self._held, {}
+            for handler, frames in held.items():
+                handler.write_out(frames[0] if len(frames) == 1 else b"".join(frames))
+
+
+CORK = Cork()
+"""One for the broker: one reader runs at a time, and it releases before letting another run."""
+
+
 class SilenceWatch:
     """Cancel a reader that has waited ``limit`` seconds since its last complete packet.
 
@@ -128,10 +161,7 @@ class StrictHandler(BrokerProtocolHandler):
             while True:
                 try:
                     frame = await self._read_frame(watch)
-                    publish = protocol.check(frame, connected=True)
-                    if publish is not None and publish.qos < QOS_2 and self.router is not None:
-                        await self._route(publish)
-                    elif await self._dispatch(frame):
+                    if await self._handle(frame):
                         break
                 except asyncio.CancelledError:
                     if watch is None or not watch.expired:
@@ -159,6 +189,7 @@ class StrictHandler(BrokerProtocolHandler):
         except asyncio.CancelledError:
             pass
         finally:
+            CORK.release()  # after an error, what this reader held still goes out
             if watch is not None:
                 watch.close()
         for flow in self._flows:
@@ -166,6 +197,24 @@ class StrictHandler(BrokerProtocolHandler):
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+    async def _handle(self, frame: Frame) -> bool:
+        """Check and handle one packet; return True after DISCONNECT."""
+        publish = protocol.check(frame, connected=True)
+        if publish is not None and publish.qos < QOS_2 and self.router is not None:
+            CORK.active = True
+            await self._route(publish)
+            if not self._next_frame_buffered():
+                CORK.release()  # the next read waits for the socket
+            return False
+        CORK.release()  # amqtt's handling may let other tasks run
+        return await self._dispatch(frame)
+
+    def _next_frame_buffered(self) -> bool:
+        """Whether a whole packet already waits in the stream's buffer (CPython's StreamReader)."""
+        stream = getattr(self.reader, "_reader", None)
+        buffer = getattr(stream, "_buffer", None)
+        return bool(buffer) and protocol.frame_complete(buffer)  # type: ignore[arg-type]
 
     async def _read_frame(self, watch: SilenceWatch | None) -> Frame:
         if watch is None:
@@ -198,11 +247,20 @@ class StrictHandler(BrokerProtocolHandler):
 
         Safe beside amqtt's own writes: each of them is one write() in one step of a task.
         """
+        if self._transport() is None:
+            return False
+        if CORK.active:
+            CORK.hold(self, frame)
+            return True
+        return self.write_out(frame)
+
+    def write_out(self, data: bytes) -> bool:
+        """Write to the transport; False if the connection is gone or going."""
         transport = self._transport()
         if transport is None:
             return False
         try:
-            transport.write(frame)
+            transport.write(data)
         except RuntimeError:
             # amqtt is closing this connection (write_eof sent, close not yet); the caller's
             # reader (the publisher's, for a delivery) must not see the error.

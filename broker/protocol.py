@@ -107,6 +107,18 @@ async def read_frame(reader: ReaderAdapter, max_size: int) -> Frame:
     return Frame(first[0] >> 4, first[0] & 0x0F, body, bytes(header) + body)
 
 
+def frame_complete(buffer: bytes | bytearray) -> bool:
+    """Whether ``buffer`` starts with a whole packet, so reading it would not wait."""
+    length, multiplier = 0, 1
+    for i in range(1, min(len(buffer), 5)):
+        byte = buffer[i]
+        length += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return len(buffer) >= i + 1 + length
+        multiplier *= 128
+    return False  # not even a whole fixed header (or a bad one, which read_frame reports)
+
+
 def _string(body: bytes, offset: int, what: str) -> tuple[str, int]:
     """Decode a UTF-8 string at ``offset``; enforce [MQTT-1.5.3-1] and [MQTT-1.5.3-2]."""
     if offset + 2 > len(body):

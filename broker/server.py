@@ -23,7 +23,7 @@ from amqtt.mqtt.constants import QOS_0
 from amqtt.session import Session
 
 from broker import protocol
-from broker.handler import StrictHandler
+from broker.handler import CORK, StrictHandler
 from broker.protocol import ProtocolViolation
 from broker.settings import BrokerSettings, Limits
 
@@ -338,6 +338,7 @@ class PingPongBroker(Broker):
         await self._deliver(source, topic, data, qos)
         if retain:
             # [MQTT-3.3.1-5]: keep it for future subscribers; an empty payload clears it [-10].
+            CORK.release()  # what was held goes first; retaining may let other tasks run
             await self.retain_message(source, topic, data, qos)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:  # noqa: ANN401, ARG002 - a deque
@@ -364,6 +365,7 @@ class PingPongBroker(Broker):
                 if not target.clean_session and qos > QOS_0:
                     # [MQTT-3.1.2-5]: queue QoS 1/2 messages for an offline persistent session.
                     broadcast = {"session": source, "topic": topic, "data": data}
+                    CORK.release()  # as above: queueing may let other tasks run
                     await self._retain_broadcast_message(broadcast, qos, target)
                 continue
             handler = self._get_handler(target)

@@ -485,3 +485,49 @@ def test_unsupported_protocol_level_gets_connack_1(broker_port: int) -> None:
     """[MQTT-3.1.2-2]."""
     c = RawClient(broker_port)
     assert c.connect(uid("old"), level=3) == (False, 1)
+
+
+# --- order under a burst: the broker holds writes while it works through buffered packets ---
+
+
+def test_a_burst_in_one_segment_arrives_whole_and_in_order(broker_port: int) -> None:
+    """[MQTT-4.6.0-6] ordered topics, when one read brings many packets (broker/handler.Cork)."""
+    topic = uid("burst")
+    sub0, sub1 = new(broker_port), new(broker_port)
+    sub0.subscribe(1, (topic, 0))
+    sub1.subscribe(1, (topic, 1))
+    pub = new(broker_port)
+    payloads = [f"{i:04d}".encode() for i in range(300)]
+    burst = b"".join(
+        m.publish(topic, p, qos=i % 2, packet_id=i % 60000 + 1) for i, p in enumerate(payloads)
+    )
+    pub.send(burst)  # one write: the broker reads many packets at once
+    assert [sub0.message(5).payload for _ in payloads] == payloads
+    got = []
+    for _ in payloads:
+        message = sub1.message(5)
+        got.append(message.payload)
+        if message.packet_id is not None:  # the QoS 1 ones
+            sub1.send(m.ack(m.PUBACK, message.packet_id))
+    assert got == payloads
+    acks = [pub.expect(m.PUBACK).packet_id for i in range(len(payloads)) if i % 2]
+    assert acks == [i % 60000 + 1 for i in range(len(payloads)) if i % 2]
+    for client in (pub, sub0, sub1):
+        assert client.barrier() == []
+
+
+def test_replies_keep_their_place_among_held_writes(broker_port: int) -> None:
+    """A PINGRESP (written by amqtt) comes after the PUBACKs of the publishes sent before it."""
+    topic = uid("place")
+    pub = new(broker_port)
+    pub.send(
+        b"".join(m.publish(topic, b"x", qos=1, packet_id=i) for i in (1, 2, 3))
+        + m.PINGREQ_PACKET
+        + b"".join(m.publish(topic, b"y", qos=1, packet_id=i) for i in (4, 5))
+    )
+    kinds = [(p.kind, p.packet_id if p.kind == m.PUBACK else None) for p in
+             (pub.receive(5) for _ in range(6))]  # fmt: skip
+    assert kinds == [
+        (m.PUBACK, 1), (m.PUBACK, 2), (m.PUBACK, 3), (m.PINGRESP, None), (m.PUBACK, 4),
+        (m.PUBACK, 5),
+    ]  # fmt: skip
