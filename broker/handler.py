@@ -204,11 +204,14 @@ class StrictHandler(BrokerProtocolHandler):
         if publish is not None and publish.qos < QOS_2 and self.router is not None:
             CORK.active = True
             await self._route(publish)
-            if not self._next_frame_buffered():
-                CORK.release()  # the next read waits for the socket
-            return False
-        CORK.release()  # amqtt's handling may let other tasks run
-        return await self._dispatch(frame)
+        elif frame.packet_type == protocol.PUBACK:  # checked: 2 bytes, a packet id
+            self._acknowledged(int.from_bytes(frame.body, "big"))
+        else:
+            CORK.release()  # amqtt's handling may let other tasks run
+            return await self._dispatch(frame)
+        if not self._next_frame_buffered():
+            CORK.release()  # the next read waits for the socket
+        return False
 
     def _next_frame_buffered(self) -> bool:
         """Whether a whole packet already waits in the stream's buffer (CPython's StreamReader)."""
@@ -242,30 +245,27 @@ class StrictHandler(BrokerProtocolHandler):
             return None
         return transport
 
-    def write_now(self, frame: bytes) -> bool:
-        """Write an encoded packet now, without a task or a lock; False if the connection is gone.
+    def write_now(self, frame: bytes) -> None:
+        """Write an encoded packet without a task or a lock: now, or when the cork is released.
 
         Safe beside amqtt's own writes: each of them is one write() in one step of a task.
         """
-        if self._transport() is None:
-            return False
         if CORK.active:
             CORK.hold(self, frame)
-            return True
-        return self.write_out(frame)
+        else:
+            self.write_out(frame)
 
-    def write_out(self, data: bytes) -> bool:
-        """Write to the transport; False if the connection is gone or going."""
+    def write_out(self, data: bytes) -> None:
+        """Write to the transport, unless the connection is gone or going."""
         transport = self._transport()
         if transport is None:
-            return False
+            return
         try:
             transport.write(data)
         except RuntimeError:
             # amqtt is closing this connection (write_eof sent, close not yet); the caller's
             # reader (the publisher's, for a delivery) must not see the error.
-            return False
-        return True
+            return
 
     def write_frame(self, frame: bytes) -> None:
         """Write an encoded QoS 0 PUBLISH now; drop it if the client lags (at most once)."""
@@ -286,9 +286,6 @@ class StrictHandler(BrokerProtocolHandler):
 
     async def _dispatch(self, frame: Frame) -> bool:
         """Decode ``frame`` with amqtt and handle it; return True after DISCONNECT."""
-        if frame.packet_type == protocol.PUBACK:  # checked: 2 bytes, a packet id
-            self._acknowledged(int.from_bytes(frame.body, "big"))
-            return False
         header = MQTTFixedHeader(frame.packet_type, frame.flags, len(frame.body))
         try:
             packet = await packet_class(header).from_stream(
@@ -302,8 +299,6 @@ class StrictHandler(BrokerProtocolHandler):
             self._spawn(self.handle_publish(packet))
         elif kind == protocol.PUBLISH:
             await self.handle_publish(packet)
-        elif kind == protocol.PUBACK:
-            await self.handle_puback(packet)
         elif kind == protocol.PUBREC:
             await self.handle_pubrec(packet)
         elif kind == protocol.PUBREL:
@@ -416,7 +411,7 @@ class StrictHandler(BrokerProtocolHandler):
         cost the message a loop iteration before it leaves); QoS 2 runs amqtt's flow as a task.
         """
         session = self.session
-        if qos != 1 or session is None or self._transport() is None:
+        if qos != 1 or session is None:
             self._spawn(self.mqtt_publish(topic, data, qos, retain))
             return
         packet_id = session.next_packet_id
