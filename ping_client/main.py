@@ -74,6 +74,8 @@ class Probe:
             quiet=True,
         )
         self.done = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        """Set while the pong subscription is acknowledged (SUBACK) on the current connection."""
         self.not_sent = 0
         self.started = clock()
         self._sent_event = asyncio.Event()
@@ -95,11 +97,17 @@ class Probe:
         """Subscribe to the pong topic, then handle every echo until the link breaks."""
         pong = self.client_settings.pong_topic
         await client.subscribe(pong, qos=self.client_settings.qos)
-        async for message in client.messages:
-            now = self.clock()
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            if message.topic.matches(pong):
-                self._on_echo(payload, now)
+        # Pings go out only from here on: an echo of one sent before SUBACK could find the
+        # subscription not yet in place and be counted lost (seen with a busy broker).
+        self.subscribed.set()
+        try:
+            async for message in client.messages:
+                now = self.clock()
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                if message.topic.matches(pong):
+                    self._on_echo(payload, now)
+        finally:
+            self.subscribed.clear()
 
     async def watch(self, client: aiomqtt.Client) -> None:
         """Note every message on the ping topic: our own copies and other publishers' pings."""
@@ -187,9 +195,10 @@ class Probe:
     async def ticker(self, tg: TaskGroup) -> None:
         """Publish one ping per interval on a fixed schedule, until --count pings are sent."""
         interval = self.settings.interval
-        # The schedule starts one interval after the first connection, which gives an echo
-        # client started at the same moment (as supervisord does) time to subscribe.
-        await self.link.connected.wait()
+        # The schedule starts one interval after the first subscription is acknowledged, which
+        # gives an echo client started at the same moment (as supervisord does) time to
+        # subscribe too.
+        await self.subscribed.wait()
         start = self.clock()
         tick = 1
         while self.settings.count is None or self.tracker.sent < self.settings.count:
@@ -202,7 +211,7 @@ class Probe:
                 tick = int((self.clock() - start) / interval)
             tick += 1
             self._check_silence(self.clock())
-            if not self.link.connected.is_set():
+            if not self.subscribed.is_set():  # disconnected, or not yet subscribed again
                 self.not_sent += 1
                 continue
             self._send(tg)

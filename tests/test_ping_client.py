@@ -6,11 +6,12 @@ import json
 import re
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 
-from tests.support import MqttProbe, Proc, Spawner, wait_until
+from tests.support import MqttProbe, Proc, Spawner, base_env, wait_until
 
 
 def summary_counts(text: str) -> dict[str, int]:
@@ -315,3 +316,41 @@ def test_echo_silence_is_reported_once_and_its_end_too(spawn: Spawner, port: int
     ping.wait_for(r"Echoes are back after [\d.]+ s of silence\.")
     wait_until(lambda: ping.count(r"Got b'") >= 3, 10, "pongs after the echo came back")
     assert ping.count("is echo_client running") == 1
+
+
+SLOW_SUBSCRIBE_BROKER = """
+import asyncio, sys
+from broker import server
+
+registered = server.PingPongBroker.add_subscription
+
+
+async def late(self, subscription, session):
+    # The fault: a busy broker registers the pong subscription half a second late (its SUBACK
+    # goes out only after the registration).
+    if subscription[0] == "/pong":
+        await asyncio.sleep(0.5)
+    return await registered(self, subscription, session)
+
+
+server.PingPongBroker.add_subscription = late
+from broker.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_no_ping_goes_out_before_the_pong_subscription_is_acknowledged(
+    spawn: Spawner, port: int, tmp_path: Path
+) -> None:
+    (tmp_path / "slow_subscribe_broker.py").write_text(SLOW_SUBSCRIBE_BROKER)
+    broker = spawn.start(
+        "slow_subscribe_broker", "--port", str(port), env=base_env(PYTHONPATH=str(tmp_path))
+    )
+    broker.wait_for(r"Listening on 127\.0\.0\.1:\d+")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    result = spawn.run(
+        "ping_client", "--port", str(port), "--count", "5", "--interval", "0.05", "--timeout", "2"
+    )
+    # Pings sent before SUBACK had their echoes dropped by the broker: 5 of 5 lost, exit 1.
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert summary_counts(result.stdout)["received"] == 5
