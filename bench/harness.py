@@ -73,11 +73,9 @@ def mosquitto_path() -> str:
 
 def connack_within(port: int, timeout: float, version: int = 4) -> bool:
     """Try once to CONNECT (protocol level ``version``); True when a CONNACK comes back."""
-    properties = b"\x00" if version == 5 else b""
-    body = _string("MQTT") + bytes([version, 2]) + b"\x00\x3c" + properties + _string("")
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(_packet(1, 0, body))
+            s.sendall(connect_packet("", version, keepalive=60))
             return s.recv(4)[:1] == b"\x20"
     except OSError:
         return False
@@ -212,6 +210,13 @@ def _packet(kind: int, flags: int, body: bytes) -> bytes:
     return bytes([kind << 4 | flags]) + remaining_length(len(body)) + body
 
 
+def connect_packet(client_id: str, version: int, *, keepalive: int) -> bytes:
+    """A clean-session CONNECT at protocol level ``version`` (4 or 5, no properties)."""
+    properties = b"\x00" if version == 5 else b""
+    body = _string("MQTT") + bytes([version, 2]) + struct.pack("!H", keepalive) + properties
+    return _packet(1, 0, body + _string(client_id))
+
+
 def _string(text: str) -> bytes:
     raw = text.encode()
     return struct.pack("!H", len(raw)) + raw
@@ -238,8 +243,7 @@ class LeanClient:
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = cls(reader, writer, version)
-        body = _string("MQTT") + bytes([version, 2]) + b"\x00\x00" + client.properties
-        writer.write(_packet(1, 0, body + _string(client_id)))
+        writer.write(connect_packet(client_id, version, keepalive=0))
         await client.read_packet()  # CONNACK
         return client
 
