@@ -2,22 +2,23 @@
 #   make run    set up .venv, start the three programs under supervisord, stream their logs;
 #               Ctrl-C stops everything.
 #   make test   set up .venv, then ruff, mypy and pytest.
+#   make test-pythons   pytest once per supported Python (3.11, 3.12, 3.13), each in .venv-X.Y.
 
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONF   := supervisord.conf
 
-.PHONY: help venv bytecode run start stop status logs test lint typecheck pytest bench bench-full soak add-user clean
+.PHONY: help venv bytecode run start stop status logs test test-pythons lint typecheck pytest bench bench-full soak add-user clean
 
 help:
-	@echo "make run | start | stop | status | logs | test | bench | soak | add-user NAME=x | clean"
+	@echo "make run | start | stop | status | logs | test | test-pythons | bench | soak | add-user NAME=x | clean"
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "mqtt-pingpong needs Python 3.10 or newer")'
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mqtt-pingpong needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -64,6 +65,10 @@ pytest: bytecode
 
 test: lint typecheck pytest
 
+# The suite on every supported Python found here (PATH, then ~/.pyenv); says which it found.
+test-pythons:
+	@SKIP="$(SKIP)" bash tools/test-pythons.sh $(PYTHONS)
+
 # Benchmarks against mosquitto (apt-get install mosquitto). Not tests: they measure.
 bench: bytecode
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
@@ -76,6 +81,6 @@ soak: bytecode
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean: stop
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .venv-3.* build *.egg-info .mypy_cache .ruff_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -f logs/*.log* run/*.pid run/*.sock

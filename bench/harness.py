@@ -334,7 +334,7 @@ async def windowed(
         while time.perf_counter() < end:
             try:
                 payload = await asyncio.wait_for(client.read_publish(), 1)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 # QoS 0 may lose a message (an echo not yet subscribed): refill the window.
                 lost += len(sent)
                 sent.clear()
@@ -358,20 +358,20 @@ async def windowed(
 
 
 async def echo_ready(
-    port: int, ping: str = "/ping", pong: str = "/pong", timeout: float = 15, version: int = 4
+    port: int, ping: str = "/ping", pong: str = "/pong", within: float = 15, version: int = 4
 ) -> None:
     """Wait until an echo client answers on ``port`` (it subscribes some time after starting)."""
     client = await LeanClient.connect(port, f"ready-{port}-{time.monotonic_ns()}", version)
     try:
         await client.subscribe(pong)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             client.writer.write(client.publish_packet(ping, b"ready"))
             try:
                 await asyncio.wait_for(client.read_publish(), 0.2)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 continue
             return
-        raise RuntimeError(f"no echo on port {port} within {timeout} s")
+        raise RuntimeError(f"no echo on port {port} within {within} s")
     finally:
         client.close()

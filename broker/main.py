@@ -47,7 +47,7 @@ async def serve(settings: BrokerSettings) -> int:
     logger.info("Shutting down.")
     try:
         await asyncio.wait_for(broker.shutdown(), settings.shutdown_timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.warning(
             "amqtt did not shut down within %.1f s; closing anyway.", settings.shutdown_timeout
         )

@@ -10,7 +10,6 @@ connection, as the specification requires of a server.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -266,13 +265,6 @@ def check_connect(frame: Frame) -> None:
         topic, offset = _string(body, offset, "will topic")
         if not topic or "+" in topic or "#" in topic:
             raise ProtocolViolation(f"invalid will topic {topic!r}", "MQTT-3.3.2-2")
-
-
-async def read_with_timeout(reader: ReaderAdapter, max_size: int, timeout: float | None) -> Frame:
-    """Read one frame, raising TimeoutError when nothing complete arrives within ``timeout``."""
-    if timeout is None:
-        return await read_frame(reader, max_size)
-    return await asyncio.wait_for(read_frame(reader, max_size), timeout)
 
 
 def remaining_length(length: int) -> bytes:

@@ -181,15 +181,14 @@ class PingPongBroker(Broker):
         # waits for it for ever, and leaves the connection open when it fails.
         where = f"{remote_address}:{remote_port}"
         try:
-            frame = await protocol.read_with_timeout(
-                reader, self._limits.max_packet_size, self._limits.connect_timeout
-            )
+            async with asyncio.timeout(self._limits.connect_timeout):
+                frame = await protocol.read_frame(reader, self._limits.max_packet_size)
             protocol.check(frame, connected=False)
             protocol.check_connect(frame)
             handler, session = await StrictHandler.init_from_connect(
                 BufferReader(frame.raw), writer, self.plugins_manager
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await _close(writer)
             logger.info("Closed %s: no CONNECT within %g s.", where, self._limits.connect_timeout)
             raise MQTTError("connect timeout") from None
@@ -247,7 +246,7 @@ class PingPongBroker(Broker):
         await entry[1].stop()
         try:
             await asyncio.wait_for(done.wait(), 2.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning("Previous connection of %s did not end within 2 s.", client_id)
 
     async def _handle_client_session(  # noqa: PLR0917 - amqtt's signature

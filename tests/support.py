@@ -78,8 +78,16 @@ def port_accepts(port: int) -> bool:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    """The environment for a child program: ours, unbuffered, minus any MQTT_* leftovers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
+    """The environment for a child program: ours, unbuffered, minus any MQTT_* leftovers.
+
+    Also minus make's own variables: under `make test-pythons`, MAKEFLAGS carries VENV and PYTHON
+    to every make a test starts, which would then use another venv than the one under test.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MQTT_") and k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -163,14 +171,15 @@ class Spawner:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         name: str | None = None,
+        interpreter_args: Sequence[str] = (),
     ) -> Proc:
-        """Start ``python -m module args...``."""
+        """Start ``python [interpreter_args] -m module args...``."""
         label = name or f"{module}-{len(self.procs)}"
         out_path = self.tmp / f"{label}.out"
         err_path = self.tmp / f"{label}.err"
         with out_path.open("wb") as out, err_path.open("wb") as err:
             popen = subprocess.Popen(
-                [PYTHON, "-m", module, *args],
+                [PYTHON, *interpreter_args, "-m", module, *args],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,

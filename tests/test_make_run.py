@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -22,13 +23,14 @@ from tests.support import (
 
 
 def checkout(tmp: Path) -> Path:
-    """A copy of the repository's run machinery in ``tmp``, sharing the installed .venv."""
+    """A copy of the repository's run machinery in ``tmp``, sharing this test run's venv."""
     root = tmp / "repo"
     root.mkdir()
     for name in ("supervisord.conf", "Makefile", "pyproject.toml"):
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "tools", root / "tools")
-    (root / ".venv").symlink_to(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")))
+    # The venv of the interpreter running the tests: .venv, or .venv-3.12 under make test-pythons.
+    (root / ".venv").symlink_to(Path(sys.prefix))
     # The shared .venv is installed already: keep make from seeing pyproject.toml as newer.
     os.utime(root / "pyproject.toml", (0, 0))
     return root
@@ -75,6 +77,16 @@ def more_pongs(ping_log: Path, seen: int) -> bool:
     return ping_log.read_text().count("client: Got b'") > seen
 
 
+def terminal_signals() -> None:
+    """Give the child Ctrl-C as a terminal does, whatever this process inherited.
+
+    A test run started in the background of a non-interactive shell inherits SIGINT as
+    ignored, and bash cannot trap a signal that was ignored when it started: `make run` would
+    then never see the Ctrl-C this test sends.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_and_interrupt(
     root: Path, tmp_path: Path, port: int, env: dict[str, str] | None = None
 ) -> None:
@@ -89,6 +101,7 @@ def run_and_interrupt(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, as a terminal gives it
+            preexec_fn=terminal_signals,  # noqa: PLW1509 - a single-threaded reset before exec
         )
     try:
         wait_until(
