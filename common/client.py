@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import secrets
 import socket
 import ssl
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from common import cli
-from common.constants import DEFAULT_HOST, DEFAULT_PORT, PING_TOPIC, PONG_TOPIC, RECONNECT_INTERVAL
+from common.constants import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    EXIT_SOFTWARE,
+    PING_TOPIC,
+    PONG_TOPIC,
+    RECONNECT_INTERVAL,
+)
 
 # paho (under aiomqtt) never sets TCP_NODELAY. Without it a QoS 1 round trip waits on Nagle's
 # algorithm and the peer's delayed ACK, about 40 ms each way.
@@ -145,12 +154,29 @@ def client_settings(parser: cli.Parser, args: argparse.Namespace, role: str) -> 
         parser.error(str(exc))
 
 
-class Client(aiomqtt.Client):
-    """aiomqtt's Client, failing a connect at once when the broker hangs up before CONNACK.
+INTERNALS = {
+    "_connected": asyncio.Future,
+    "_disconnected": asyncio.Future,
+    "_pending_subscribes": dict,
+}
+"""aiomqtt's private attributes that :class:`Client` relies on; checked when a client is made."""
 
-    aiomqtt 2.5 ignores a disconnect that comes before CONNACK and waits out its whole timeout
-    (5 s here), so a broker that accepts and closes connections would stretch the 100 ms
-    reconnect loop to 5 s per attempt.
+
+class Client(aiomqtt.Client):
+    """aiomqtt's Client with two fixes; the only place that touches aiomqtt's private names.
+
+    - A connect fails at once when the broker hangs up before CONNACK. aiomqtt 2.5 ignores such
+      a disconnect and waits out its whole timeout (5 s here), so a broker that accepts and
+      closes connections would stretch the 100 ms reconnect loop to 5 s per attempt.
+    - The error a lost connection leaves in aiomqtt's ``_disconnected`` future is marked as
+      seen when it is set. Nobody reads it when the connection ends by another error first
+      (no SUBACK, a cancelled task), or when the broker hangs up right after CONNACK (aiomqtt's
+      ``__aenter__`` then replaces the future), and asyncio later logs "Future exception was
+      never retrieved" at ERROR: a stray line for an outage the reconnect loop reports itself.
+      Whoever awaits the future still gets the error.
+    - A lost connection fails every subscription still waiting for its SUBACK at once. aiomqtt
+      leaves them waiting out the whole timeout, so a broker that hangs up right after CONNACK
+      would hold the 100 ms reconnect loop for 5 s per attempt.
     """
 
     def _on_disconnect(
@@ -167,11 +193,21 @@ class Client(aiomqtt.Client):
             )
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
+        if self._disconnected.done() and not self._disconnected.cancelled():
+            self._disconnected.exception()
+        for pending in self._pending_subscribes.values():
+            if not pending.done():
+                pending.set_exception(
+                    aiomqtt.MqttError(f"connection closed before SUBACK ({reason_code})")
+                )
 
 
 def make_client(settings: ClientSettings) -> aiomqtt.Client:
-    """Create the one aiomqtt client a process reuses across reconnects."""
-    return Client(
+    """Create the one aiomqtt client a process reuses across reconnects.
+
+    Exits 70 with one line if aiomqtt no longer has the internals :class:`Client` relies on.
+    """
+    client = Client(
         settings.host,
         settings.port,
         identifier=settings.client_id,
@@ -187,3 +223,11 @@ def make_client(settings: ClientSettings) -> aiomqtt.Client:
         max_inflight_messages=1000,
         tls_context=ssl.create_default_context(cafile=settings.tls_ca) if settings.tls else None,
     )
+    missing = [n for n, kind in INTERNALS.items() if not isinstance(getattr(client, n, None), kind)]
+    if missing:
+        sys.stderr.write(
+            f"aiomqtt {getattr(aiomqtt, '__version__', '?')} has no {', '.join(missing)}: "
+            "this version is not supported (pyproject.toml pins the ones that are).\n"
+        )
+        sys.exit(EXIT_SOFTWARE)
+    return client

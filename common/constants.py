@@ -18,3 +18,7 @@ EXIT_USAGE: Final = 64
 """A malformed flag or environment variable (EX_USAGE)."""
 EXIT_UNAVAILABLE: Final = 69
 """The broker could not listen on its address, e.g. the port is taken (EX_UNAVAILABLE)."""
+EXIT_SOFTWARE: Final = 70
+"""A library we rely on no longer has the internals we use, e.g. after an upgrade (EX_SOFTWARE)."""
+EXIT_FORCED: Final = 124
+"""The orderly shutdown overran its bound and the watchdog ended the process (as timeout(1))."""

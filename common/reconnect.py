@@ -1,10 +1,12 @@
 """The 100 ms reconnect loop both clients share.
 
-One :class:`Link` owns one ``aiomqtt.Client`` and keeps it connected. Whenever a connect fails or
-an established connection is lost, it logs that once, retries every ``interval`` seconds, logs the
-recovery with the length of the outage, and runs the caller's session again (which subscribes
-again). It catches ``aiomqtt.MqttError`` and nothing broader: a bug in a session still crashes the
-process, where supervisord can see it.
+One :class:`Link` owns one ``aiomqtt.Client`` and keeps it usable: connected, and subscribed to its
+topics. A link is up only once every SUBACK has come back (within ``suback_timeout``): a broker
+that answers CONNECT and then nothing is a failed link, not a working one. Whenever a connect or
+subscription fails, or a usable connection is lost, it logs that once, retries every ``interval``
+seconds, logs the recovery with the length of the outage, subscribes again and runs the caller's
+session. It catches ``aiomqtt.MqttError`` and nothing broader: a bug in a session still crashes
+the process, where supervisord can see it.
 """
 
 from __future__ import annotations
@@ -12,20 +14,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 logger = logging.getLogger(__name__)
 
 Session = Callable[[aiomqtt.Client], Awaitable[None]]
-"""Runs while connected: subscribes, then handles messages until the link breaks."""
+"""Runs while the link is up (subscribed): handles messages until the link breaks."""
 
 Listener = Callable[[str, dict[str, object]], None]
 """Called with an event name (``connected``/``disconnected``) and its data."""
 
 REMINDER_EVERY = 15.0
 """While the broker stays unreachable, remind the log this often (seconds), not on every try."""
+
+SUBACK_TIMEOUT = 5.0
+"""Seconds a subscription may wait for its SUBACK before the link counts as failed."""
+
+SUBACK_FAILURE = 0x80
+"""The SUBACK return code for a refused subscription (MQTT 3.1.1 section 3.9.3)."""
 
 
 class Link:
@@ -37,6 +46,8 @@ class Link:
         *,
         address: str,
         interval: float,
+        topics: Sequence[tuple[str, int]] = (),
+        suback_timeout: float = SUBACK_TIMEOUT,
         listener: Listener | None = None,
         clock: Callable[[], float] = time.monotonic,
         role: str = "",
@@ -44,17 +55,22 @@ class Link:
     ) -> None:
         """Wrap ``client``; ``interval`` is the pause between attempts (0 in tests).
 
-        ``role`` names a secondary connection in its log lines, e.g. ``"watcher"``; ``quiet``
-        logs its events at DEBUG, for a connection whose outages the main one already reports.
+        ``topics`` are (filter, QoS) pairs subscribed on every connection before the link counts
+        as up. ``role`` names a secondary connection in its log lines, e.g. ``"watcher"``;
+        ``quiet`` logs its events at DEBUG, for a connection whose outages the main one reports.
         """
         self.client = client
+        self.topics = tuple(topics)
+        self.suback_timeout = suback_timeout
         self._prefix = f"{role}: " if role else ""
         self._info = logging.DEBUG if quiet else logging.INFO
         self._warning = logging.DEBUG if quiet else logging.WARNING
         self.address = address
         self.interval = interval
         self.connected = asyncio.Event()
+        """Set while the link is up: connected, and every subscription acknowledged."""
         self.ever_connected = asyncio.Event()
+        """Set once the link has been up at least once."""
         self.reconnects = 0
         self.attempts = 0
         self._listener = listener
@@ -63,6 +79,9 @@ class Link:
         self._down_total = 0.0
         self._reminded_at = 0.0
         self._stopping = False
+        self._greeted = False
+        self._waiting: tuple[str, float] | None = None
+        self._last_error: str | None = None
 
     def downtime(self) -> float:
         """Seconds spent disconnected after the first connection, including an outage under way."""
@@ -70,6 +89,18 @@ class Link:
             return self._down_total
         current = self._clock() - self._down_since if self._down_since is not None else 0.0
         return self._down_total + current
+
+    def problem(self) -> str:
+        """Why the link is not up right now, in a few words (for a one-line verdict)."""
+        if self._waiting is not None:
+            what, since = self._waiting
+            waited = self._clock() - since
+            # Between quick failures (a refused connection) the last error says more than the
+            # attempt under way for a few milliseconds.
+            if what == "CONNACK" and self._last_error is not None and waited < 1.0:
+                return self._last_error
+            return f"no {what} after {waited:.3g} s"
+        return self._last_error or "no CONNACK yet"
 
     def stop(self) -> None:
         """Prepare to be cancelled: no more reconnects, and a short goodbye.
@@ -89,7 +120,10 @@ class Link:
         while not self._stopping:
             self.attempts += 1
             try:
+                self._waiting = ("CONNACK", self._clock())
                 async with self.client:
+                    self._greet()
+                    await self._subscribe()
                     self._up()
                     await session(self.client)
             except aiomqtt.MqttError as exc:
@@ -101,13 +135,51 @@ class Link:
                 self._down(aiomqtt.MqttError("session ended"))
             await asyncio.sleep(self.interval)
 
+    def _greet(self) -> None:
+        """Log the first CONNACK ever; later ones are part of a reconnect, logged when it is up."""
+        if not self._greeted:
+            self._greeted = True
+            logger.log(
+                self._info,
+                "%sConnected to %s as %s.",
+                self._prefix,
+                self.address,
+                self.client.identifier,
+            )
+
+    async def _subscribe(self) -> None:
+        """Subscribe to every topic; a missing or refusing SUBACK fails the attempt."""
+        for topic, qos in self.topics:
+            self._waiting = (f"SUBACK for {topic}", self._clock())
+            try:
+                granted = await self.client.subscribe(topic, qos=qos, timeout=self.suback_timeout)
+            except aiomqtt.MqttCodeError as exc:
+                if exc.rc != mqtt.MQTT_ERR_NO_CONN:
+                    raise
+                raise aiomqtt.MqttError(f"connection closed before SUBSCRIBE {topic}") from None
+            except aiomqtt.MqttError as exc:
+                if str(exc) != "Operation timed out":  # aiomqtt's words for its own timeout
+                    raise
+                raise aiomqtt.MqttError(
+                    f"no SUBACK for {topic} within {self.suback_timeout:g} s"
+                ) from None
+            codes = [int(code) if isinstance(code, int) else code.value for code in granted]
+            if any(code >= SUBACK_FAILURE for code in codes):
+                raise aiomqtt.MqttError(
+                    f"the broker refused the subscription to {topic} (SUBACK 0x{codes[0]:02x})"
+                )
+        self._waiting = None
+        if self.topics:
+            logger.log(
+                self._info,
+                "%sSubscribed to %s.",
+                self._prefix,
+                ", ".join(topic for topic, _ in self.topics),
+            )
+
     def _up(self) -> None:
         now = self._clock()
         if not self.ever_connected.is_set():
-            identifier = self.client.identifier
-            logger.log(
-                self._info, "%sConnected to %s as %s.", self._prefix, self.address, identifier
-            )
             self.ever_connected.set()
             outage = 0.0
         else:
@@ -129,6 +201,9 @@ class Link:
 
     def _down(self, exc: aiomqtt.MqttError) -> None:
         now = self._clock()
+        self._waiting = None
+        # paho's messages end with a full stop; ours add one.
+        self._last_error = str(exc).rstrip(".")
         retry_ms = round(self.interval * 1000)
         if self.connected.is_set():
             # An established connection broke: always reported, exactly once.
@@ -140,10 +215,10 @@ class Link:
                 "%sLost connection to %s: %s. Retrying every %d ms.",
                 self._prefix,
                 self.address,
-                exc,
+                self._last_error,
                 retry_ms,
             )
-            self._emit("disconnected", reason=str(exc))
+            self._emit("disconnected", reason=self._last_error)
         elif self.attempts == 1 and not self.ever_connected.is_set():
             self._reminded_at = now
             logger.log(
@@ -151,7 +226,7 @@ class Link:
                 "%sCannot connect to %s: %s. Retrying every %d ms.",
                 self._prefix,
                 self.address,
-                exc,
+                self._last_error,
                 retry_ms,
             )
         elif now - self._reminded_at >= REMINDER_EVERY:
@@ -164,7 +239,7 @@ class Link:
                 self.address,
                 now - since,
                 self.attempts,
-                exc,
+                self._last_error,
             )
 
     def _emit(self, event: str, **data: object) -> None:

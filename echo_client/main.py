@@ -13,7 +13,6 @@ import aiomqtt
 
 from common import cli, logs
 from common.client import ClientSettings, add_client_options, client_settings, make_client
-from common.compat import TaskGroup
 from common.constants import EXIT_OK
 from common.lifecycle import install_stop_handlers
 from common.reconnect import Link
@@ -64,13 +63,12 @@ class Echo:
         self.skipped = 0
 
     async def session(self, client: aiomqtt.Client) -> None:
-        """Subscribe to the ping topic and echo until the link breaks."""
+        """Echo until the link breaks (the Link has subscribed to the ping topic)."""
         ping, pong, qos = (
             self.settings.client.ping_topic,
             self.settings.client.pong_topic,
             self.settings.client.qos,
         )
-        await client.subscribe(ping, qos=qos)
         # QoS 1/2 echoes are not awaited one by one (that would wait a PUBACK per message);
         # they run as tasks kept here, and are cancelled when the link breaks.
         in_flight: set[asyncio.Task[None]] = set()
@@ -116,10 +114,13 @@ async def amain(settings: EchoSettings) -> int:
     install_stop_handlers(stop, hard_limit=5.0)
     address = f"{settings.client.host}:{settings.client.port}"
     link = Link(
-        make_client(settings.client), address=address, interval=settings.client.reconnect_interval
+        make_client(settings.client),
+        address=address,
+        interval=settings.client.reconnect_interval,
+        topics=[(settings.client.ping_topic, settings.client.qos)],
     )
     echo = Echo(settings)
-    async with TaskGroup() as tg:
+    async with asyncio.TaskGroup() as tg:
         runner = tg.create_task(link.run(echo.session), name="echo-link")
         await stop.wait()
         link.stop()

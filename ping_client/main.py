@@ -1,13 +1,15 @@
 """The ping client's runtime: tick, publish, match echoes, expire, report, exit by the rules.
 
-Exit status: 0 every ping answered, 1 some lost, 2 never connected within --connect-timeout,
-64 bad usage.
+Exit status: 0 every ping answered; 1 some lost, or unanswered when the deadline cut the run
+short; 2 the link never became usable (no CONNACK, or no SUBACK); 64 bad usage; 124 the
+shutdown overran its bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import time
@@ -19,7 +21,6 @@ import aiomqtt
 
 from common import logs
 from common.client import make_client
-from common.compat import TaskGroup
 from common.lifecycle import install_stop_handlers
 from common.reconnect import Link
 from common.show import show
@@ -57,6 +58,7 @@ class Probe:
             make_client(settings.client),
             address=self.target,
             interval=settings.client.reconnect_interval,
+            topics=[(settings.client.pong_topic, settings.client.qos)],
             listener=self._on_link,
             clock=clock,
         )
@@ -69,13 +71,13 @@ class Probe:
             make_client(replace(settings.client, client_id=settings.client.client_id + "-watch")),
             address=self.target,
             interval=settings.client.reconnect_interval,
+            topics=[(settings.client.ping_topic, 0)],
             clock=clock,
             role="watcher",
             quiet=True,
         )
         self.done = asyncio.Event()
-        self.subscribed = asyncio.Event()
-        """Set while the pong subscription is acknowledged (SUBACK) on the current connection."""
+        self.deadline_reached = False
         self.not_sent = 0
         self.started = clock()
         self._sent_event = asyncio.Event()
@@ -94,24 +96,16 @@ class Probe:
             self._unanswered_since = None
 
     async def session(self, client: aiomqtt.Client) -> None:
-        """Subscribe to the pong topic, then handle every echo until the link breaks."""
+        """Handle every echo until the link breaks (the Link has subscribed to the pong topic)."""
         pong = self.client_settings.pong_topic
-        await client.subscribe(pong, qos=self.client_settings.qos)
-        # Pings go out only from here on: an echo of one sent before SUBACK could find the
-        # subscription not yet in place and be counted lost (seen with a busy broker).
-        self.subscribed.set()
-        try:
-            async for message in client.messages:
-                now = self.clock()
-                payload = message.payload if isinstance(message.payload, bytes) else b""
-                if message.topic.matches(pong):
-                    self._on_echo(payload, now)
-        finally:
-            self.subscribed.clear()
+        async for message in client.messages:
+            now = self.clock()
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if message.topic.matches(pong):
+                self._on_echo(payload, now)
 
     async def watch(self, client: aiomqtt.Client) -> None:
         """Note every message on the ping topic: our own copies and other publishers' pings."""
-        await client.subscribe(self.client_settings.ping_topic, qos=0)
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             self.tracker.on_ping_copy(payload, self.clock())
@@ -192,17 +186,30 @@ class Probe:
 
     # --- pings ----------------------------------------------------------------------------
 
-    async def ticker(self, tg: TaskGroup) -> None:
-        """Publish one ping per interval on a fixed schedule, until --count pings are sent."""
+    async def ticker(self, tg: asyncio.TaskGroup) -> None:
+        """Publish one ping per interval on a fixed schedule, until --count pings are sent.
+
+        Pings go out only while the link is up (SUBACK received): an echo of one sent before
+        could find the subscription not yet in place and be counted lost (seen with a busy
+        broker). Under a deadline, no ping goes out in the last ``min(interval, timeout)``
+        seconds, so that every ping sent has time to be answered before the run ends.
+        """
         interval = self.settings.interval
         # The schedule starts one interval after the first subscription is acknowledged, which
         # gives an echo client started at the same moment (as supervisord does) time to
         # subscribe too.
-        await self.subscribed.wait()
+        await self.link.connected.wait()
         start = self.clock()
+        last_send = math.inf
+        if self.settings.deadline is not None:
+            last_send = self.started + self.settings.deadline - min(interval, self.settings.timeout)
         tick = 1
         while self.settings.count is None or self.tracker.sent < self.settings.count:
             due = start + tick * interval
+            if due > last_send:
+                if self.settings.count is not None:
+                    return  # a counted run cut short: the deadline ends it, as unanswered
+                break  # a timed run: it ends once the pings sent so far are settled
             delay = due - self.clock()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -211,14 +218,14 @@ class Probe:
                 tick = int((self.clock() - start) / interval)
             tick += 1
             self._check_silence(self.clock())
-            if not self.subscribed.is_set():  # disconnected, or not yet subscribed again
+            if not self.link.connected.is_set():  # disconnected, or not yet subscribed again
                 self.not_sent += 1
                 continue
             self._send(tg)
         self._ticks_done = True
         self._maybe_done()
 
-    def _send(self, tg: TaskGroup) -> None:
+    def _send(self, tg: asyncio.TaskGroup) -> None:
         topic = self.client_settings.ping_topic
         payload = self.tracker.next_payload(self.wall(), self._decimals)
         # Record before publishing: the echo can arrive before publish() returns.
@@ -321,7 +328,7 @@ class Probe:
 
     async def run(self, stop: asyncio.Event) -> Summary:
         """Run until a stop signal, --count completion, or --connect-timeout; return the summary."""
-        async with TaskGroup() as tg:
+        async with asyncio.TaskGroup() as tg:
             workers = [
                 tg.create_task(self.link.run(self.session), name="ping-link"),
                 tg.create_task(self.watcher.run(self.watch), name="ping-watcher"),
@@ -330,17 +337,24 @@ class Probe:
             ]
             if self.settings.stats_interval > 0:
                 workers.append(tg.create_task(self.status(), name="ping-status"))
-            ends = [
+            ends: list[asyncio.Task[object]] = [
                 tg.create_task(stop.wait(), name="wait-stop"),
                 tg.create_task(self.done.wait(), name="wait-done"),
             ]
             if self.settings.connect_timeout is not None:
                 ends.append(tg.create_task(self._connect_deadline(), name="connect-deadline"))
+            if self.settings.deadline is not None:
+                deadline = self._run_deadline(self.settings.deadline)
+                ends.append(tg.create_task(deadline, name="run-deadline"))
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             self.link.stop()
             self.watcher.stop()
             for task in workers + ends:
                 task.cancel()
+        return self.summary()
+
+    def summary(self) -> Summary:
+        """Return what the run has seen so far."""
         return summarize(
             self.tracker,
             target=self.target,
@@ -349,24 +363,45 @@ class Probe:
             disconnected=self.link.downtime(),
             reconnects=self.link.reconnects,
             connected=self.link.ever_connected.is_set(),
+            count=self.settings.count,
+            deadline=self.settings.deadline if self.deadline_reached else None,
         )
 
     async def _connect_deadline(self) -> None:
         timeout = self.settings.connect_timeout
         try:
             await asyncio.wait_for(self.link.ever_connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            # The timeout is the whole story; a traceback would add nothing.
-            logger.error("No connection to %s within %.3g s.", self.target, timeout)  # noqa: TRY400
+        except TimeoutError:
+            # One line says what the broker did wrong; a traceback would add nothing.
+            logger.error(  # noqa: TRY400
+                "No usable link to %s within %.3g s: %s.", self.target, timeout, self.link.problem()
+            )
             return
-        await asyncio.Event().wait()  # connected in time: this deadline never fires
+        await asyncio.Event().wait()  # usable in time: this deadline never fires
+
+    async def _run_deadline(self, deadline: float) -> None:
+        await asyncio.sleep(self.started + deadline - self.clock())
+        self.deadline_reached = True
+        if not self.link.ever_connected.is_set():
+            logger.error(
+                "No usable link to %s within the %.3g s deadline: %s.",
+                self.target,
+                deadline,
+                self.link.problem(),
+            )
+        else:
+            logger.warning(
+                "Deadline of %.3g s reached with %d pings unanswered.",
+                deadline,
+                self.summary().unanswered,
+            )
 
 
 def exit_code(summary: Summary) -> int:
-    """Map a summary to the exit status: 2 never connected, 1 loss, 0 all answered."""
+    """Map a summary to the exit status: 2 never usable, 1 lost or unanswered, 0 all answered."""
     if not summary.connected:
         return EXIT_NEVER_CONNECTED
-    if summary.lost:
+    if summary.lost or summary.unanswered:
         return EXIT_LOSS
     return EXIT_ANSWERED
 

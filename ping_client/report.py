@@ -70,6 +70,17 @@ class Summary:
     reconnects: int
     connected: bool
     rtt: RttStats | None
+    count: int | None = None
+    deadline: float | None = None
+    """The --deadline in seconds when it cut the run short, else None."""
+
+    @property
+    def unanswered(self) -> int:
+        """Pings a deadline left without an answer: in flight, or never sent, of --count."""
+        if self.deadline is None:
+            return 0
+        missing = self.count - self.received if self.count is not None else 0
+        return max(self.in_flight, missing)
 
     @property
     def loss_percent(self) -> float:
@@ -94,6 +105,8 @@ class Summary:
             "disconnected_s": round(self.disconnected, 3),
             "reconnects": self.reconnects,
             "connected": self.connected,
+            "deadline_reached": self.deadline is not None,
+            "unanswered": self.unanswered,
             "rtt_ms": None,
         }
         if self.rtt is not None:
@@ -129,7 +142,9 @@ class Summary:
             + ("" if self.connected else ", never connected")
         )
         extras = []
-        if self.in_flight:
+        if self.deadline is not None:
+            extras.append(f"deadline {self.deadline:g} s reached, {self.unanswered} unanswered")
+        elif self.in_flight:
             extras.append(f"{self.in_flight} still in flight at exit (not counted as lost)")
         if self.not_sent:
             extras.append(f"{self.not_sent} ticks skipped while disconnected")
@@ -149,6 +164,8 @@ def summarize(
     disconnected: float,
     reconnects: int,
     connected: bool,
+    count: int | None = None,
+    deadline: float | None = None,
 ) -> Summary:
     """Freeze the tracker's counters into a Summary."""
     return Summary(
@@ -166,4 +183,6 @@ def summarize(
         reconnects=reconnects,
         connected=connected,
         rtt=rtt_stats(tracker.rtts),
+        count=count,
+        deadline=deadline,
     )

@@ -9,6 +9,18 @@ from common import cli
 from common.client import ClientSettings, add_client_options, client_settings
 
 DEFAULT_CONNECT_TIMEOUT_WITH_COUNT = 10.0
+DEADLINE_SLACK = 1.0
+"""Seconds a derived deadline adds to what a counted run needs, for a slow machine."""
+
+
+def derived_deadline(count: int, interval: float, timeout: float, connect_timeout: float) -> float:
+    """Return the deadline a counted run gets when none is given: all it needs, plus slack.
+
+    The link must be up within ``connect_timeout``; the first ping goes one interval later and
+    the last one ``count - 1`` intervals after that (ticks missed in an outage are skipped, not
+    added); the last ping then has ``timeout`` to be answered.
+    """
+    return connect_timeout + count * interval + timeout + DEADLINE_SLACK
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +32,8 @@ class PingSettings:
     count: int | None = None
     timeout: float = 2.0
     connect_timeout: float | None = None
+    deadline: float | None = None
+    """Seconds after which the whole run ends, whatever happens (``ping -w``)."""
     silence: float = 5.0
     stats_interval: float = 60.0
     json: bool = False
@@ -31,8 +45,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         prog="ping_client",
         description=(
             "Publish a Unix timestamp to the ping topic every interval and time its echo on the "
-            "pong topic, like ping(8). Exit status: 0 all answered, 1 some lost, "
-            "2 never connected, 64 bad usage."
+            "pong topic, like ping(8). Exit status: 0 all answered, 1 some lost or unanswered, "
+            "2 the link never became usable (no CONNACK or no SUBACK), 64 bad usage."
         ),
     )
     add_client_options(parser, environ)
@@ -68,8 +82,20 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         convert=cli.positive_seconds,
         default=None,
         help=(
-            "give up with exit 2 if the first connection takes longer "
+            "give up with exit 2 if the link is not usable (CONNACK and SUBACK) within this "
             f"(default: {DEFAULT_CONNECT_TIMEOUT_WITH_COUNT:g} s with --count, else wait)"
+        ),
+    )
+    add(
+        parser,
+        environ,
+        "--deadline",
+        convert=cli.positive_seconds,
+        default=None,
+        help=(
+            "end the whole run after this many seconds, whatever happens, like ping -w "
+            "(default with --count: connect timeout + count x interval + timeout + "
+            f"{DEADLINE_SLACK:g} s; else none)"
         ),
     )
     add(
@@ -98,12 +124,16 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     connect_timeout = args.connect_timeout
     if connect_timeout is None and args.count is not None:
         connect_timeout = DEFAULT_CONNECT_TIMEOUT_WITH_COUNT
+    deadline = args.deadline
+    if deadline is None and args.count is not None and connect_timeout is not None:
+        deadline = derived_deadline(args.count, args.interval, args.timeout, connect_timeout)
     return PingSettings(
         client=client_settings(parser, args, "ping_client"),
         interval=args.interval,
         count=args.count,
         timeout=args.timeout,
         connect_timeout=connect_timeout,
+        deadline=deadline,
         silence=args.silence,
         stats_interval=args.stats_interval,
         json=args.json,

@@ -68,7 +68,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 def system(spawn: Spawner, port: int) -> Proc:
     """A broker (2 s connect timeout) and an echo client."""
     broker = spawn.broker(port, "--handshake-timeout", "2", "--max-packet-size", "65536")
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
     return broker
 
 

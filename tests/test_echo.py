@@ -14,7 +14,7 @@ def system(spawn: Spawner, port: int) -> MqttProbe:
     """A broker and an echo client, and a paho peer subscribed to /pong."""
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
-    echo.wait_for("Connected to")
+    echo.wait_for(r"Subscribed to /ping\.")
     probe = MqttProbe(port)
     probe.subscribe("/pong")
     return probe
@@ -34,7 +34,7 @@ def test_echo_returns_every_payload_byte_for_byte(system: MqttProbe, payload: by
 def test_echo_ignores_other_topics_and_never_loops(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
-    echo.wait_for("Connected to")
+    echo.wait_for(r"Subscribed to /ping\.")
     probe = MqttProbe(port)
     probe.subscribe("#")
     for topic in ("/pong", "/ping/sub", "ping", "/other"):
@@ -54,7 +54,7 @@ def test_echo_ignores_other_topics_and_never_loops(spawn: Spawner, port: int) ->
 def test_echo_skips_payloads_over_the_limit(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), "--max-payload", "100", name="echo")
-    echo.wait_for("Connected to")
+    echo.wait_for(r"Subscribed to /ping\.")
     probe = MqttProbe(port)
     probe.subscribe("/pong")
     probe.publish("/ping", b"x" * 101)
@@ -67,7 +67,7 @@ def test_echo_skips_payloads_over_the_limit(spawn: Spawner, port: int) -> None:
 def test_echo_logs_binary_payloads_safely_and_truncated(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
-    echo.wait_for("Connected to")
+    echo.wait_for(r"Subscribed to /ping\.")
     probe = MqttProbe(port)
     probe.subscribe("/pong")
     probe.publish("/ping", b"\x00\xff" * 1000)
@@ -80,7 +80,7 @@ def test_echo_logs_binary_payloads_safely_and_truncated(spawn: Spawner, port: in
 
 def test_ping_client_count_gets_every_echo(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for("Connected to")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
     result = spawn.run("ping_client", "--port", str(port), "--count", "3", "--interval", "0.2")
     assert result.returncode == 0, result.stderr
     assert "3 sent, 3 received, 0 lost" in result.stdout

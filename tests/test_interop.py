@@ -23,7 +23,7 @@ def tool(name: str) -> str:
 def test_mosquitto_clients_round_trip_through_broker_and_echo(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
-    echo.wait_for("Connected to")
+    echo.wait_for(r"Subscribed to /ping\.")
     sub = subprocess.Popen(
         [tool("mosquitto_sub"), "-p", str(port), "-t", "/pong", "-C", "1", "-W", "10", "-V", "311"],
         stdout=subprocess.PIPE,

@@ -1,0 +1,179 @@
+"""A broker that misbehaves on purpose: a socket server a test tells how to break the protocol.
+
+Each behaviour is a function run in a thread for every connection it accepts. None of them is
+a real MQTT broker; they are just enough to take a client to the point where a real broker
+could fail it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+CONNACK_OK = b"\x20\x02\x00\x00"
+PUBLISH_256_MB = b"\x30\xff\xff\xff\x7f"
+"""A PUBLISH header declaring the largest remaining length MQTT allows (256 MB)."""
+GARBAGE = bytes(range(0xF0, 0x100)) * 4
+
+Behaviour = Callable[[socket.socket, threading.Event], None]
+
+
+def read_packet(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one MQTT packet; return (type, body). Raises ConnectionError when the peer closes."""
+    head = _read_exactly(sock, 1)[0]
+    length, multiplier = 0, 1
+    while True:
+        byte = _read_exactly(sock, 1)[0]
+        length += (byte & 0x7F) * multiplier
+        multiplier *= 128
+        if not byte & 0x80:
+            break
+    return head >> 4, _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        data += chunk
+    return data
+
+
+def _hold(sock: socket.socket, stop: threading.Event) -> None:
+    """Keep the connection open, reading and ignoring whatever the client sends, until stop."""
+    sock.settimeout(0.1)
+    while not stop.is_set():
+        try:
+            if not sock.recv(65536):
+                return
+        except TimeoutError:
+            continue
+
+
+def silent_after_connack(sock: socket.socket, stop: threading.Event) -> None:
+    """CONNACK, then nothing: no SUBACK, no PINGRESP, no PUBACK."""
+    read_packet(sock)
+    sock.sendall(CONNACK_OK)
+    _hold(sock, stop)
+
+
+def garbage_after_connack(sock: socket.socket, stop: threading.Event) -> None:
+    """CONNACK, then bytes that are no MQTT packet."""
+    read_packet(sock)
+    sock.sendall(CONNACK_OK + GARBAGE)
+    _hold(sock, stop)
+
+
+def garbage_instead_of_connack(sock: socket.socket, stop: threading.Event) -> None:
+    """Bytes that are no MQTT packet, where CONNACK should be."""
+    read_packet(sock)
+    sock.sendall(GARBAGE)
+    _hold(sock, stop)
+
+
+def close_after_connack(sock: socket.socket, _stop: threading.Event) -> None:
+    """CONNACK, then hang up."""
+    read_packet(sock)
+    sock.sendall(CONNACK_OK)
+
+
+def huge_packet_after_connack(sock: socket.socket, stop: threading.Event) -> None:
+    """CONNACK, then a PUBLISH declaring 256 MB whose body never comes."""
+    read_packet(sock)
+    sock.sendall(CONNACK_OK + PUBLISH_256_MB + b"\x00\x05/pong")
+    _hold(sock, stop)
+
+
+def drip(sock: socket.socket, stop: threading.Event) -> None:
+    """A valid CONNACK and SUBACKs, one byte per second."""
+    read_packet(sock)
+    pending = bytearray(CONNACK_OK)
+    sock.settimeout(0.05)
+    next_byte = time.monotonic() + 1.0
+    buffer = b""
+    while not stop.is_set():
+        if pending and time.monotonic() >= next_byte:
+            sock.sendall(bytes(pending[:1]))
+            del pending[:1]
+            next_byte += 1.0
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return
+        buffer += chunk
+        # Answer each SUBSCRIBE with a SUBACK granting QoS 0, dripped like the rest.
+        while len(buffer) >= 2 and len(buffer) >= 2 + buffer[1] and buffer[1] < 0x80:
+            kind, body, buffer = buffer[0] >> 4, buffer[2 : 2 + buffer[1]], buffer[2 + buffer[1] :]
+            if kind == 8:
+                pending += b"\x90\x03" + body[:2] + b"\x00"
+
+
+BEHAVIOURS: dict[str, Behaviour] = {
+    "silent after CONNACK": silent_after_connack,
+    "garbage after CONNACK": garbage_after_connack,
+    "garbage instead of CONNACK": garbage_instead_of_connack,
+    "close after CONNACK": close_after_connack,
+    "256 MB packet after CONNACK": huge_packet_after_connack,
+    "one byte per second": drip,
+}
+
+
+class HostileBroker:
+    """Listens on 127.0.0.1:port and runs ``behaviour`` on every connection, each in a thread."""
+
+    def __init__(self, port: int, behaviour: Behaviour) -> None:
+        """Bind and start accepting."""
+        self.port = port
+        self.behaviour = behaviour
+        self.connections = 0
+        self._stop = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", port))
+        self._server.settimeout(0.1)
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        with sock, contextlib.suppress(OSError, ConnectionError):
+            # A reset when closing, so the client sees the end at once.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.behaviour(sock, self._stop)
+
+    def close(self) -> None:
+        """Stop accepting, end every connection, and wait for the threads."""
+        self._stop.set()
+        self._server.close()
+        self._accepter.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+
+@contextlib.contextmanager
+def hostile_broker(port: int, behaviour: Behaviour) -> Iterator[HostileBroker]:
+    """Run a :class:`HostileBroker` for the duration of a ``with`` block."""
+    broker = HostileBroker(port, behaviour)
+    try:
+        yield broker
+    finally:
+        broker.close()
