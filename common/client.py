@@ -104,7 +104,10 @@ def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
         "--client-id",
         convert=str,
         default=None,
-        help="MQTT client id (default: the program name and a random suffix)",
+        help=(
+            "MQTT client id (default: the program name and a random suffix; under supervisord "
+            "the program name is appended, so that each program has its own)"
+        ),
     )
     add(parser, environ, "--username", convert=str, default=None, help="MQTT user name")
     add(
@@ -127,7 +130,22 @@ def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
 
 
-def client_settings(parser: cli.Parser, args: argparse.Namespace, role: str) -> ClientSettings:
+def client_id(given: str | None, role: str, environ: Mapping[str, str]) -> str:
+    """Return the MQTT client id: ``role`` and a random suffix, or the given one.
+
+    Under supervisord (which names each program in ``SUPERVISOR_PROCESS_NAME``) a given id gets
+    the program's name appended: supervisord hands one ``MQTT_CLIENT_ID`` to every program, and
+    two clients with one id would take the connection from each other for ever.
+    """
+    if not given:
+        return f"{role}-{secrets.token_hex(4)}"
+    program = environ.get("SUPERVISOR_PROCESS_NAME")
+    return f"{given}-{program}" if program else given
+
+
+def client_settings(
+    parser: cli.Parser, args: argparse.Namespace, role: str, environ: Mapping[str, str]
+) -> ClientSettings:
     """Build ClientSettings from parsed flags; a bad combination is a usage error."""
     if args.tls_ca is not None:
         try:
@@ -143,7 +161,7 @@ def client_settings(parser: cli.Parser, args: argparse.Namespace, role: str) -> 
             qos=args.qos,
             reconnect_interval=args.reconnect_interval,
             keepalive=args.keepalive,
-            client_id=args.client_id or f"{role}-{secrets.token_hex(4)}",
+            client_id=client_id(args.client_id, role, environ),
             username=args.username,
             password=args.password,
             tls=args.tls or args.tls_ca is not None,

@@ -10,17 +10,24 @@ import signal
 import sys
 import threading
 
+from common.constants import EXIT_FORCED
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+CLIENT_SHUTDOWN_LIMIT = 4.0
+"""Seconds a client's shutdown may take before its watchdog ends it with exit 124: under
+supervisord's stopwaitsecs (5 s), so that our own bound acts first and says so in the log."""
 
 
 def install_stop_handlers(stop: asyncio.Event, hard_limit: float) -> None:
     """Make SIGTERM/SIGINT set ``stop``; arm a watchdog that ends the process after ``hard_limit``.
 
     The handler only sets the event: main() does the orderly shutdown. The watchdog is the bound
-    on that shutdown whatever a library does (amqtt's shutdown can hang). A second signal exits
-    at once.
+    on that shutdown whatever a library does (amqtt's shutdown can hang); when it fires, the
+    process exits 124 (EXIT_FORCED), not 0, so that a forced stop never looks clean. A second
+    signal exits at once, with 1.
     """
     loop = asyncio.get_running_loop()
     install_exception_handler()
@@ -63,7 +70,7 @@ def install_exception_handler() -> None:
 def _arm_watchdog(limit: float) -> None:
     def expire() -> None:
         logger.error("Shutdown did not finish within %.1f s: exiting anyway.", limit)
-        _hard_exit(0)
+        _hard_exit(EXIT_FORCED)
 
     timer = threading.Timer(limit, expire)
     timer.daemon = True

@@ -30,6 +30,15 @@ Listener = Callable[[str, dict[str, object]], None]
 REMINDER_EVERY = 15.0
 """While the broker stays unreachable, remind the log this often (seconds), not on every try."""
 
+FLAP_WINDOW = 10.0
+"""A usable link lost within this many seconds of coming up was closed "soon"."""
+
+FLAP_LIMIT = 3
+"""After this many such losses in a row, the link backs off and says why it may be happening."""
+
+FLAP_BACKOFF_MAX = 10.0
+"""The longest pause between attempts while a link keeps being closed soon after coming up."""
+
 SUBACK_TIMEOUT = 5.0
 """Seconds a subscription may wait for its SUBACK before the link counts as failed."""
 
@@ -80,6 +89,8 @@ class Link:
         self._reminded_at = 0.0
         self._stopping = False
         self._greeted = False
+        self._up_since = 0.0
+        self._quick_losses = 0
         self._waiting: tuple[str, float] | None = None
         self._last_error: str | None = None
 
@@ -133,7 +144,14 @@ class Link:
             else:
                 # A session only returns when its message stream ended without an error.
                 self._down(aiomqtt.MqttError("session ended"))
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self._pause())
+
+    def _pause(self) -> float:
+        """Return the pause before the next attempt: longer while the link keeps flapping."""
+        if self._quick_losses < FLAP_LIMIT:
+            return self.interval
+        backoff = 0.5 * 2.0 ** (self._quick_losses - FLAP_LIMIT)
+        return max(self.interval, min(backoff, FLAP_BACKOFF_MAX))
 
     def _greet(self) -> None:
         """Log the first CONNACK ever; later ones are part of a reconnect, logged when it is up."""
@@ -169,13 +187,6 @@ class Link:
                     f"the broker refused the subscription to {topic} (SUBACK 0x{codes[0]:02x})"
                 )
         self._waiting = None
-        if self.topics:
-            logger.log(
-                self._info,
-                "%sSubscribed to %s.",
-                self._prefix,
-                ", ".join(topic for topic, _ in self.topics),
-            )
 
     def _up(self) -> None:
         now = self._clock()
@@ -194,7 +205,15 @@ class Link:
                 outage,
                 self.attempts,
             )
+        if self.topics:
+            logger.log(
+                self._info,
+                "%sSubscribed to %s.",
+                self._prefix,
+                ", ".join(topic for topic, _ in self.topics),
+            )
         self._down_since = None
+        self._up_since = now
         self.attempts = 0
         self.connected.set()
         self._emit("connected", outage_s=round(outage, 6), reconnects=self.reconnects)
@@ -210,6 +229,12 @@ class Link:
             self.connected.clear()
             self._down_since = now
             self._reminded_at = now
+            up_for = now - self._up_since
+            self._quick_losses = self._quick_losses + 1 if up_for < FLAP_WINDOW else 0
+            if self._quick_losses >= FLAP_LIMIT:
+                self._flapping(up_for)
+                self._emit("disconnected", reason=self._last_error)
+                return
             logger.log(
                 self._warning,
                 "%sLost connection to %s: %s. Retrying every %d ms.",
@@ -241,6 +266,34 @@ class Link:
                 self.attempts,
                 self._last_error,
             )
+
+    def _flapping(self, up_for: float) -> None:
+        """Report a link that keeps being closed soon after coming up, and why it may be."""
+        if self._quick_losses == FLAP_LIMIT:
+            logger.log(
+                self._warning,
+                "%sThe connection to %s was closed %d times in a row within %.0f s of coming up"
+                " (%s). Is another client using the id %r? A broker ends the older connection"
+                " of an id. Retrying more slowly, up to every %.0f s.",
+                self._prefix,
+                self.address,
+                self._quick_losses,
+                FLAP_WINDOW,
+                self._last_error,
+                self.client.identifier,
+                FLAP_BACKOFF_MAX,
+            )
+            return
+        logger.log(
+            self._warning,
+            "%sLost connection to %s again after %.1f s (%d times in a row): %s. Retrying in %g s.",
+            self._prefix,
+            self.address,
+            up_for,
+            self._quick_losses,
+            self._last_error,
+            self._pause(),
+        )
 
     def _emit(self, event: str, **data: object) -> None:
         if self._listener is not None:

@@ -14,7 +14,7 @@ import aiomqtt
 from common import cli, logs
 from common.client import ClientSettings, add_client_options, client_settings, make_client
 from common.constants import EXIT_OK
-from common.lifecycle import install_stop_handlers
+from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
 from common.show import show
 
@@ -48,7 +48,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSetting
     )
     args = parser.parse_args(argv)
     return EchoSettings(
-        client=client_settings(parser, args, "echo_client"), max_payload=args.max_payload
+        client=client_settings(parser, args, "echo_client", environ), max_payload=args.max_payload
     )
 
 
@@ -111,7 +111,7 @@ class Echo:
 async def amain(settings: EchoSettings) -> int:
     """Echo until SIGTERM/SIGINT, then log a summary; return the exit status."""
     stop = asyncio.Event()
-    install_stop_handlers(stop, hard_limit=5.0)
+    install_stop_handlers(stop, hard_limit=CLIENT_SHUTDOWN_LIMIT)
     address = f"{settings.client.host}:{settings.client.port}"
     link = Link(
         make_client(settings.client),

@@ -21,7 +21,7 @@ import aiomqtt
 
 from common import logs
 from common.client import make_client
-from common.lifecycle import install_stop_handlers
+from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
 from common.show import show
 from ping_client.probe import Tracker, Verdict, decimals_for, percentile
@@ -409,7 +409,7 @@ def exit_code(summary: Summary) -> int:
 async def amain(settings: PingSettings) -> int:
     """Run the probe and print its summary; return the exit status."""
     stop = asyncio.Event()
-    install_stop_handlers(stop, hard_limit=5.0)
+    install_stop_handlers(stop, hard_limit=CLIENT_SHUTDOWN_LIMIT)
     reporter = Reporter(json_mode=settings.json, out=sys.stdout)
     summary = await Probe(settings, reporter).run(stop)
     if settings.json:

@@ -128,7 +128,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     if deadline is None and args.count is not None and connect_timeout is not None:
         deadline = derived_deadline(args.count, args.interval, args.timeout, connect_timeout)
     return PingSettings(
-        client=client_settings(parser, args, "ping_client"),
+        client=client_settings(parser, args, "ping_client", environ),
         interval=args.interval,
         count=args.count,
         timeout=args.timeout,

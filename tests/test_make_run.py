@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 from functools import partial
 from pathlib import Path
 
@@ -127,5 +132,88 @@ def run_and_interrupt(
             os.killpg(make.pid, signal.SIGKILL)
             make.wait(5)
         # After a failure, supervisord (daemonized, in its own session) may still run.
+        subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
+                       capture_output=True, timeout=60, check=False)  # fmt: skip
+
+
+def controlling_terminal() -> None:
+    """In the child: make the pty on stdin its controlling terminal, with Ctrl-C as usual."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    terminal_signals()
+
+
+def supervisord_family(root: Path) -> list[int]:
+    """supervisord and every process under it, once its pidfile is written."""
+    pidfile = root / "run" / "supervisord.pid"
+    wait_until(pidfile.exists, 30, "supervisord's pidfile")
+    pid = int(pidfile.read_text())
+    return [pid, *supervisor_children(pid)]
+
+
+def assert_all_gone(family: list[int], port: int) -> None:
+    """Every process of the run ends, and the port is free again."""
+    wait_until(lambda: not any(pid_alive(p) for p in family), 20, "every process to exit")
+    assert not port_accepts(port)
+
+
+@pytest.mark.timeout(90)
+def test_closing_the_terminal_stops_everything(tmp_path: Path, port: int) -> None:
+    """make run on a real pty; the terminal hangs up (SIGHUP), as when its window is closed."""
+    root = checkout(tmp_path)
+    env = base_env(MQTT_PORT=str(port))
+    master, slave = pty.openpty()
+    seen = bytearray()
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "run"], cwd=root, env=env,
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=controlling_terminal,  # noqa: PLW1509 - single-threaded set-up before exec
+    )  # fmt: skip
+    os.close(slave)
+    family: list[int] = []
+    try:
+
+        def pong_on_screen() -> bool:
+            if select.select([master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    seen.extend(os.read(master, 65536))
+            return b"client: Got b'" in seen
+
+        wait_until(pong_on_screen, 30, "a pong on the terminal")
+        family = supervisord_family(root)
+        assert len(family) >= 4
+        os.close(master)  # the terminal goes away
+        master = -1
+        assert_all_gone([make.pid, *family], port)
+    finally:
+        if master >= 0:
+            os.close(master)
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+        make.wait(5)
+        subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
+                       capture_output=True, timeout=60, check=False)  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_through_tee_stops_everything(tmp_path: Path, port: int) -> None:
+    """`make run | tee run.log`, then Ctrl-C: tee dies first, and the stop must still run."""
+    root = checkout(tmp_path)
+    env = base_env(MQTT_PORT=str(port))
+    shell = subprocess.Popen(
+        ["bash", "-c", "make --no-print-directory run | tee run.log"], cwd=root, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # one process group for the pipeline, as a terminal gives it
+        preexec_fn=terminal_signals,  # noqa: PLW1509 - single-threaded set-up before exec
+    )  # fmt: skip
+    try:
+        log = root / "run.log"
+        wait_until(lambda: log.exists() and "client: Got b'" in log.read_text(), 30, "a pong")
+        family = supervisord_family(root)
+        os.killpg(shell.pid, signal.SIGINT)
+        assert_all_gone(family, port)
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(5)
         subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
                        capture_output=True, timeout=60, check=False)  # fmt: skip

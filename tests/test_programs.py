@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import configparser
 import signal
 import socket
+import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.support import MqttProbe, Spawner, base_env, wait_until
+from broker.settings import BrokerSettings
+from common.constants import EXIT_FORCED
+from common.lifecycle import CLIENT_SHUTDOWN_LIMIT
+from tests.support import PYTHON, REPO, MqttProbe, Spawner, base_env, wait_until
 
 PROGRAMS = ["broker", "ping_client", "echo_client"]
 
@@ -131,3 +137,46 @@ def test_qos1_echo_stops_cleanly_mid_traffic(spawn: Spawner, port: int) -> None:
     ping.signal(signal.SIGTERM)
     assert ping.wait(5) in (0, 1)  # pings in flight when the echo stopped may be lost
     assert "Traceback" not in echo.err() + ping.err()
+
+
+def test_a_shutdown_the_watchdog_has_to_end_exits_124(tmp_path: Path) -> None:
+    """A forced stop must not look like a clean one: exit 124 and one ERROR line."""
+    # Fault injected: a program whose shutdown never finishes after SIGTERM.
+    code = textwrap.dedent("""
+        import asyncio, logging, sys
+        from common.lifecycle import install_stop_handlers
+
+        async def main():
+            stop = asyncio.Event()
+            install_stop_handlers(stop, hard_limit=0.5)
+            print("ready", flush=True)
+            await stop.wait()
+            await asyncio.Event().wait()  # a shutdown that hangs
+
+        logging.basicConfig(level=logging.INFO)
+        asyncio.run(main())
+    """)
+    with (tmp_path / "err").open("w") as stderr, subprocess.Popen(
+        [PYTHON, "-c", code], cwd=REPO, env=base_env(), text=True,
+        stdout=subprocess.PIPE, stderr=stderr,
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == EXIT_FORCED
+    err = (tmp_path / "err").read_text()
+    assert "Shutdown did not finish within 0.5 s: exiting anyway." in err
+    assert "Traceback" not in err
+
+
+def test_our_shutdown_bounds_act_before_supervisords() -> None:
+    """Each program's own bound is at least a second under supervisord's stopwaitsecs."""
+    conf = configparser.RawConfigParser()
+    conf.read(REPO / "supervisord.conf")
+    bounds = {
+        "broker": BrokerSettings().shutdown_timeout + 1.0,  # broker/main.py's watchdog
+        "ping_client": CLIENT_SHUTDOWN_LIMIT,
+        "echo_client": CLIENT_SHUTDOWN_LIMIT,
+    }
+    for program, bound in bounds.items():
+        assert conf.getfloat(f"program:{program}", "stopwaitsecs") >= bound + 1.0, program

@@ -85,3 +85,25 @@ def test_retrying_every_100_ms_floods_no_log(spawn: Spawner, port: int) -> None:
     assert echo.count("Cannot connect") == 1
     assert echo.count("Connected to") == 0
     assert len(echo.err().splitlines()) == 1, echo.err()
+
+
+def test_clients_sharing_an_id_say_so_and_back_off(spawn: Spawner, port: int) -> None:
+    """Two clients with one id take the connection from each other: they must say so plainly
+    and slow down, not reconnect ten times a second for ever."""
+    broker = spawn.broker(port)
+    echoes = [
+        spawn.start("echo_client", "--port", str(port), "--client-id", "demo", name=f"echo{i}")
+        for i in (1, 2)
+    ]
+
+    def backed_off() -> bool:
+        return any("Retrying in 2 s." in echo.err() for echo in echoes)
+
+    # Without a back-off, the pauses would stay at 100 ms and this line would never come.
+    wait_until(backed_off, 30, "a client to slow its retries to 2 s")
+    warned = [echo for echo in echoes if "Is another client using the id 'demo'?" in echo.err()]
+    assert warned, [echo.err() for echo in echoes]
+    for echo in echoes:
+        assert echo.count("Is another client using the id") <= 1
+    # 100 ms pauses would have let them take the id from each other ~10 times a second.
+    assert broker.count(r"Client demo connected") < 30, broker.err()

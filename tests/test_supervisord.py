@@ -60,3 +60,18 @@ def test_broker_killed_is_restarted_and_pongs_resume(tmp_path: Path, port: int) 
             text = program_log(tmp_path, name)
             assert text.count("Lost connection") == 1, text
             assert text.count("Reconnected") == 1, text
+
+
+def test_one_client_id_for_the_whole_system_gives_each_program_its_own(
+    tmp_path: Path, port: int
+) -> None:
+    """MQTT_CLIENT_ID=demo make run: supervisord hands the id to both clients."""
+    with supervised(tmp_path, port, ['MQTT_CLIENT_ID="demo"']):
+        wait_until(lambda: logged_pongs(tmp_path) >= 3, 20, "three pongs")
+        broker = program_log(tmp_path, "broker")
+        assert "Client demo-echo_client connected" in broker
+        assert "Client demo-ping_client connected" in broker
+        for name in ("echo_client", "ping_client"):
+            text = program_log(tmp_path, name)
+            assert f"as demo-{name}." in text
+            assert "Lost connection" not in text, text

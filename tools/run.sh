@@ -59,18 +59,32 @@ case "${1:-}" in
   *) echo "usage: $0 [--start-only|--stop]" >&2; exit 64 ;;
 esac
 
+# Stop everything however the terminal goes away: Ctrl-C (INT), closing it (HUP), a pipe reader
+# that died (`make run | tee x` then Ctrl-C: writes fail), or the stream ending (EXIT). Once
+# stopping, further signals are ignored so that the stop itself is never cut short, and its
+# messages are best effort: the terminal or pipe they go to may be gone.
+on_exit() {
+  trap '' INT TERM HUP PIPE
+  trap - EXIT
+  set +e
+  { echo; echo "Stopping..."; } 2>/dev/null
+  stop 2>/dev/null
+  exit 0
+}
+
 start
 touch "${LOGS[@]}"
-trap 'trap - INT TERM EXIT; echo; echo "Stopping..."; stop' INT TERM EXIT
+trap on_exit INT TERM HUP PIPE EXIT
 # tail names each file in a "==> file <==" header; turn that into a per-line prefix. (A bash
-# loop, because mawk buffers its input and would hold lines back.)
+# loop, because mawk buffers its input and would hold lines back.) A failed write (the reader
+# is gone) ends the loop, and with it the stream.
 tail -n 0 -F "${LOGS[@]}" 2>/dev/null | {
   name=""
   while IFS= read -r line; do
     if [[ $line =~ ^==\>\ logs/(.*)\.log\ \<==$ ]]; then
       name=${BASH_REMATCH[1]}
     elif [[ -n $line ]]; then
-      printf '%-12s| %s\n' "$name" "$line"
+      printf '%-12s| %s\n' "$name" "$line" 2>/dev/null || exit 0
     fi
   done
 } || true
