@@ -71,9 +71,11 @@ def test_silent_client_is_closed_after_one_and_a_half_keepalives_and_its_will_pu
     silent = RawClient(broker_port)
     silent.connect(uid("silent"), keepalive=1, will=(will_topic, b"gone", 0, False))
     start = time.monotonic()
-    assert silent.closed_within(5)
+    assert silent.closed_within(8)
     elapsed = time.monotonic() - start
-    assert 1.4 <= elapsed < 3.0, elapsed
+    # Not before 1.5 x keepalive (load only delays a close, so this bound is exact); the upper
+    # bound is wide because three pytest workers load two cores, and only catches "much later".
+    assert 1.4 <= elapsed < 5.0, elapsed
     got = watcher.message()
     assert (got.topic, got.payload) == (will_topic, b"gone")
 

@@ -59,8 +59,10 @@ def test_broker_sigkill_clients_recover_fast_and_nothing_doubles(tmp_path: Path,
             if "client: Got b'" in ln and stamp(ln) > ready
         )  # fmt: skip
         recovery = (first_pong - ready).total_seconds()
-        # 100 ms retry + connect + the next 200 ms tick: well under a second; assert generously.
-        assert recovery < 2.0, recovery
+        # 100 ms retry + connect + the next 200 ms tick: well under a second here (make soak
+        # measures it). Asserted generously, so that load on two cores cannot fail it by
+        # chance, while a 5 s timeout in the loop (aiomqtt's default) still would.
+        assert recovery < 4.0, recovery
         for name in ("echo_client", "ping_client"):
             text = program_log(tmp_path, name)
             assert text.count("Lost connection") == 1, text
