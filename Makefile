@@ -5,7 +5,9 @@
 #   make test-pythons   pytest once per supported Python (3.11, 3.12, 3.13), each in .venv-X.Y.
 
 PYTHON ?= python3
-VENV   ?= .venv
+# := so that only the command line (make test-pythons passes VENV=.venv-3.12) overrides it: make
+# exports command-line variables to its recipes, and a test's own `make run` must not inherit it.
+VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONF   := supervisord.conf

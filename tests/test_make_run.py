@@ -92,6 +92,18 @@ def terminal_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def leave_nothing(group: subprocess.Popen[bytes], root: Path, env: dict[str, str] | None) -> None:
+    """Whatever failed, end the run's process group and the supervisord it may have left.
+
+    supervisord daemonizes into a session of its own, so killing the group does not reach it.
+    """
+    if group.poll() is None:
+        os.killpg(group.pid, signal.SIGKILL)
+    group.wait(5)
+    subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env or base_env(),
+                   capture_output=True, timeout=60, check=False)  # fmt: skip
+
+
 def run_and_interrupt(
     root: Path, tmp_path: Path, port: int, env: dict[str, str] | None = None
 ) -> None:
@@ -128,12 +140,7 @@ def run_and_interrupt(
         assert not port_accepts(port)
         assert "Stopped." in out_path.read_text()
     finally:
-        if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-            make.wait(5)
-        # After a failure, supervisord (daemonized, in its own session) may still run.
-        subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
-                       capture_output=True, timeout=60, check=False)  # fmt: skip
+        leave_nothing(make, root, env)
 
 
 def controlling_terminal() -> None:
@@ -187,11 +194,7 @@ def test_closing_the_terminal_stops_everything(tmp_path: Path, port: int) -> Non
     finally:
         if master >= 0:
             os.close(master)
-        if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-        make.wait(5)
-        subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
-                       capture_output=True, timeout=60, check=False)  # fmt: skip
+        leave_nothing(make, root, env)
 
 
 @pytest.mark.timeout(90)
@@ -212,8 +215,4 @@ def test_ctrl_c_through_tee_stops_everything(tmp_path: Path, port: int) -> None:
         os.killpg(shell.pid, signal.SIGINT)
         assert_all_gone(family, port)
     finally:
-        if shell.poll() is None:
-            os.killpg(shell.pid, signal.SIGKILL)
-        shell.wait(5)
-        subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
-                       capture_output=True, timeout=60, check=False)  # fmt: skip
+        leave_nothing(shell, root, env)
