@@ -56,25 +56,23 @@ def _hold(sock: socket.socket, stop: threading.Event) -> None:
             continue
 
 
-def silent_after_connack(sock: socket.socket, stop: threading.Event) -> None:
-    """CONNACK, then nothing: no SUBACK, no PINGRESP, no PUBACK."""
-    read_packet(sock)
-    sock.sendall(CONNACK_OK)
-    _hold(sock, stop)
+def _answer_and_hold(answer: bytes) -> Behaviour:
+    """A behaviour: read CONNECT, send ``answer``, then hold the connection open, mute."""
+
+    def behave(sock: socket.socket, stop: threading.Event) -> None:
+        read_packet(sock)
+        sock.sendall(answer)
+        _hold(sock, stop)
+
+    return behave
 
 
-def garbage_after_connack(sock: socket.socket, stop: threading.Event) -> None:
-    """CONNACK, then bytes that are no MQTT packet."""
-    read_packet(sock)
-    sock.sendall(CONNACK_OK + GARBAGE)
-    _hold(sock, stop)
-
-
-def garbage_instead_of_connack(sock: socket.socket, stop: threading.Event) -> None:
-    """Bytes that are no MQTT packet, where CONNACK should be."""
-    read_packet(sock)
-    sock.sendall(GARBAGE)
-    _hold(sock, stop)
+silent_after_connack = _answer_and_hold(CONNACK_OK)
+"""CONNACK, then nothing: no SUBACK, no PINGRESP, no PUBACK."""
+garbage_after_connack = _answer_and_hold(CONNACK_OK + GARBAGE)
+"""CONNACK, then bytes that are no MQTT packet."""
+garbage_instead_of_connack = _answer_and_hold(GARBAGE)
+"""Bytes that are no MQTT packet, where CONNACK should be."""
 
 
 def close_after_connack(sock: socket.socket, _stop: threading.Event) -> None:
@@ -83,11 +81,8 @@ def close_after_connack(sock: socket.socket, _stop: threading.Event) -> None:
     sock.sendall(CONNACK_OK)
 
 
-def huge_packet_after_connack(sock: socket.socket, stop: threading.Event) -> None:
-    """CONNACK, then a PUBLISH declaring 256 MB whose body never comes."""
-    read_packet(sock)
-    sock.sendall(CONNACK_OK + PUBLISH_256_MB + b"\x00\x05/pong")
-    _hold(sock, stop)
+huge_packet_after_connack = _answer_and_hold(CONNACK_OK + PUBLISH_256_MB + b"\x00\x05/pong")
+"""CONNACK, then a PUBLISH declaring 256 MB whose body never comes."""
 
 
 def drip(sock: socket.socket, stop: threading.Event) -> None:
