@@ -7,49 +7,85 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 
-from broker.server import BindError, Listener, PingPongBroker, amqtt_config, bind, tls_context
+from broker.connection import Hub
+from broker.engine import Engine, EngineMismatch
+from broker.server import BindError, Listener, bind, tls_context
 from broker.settings import BrokerSettings, parse
 from common import logs
-from common.constants import EXIT_OK, EXIT_UNAVAILABLE
+from common.constants import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from common.lifecycle import install_stop_handlers
 
 logger = logging.getLogger("broker")
 
 
-async def serve(settings: BrokerSettings) -> int:
-    """Run the broker until a stop signal; return the exit code."""
-    stop = asyncio.Event()
-    install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
+def listen(settings: BrokerSettings) -> dict[str, Listener]:
+    """Bind the plain listener and, when configured, the TLS one; raise BindError."""
     listeners: dict[str, Listener] = {}
     try:
         listeners["default"] = Listener(bind(settings.host, settings.port))
         if settings.tls_port is not None and settings.tls_cert and settings.tls_key:
             context = tls_context(settings.tls_cert, settings.tls_key)
             listeners["tls"] = Listener(bind(settings.host, settings.tls_port), context)
-    except BindError as exc:
+    except BindError:
         for listener in listeners.values():
             listener.sock.close()
+        raise
+    return listeners
+
+
+async def serve(settings: BrokerSettings) -> int:
+    """Run the broker until a stop signal; return the exit code."""
+    stop = asyncio.Event()
+    install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
+    try:
+        listeners = listen(settings)
+    except BindError as exc:
         sys.stderr.write(f"broker: error: {exc}\n")
         return EXIT_UNAVAILABLE
-    broker = PingPongBroker(
-        amqtt_config(settings, listeners), listeners, settings.limits, settings.max_connections
-    )
-    await broker.start()
+    hub = Hub(settings.limits, settings.max_connections)
+    servers: list[asyncio.Server] = []
+
+    async def start_listener(name: str) -> asyncio.Server:
+        listener = listeners[name]
+        server = await asyncio.get_running_loop().create_server(
+            partial(hub.connection, tls=listener.tls is not None),
+            sock=listener.sock,
+            ssl=listener.tls,
+            ssl_handshake_timeout=settings.limits.connect_timeout if listener.tls else None,
+        )
+        servers.append(server)
+        return server
+
+    try:
+        engine = Engine(
+            listeners=[(name, listener.address) for name, listener in listeners.items()],
+            password_file=str(settings.password_file) if settings.password_file else None,
+            serve=start_listener,
+            broadcast=hub.publish,
+        )
+        hub.engine = engine
+        await engine.start()
+    except EngineMismatch as exc:
+        sys.stderr.write(f"broker: error: {exc}; this broker was written for amqtt 0.12.1\n")
+        return EXIT_SOFTWARE
     for listener in listeners.values():
-        host, port = listener.sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
         kind = "MQTT over TLS" if listener.tls else "MQTT"
-        logger.info("Listening on %s:%d for %s (pid %d).", shown, port, kind, os.getpid())
+        logger.info("Listening on %s for %s (pid %d).", listener.address, kind, os.getpid())
     if settings.password_file is not None:
         logger.info("Clients must authenticate: users from %s.", settings.password_file)
     await stop.wait()
     logger.info("Shutting down.")
+    for server in servers:
+        server.close()  # accept no more
     try:
-        await asyncio.wait_for(broker.shutdown(), settings.shutdown_timeout)
+        async with asyncio.timeout(settings.shutdown_timeout):
+            await hub.close_all(grace=settings.shutdown_timeout / 2)
+            await engine.shutdown()
     except TimeoutError:
         logger.warning(
-            "amqtt did not shut down within %.1f s; closing anyway.", settings.shutdown_timeout
+            "The broker did not shut down within %.1f s; closing anyway.", settings.shutdown_timeout
         )
     for listener in listeners.values():
         listener.sock.close()
@@ -57,16 +93,8 @@ async def serve(settings: BrokerSettings) -> int:
     return EXIT_OK
 
 
-class _AlreadyLogged(logging.Filter):
-    """Drop amqtt's line for a refused connection: the broker has logged it with its address."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to initialize client session")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the broker as a program: ``python -m broker --help``."""
     settings = parse(argv, os.environ)
     logs.configure("broker", settings.log_level)
-    logging.getLogger("amqtt.broker").addFilter(_AlreadyLogged())
     sys.exit(asyncio.run(serve(settings)))

@@ -1,11 +1,8 @@
-"""Strict MQTT 3.1.1 framing and validation in front of amqtt's packet decoders.
+"""The MQTT 3.1.1 codec: whole frames in, checked packets out; packets in, bytes out.
 
-amqtt 0.12.1 reads a packet straight off the socket and tolerates most protocol violations: it
-reads any remaining length it is told, logs and continues after malformed packets, ignores
-reserved flag bits, accepts a second CONNECT, and never enforces keepalive. Here every packet is
-first read whole (bounded by a maximum size), checked against the statements of the
-specification it could break, and only then decoded by amqtt from memory. A violation closes the
-connection, as the specification requires of a server.
+Pure: no sockets, no clock, no amqtt. Every check is a statement of the specification; a
+violation raises :class:`ProtocolViolation`, and the connection closes, as the specification
+requires of a server. :mod:`broker.framing` cuts the byte stream into frames first.
 """
 
 from __future__ import annotations
@@ -13,8 +10,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from typing import Final
-
-from amqtt.adapters import ReaderAdapter
 
 # Packet types (MQTT 3.1.1 section 2.2.1).
 CONNECT: Final = 1
@@ -61,61 +56,11 @@ class Frame:
     packet_type: int
     flags: int
     body: bytes
-    raw: bytes
-    """The fixed header and body, for amqtt's decoders."""
 
     @property
     def name(self) -> str:
         """The packet type's name."""
         return NAMES[self.packet_type]
-
-
-async def read_frame(reader: ReaderAdapter, max_size: int) -> Frame:
-    """Read one packet; raise EOFError at a clean end of stream, ProtocolViolation on bad framing.
-
-    The remaining length is checked against ``max_size`` before the body is read, so a client
-    that declares 256 MB costs nothing.
-    """
-    header = await reader.read(2)  # every packet has at least a type byte and a length byte
-    if len(header) < 2:
-        raise EOFError
-    first = header[:1]
-    length = header[1] & 0x7F
-    if header[1] & 0x80:
-        header = bytearray(header)
-        multiplier = 128
-        for _ in range(3):
-            byte = await reader.read(1)
-            if not byte:
-                raise EOFError
-            header += byte
-            length += (byte[0] & 0x7F) * multiplier
-            if not byte[0] & 0x80:
-                break
-            multiplier *= 128
-        else:
-            raise ProtocolViolation("remaining length longer than 4 bytes", "MQTT-2.2.3")
-    if len(header) + length > max_size:
-        raise ProtocolViolation(
-            f"packet of {len(header) + length} bytes exceeds the {max_size}-byte maximum",
-            "MQTT-1.5.4 / server limit",
-        )
-    body = await reader.read(length) if length else b""
-    if len(body) != length:
-        raise EOFError
-    return Frame(first[0] >> 4, first[0] & 0x0F, body, bytes(header) + body)
-
-
-def frame_complete(buffer: bytes | bytearray) -> bool:
-    """Whether ``buffer`` starts with a whole packet, so reading it would not wait."""
-    length, multiplier = 0, 1
-    for i in range(1, min(len(buffer), 5)):
-        byte = buffer[i]
-        length += (byte & 0x7F) * multiplier
-        if not byte & 0x80:
-            return len(buffer) >= i + 1 + length
-        multiplier *= 128
-    return False  # not even a whole fixed header (or a bad one, which read_frame reports)
 
 
 def _string(body: bytes, offset: int, what: str) -> tuple[str, int]:
@@ -144,10 +89,10 @@ def _packet_id(body: bytes, offset: int, what: str) -> int:
     return int(packet_id)
 
 
-def check(frame: Frame, *, connected: bool) -> Publish | None:
+def check(frame: Frame, *, connected: bool) -> Publish | Subscribe | Unsubscribe | None:
     """Raise ProtocolViolation if ``frame`` breaks the specification for a client packet.
 
-    A PUBLISH comes back decoded, so that the hot path needs no second parse.
+    A PUBLISH, SUBSCRIBE or UNSUBSCRIBE comes back decoded, so that nothing parses it twice.
     """
     kind, flags, body = frame.packet_type, frame.flags, frame.body
     if kind in (0, 15):
@@ -172,9 +117,9 @@ def check(frame: Frame, *, connected: bool) -> Publish | None:
     elif kind in (PINGREQ, DISCONNECT) and body:
         raise ProtocolViolation(f"{frame.name} with a body", "MQTT-2.2")
     elif kind == SUBSCRIBE:
-        _check_subscribe(body)
+        return decode_subscribe(body)
     elif kind == UNSUBSCRIBE:
-        _check_unsubscribe(body)
+        return decode_unsubscribe(body)
     return None
 
 
@@ -207,14 +152,15 @@ def _check_publish(flags: int, body: bytes) -> Publish:
     return Publish(topic, body[offset:], qos, bool(flags & 1), packet_id)
 
 
-def _filters(body: bytes, what: str, *, with_qos: bool) -> int:
-    """Walk a SUBSCRIBE/UNSUBSCRIBE payload; return how many topic filters it holds."""
+def _filters(body: bytes, what: str, *, with_qos: bool) -> list[tuple[str, int]]:
+    """Decode a SUBSCRIBE/UNSUBSCRIBE payload: its (topic filter, requested QoS) pairs."""
     offset = 2
-    count = 0
+    found: list[tuple[str, int]] = []
     while offset < len(body):
         topic_filter, offset = _string(body, offset, f"{what} topic filter")
         if not topic_filter:
             raise ProtocolViolation(f"{what} with an empty topic filter", "MQTT-4.7.3-1")
+        requested = 0
         if with_qos:
             if offset >= len(body):
                 raise ProtocolViolation(f"{what} filter without a QoS byte", "MQTT-3.8.3")
@@ -224,47 +170,150 @@ def _filters(body: bytes, what: str, *, with_qos: bool) -> int:
                     f"{what} with requested QoS byte {requested}", "MQTT-3.8.3-4"
                 )
             offset += 1
-        count += 1
-    return count
+        found.append((topic_filter, requested))
+    return found
 
 
-def _check_subscribe(body: bytes) -> None:
-    _packet_id(body, 0, "SUBSCRIBE")
-    if _filters(body, "SUBSCRIBE", with_qos=True) == 0:
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """A checked SUBSCRIBE: its packet id and (topic filter, requested QoS) pairs."""
+
+    packet_id: int
+    filters: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """A checked UNSUBSCRIBE: its packet id and topic filters."""
+
+    packet_id: int
+    filters: tuple[str, ...]
+
+
+def decode_subscribe(body: bytes) -> Subscribe:
+    """Decode the body of a SUBSCRIBE; raise ProtocolViolation if it is malformed."""
+    packet_id = _packet_id(body, 0, "SUBSCRIBE")
+    filters = _filters(body, "SUBSCRIBE", with_qos=True)
+    if not filters:
         raise ProtocolViolation("SUBSCRIBE with no topic filter", "MQTT-3.8.3-3")
+    return Subscribe(packet_id, tuple(filters))
 
 
-def _check_unsubscribe(body: bytes) -> None:
-    _packet_id(body, 0, "UNSUBSCRIBE")
-    if _filters(body, "UNSUBSCRIBE", with_qos=False) == 0:
+def decode_unsubscribe(body: bytes) -> Unsubscribe:
+    """Decode the body of an UNSUBSCRIBE; raise ProtocolViolation if it is malformed."""
+    packet_id = _packet_id(body, 0, "UNSUBSCRIBE")
+    filters = _filters(body, "UNSUBSCRIBE", with_qos=False)
+    if not filters:
         raise ProtocolViolation("UNSUBSCRIBE with no topic filter", "MQTT-3.10.3-2")
+    return Unsubscribe(packet_id, tuple(name for name, _ in filters))
 
 
-def check_connect(frame: Frame) -> None:
-    """Check the parts of CONNECT amqtt leaves unchecked: reserved flag, will QoS, strings."""
+def packet_id_of(frame: Frame) -> int:
+    """Return the packet id of a checked PUBACK, PUBREC, PUBREL or PUBCOMP."""
+    return int.from_bytes(frame.body, "big")
+
+
+# --- CONNECT ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The will message a CONNECT carries."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """A checked CONNECT of protocol level 4 (MQTT 3.1.1)."""
+
+    client_id: str
+    clean_session: bool
+    keep_alive: int
+    will: Will | None = None
+    username: str | None = None
+    password: str | None = None
+    password_without_user: bool = False
+    """Password flag 1 with user name flag 0: amqtt's answer is CONNACK 0x04, kept as it was."""
+
+
+class UnsupportedProtocol(Exception):  # noqa: N818 - named for what the client asked for
+    """A CONNECT for a protocol other than MQTT 3.1.1; ``level`` is None for a foreign name."""
+
+    def __init__(self, name: str, level: int | None) -> None:
+        """Record the protocol name and level the client asked for."""
+        shown = name if level is None else f"{name} level {level}"
+        super().__init__(f"unsupported protocol {shown}")
+        self.level = level
+
+
+def decode_connect(frame: Frame) -> Connect:
+    """Check and decode a CONNECT (section 3.1).
+
+    Raise UnsupportedProtocol for another protocol name or level (the caller answers the way
+    [MQTT-3.1.2-1] and [MQTT-3.1.2-2] say), ProtocolViolation when it is malformed.
+    """
     body = frame.body
     if frame.flags:
         raise ProtocolViolation("CONNECT with reserved flags", "MQTT-2.2.2-2")
     name, offset = _string(body, 0, "protocol name")
     if offset + 4 > len(body):
         raise ProtocolViolation("CONNECT truncated", "MQTT-3.1.2")
-    level, connect_flags = body[offset], body[offset + 1]
-    if name != "MQTT" or level != 4:
-        return  # amqtt answers these with CONNACK 0x01, as [MQTT-3.1.2-2] asks
-    if connect_flags & 0x01:
+    level, flags = body[offset], body[offset + 1]
+    if name != "MQTT":
+        raise UnsupportedProtocol(repr(name), None)
+    if level != 4:
+        raise UnsupportedProtocol("MQTT", level)
+    if flags & 0x01:
         raise ProtocolViolation("CONNECT reserved flag set", "MQTT-3.1.2-3")
-    will = bool(connect_flags & 0x04)
-    will_qos = (connect_flags >> 3) & 0b11
+    has_will = bool(flags & 0x04)
+    will_qos = (flags >> 3) & 0b11
     if will_qos == 3:
         raise ProtocolViolation("CONNECT will QoS 3", "MQTT-3.1.2-14")
-    if not will and (will_qos or connect_flags & 0x20):
+    if not has_will and (will_qos or flags & 0x20):
         raise ProtocolViolation("will QoS or retain set without a will", "MQTT-3.1.2-13")
+    (keep_alive,) = struct.unpack_from("!H", body, offset + 2)
     offset += 4
-    _, offset = _string(body, offset, "client identifier")
-    if will:
+    client_id, offset = _string(body, offset, "client identifier")
+    will = None
+    if has_will:
         topic, offset = _string(body, offset, "will topic")
         if not topic or "+" in topic or "#" in topic:
             raise ProtocolViolation(f"invalid will topic {topic!r}", "MQTT-3.3.2-2")
+        message, offset = _binary(body, offset, "will message")
+        will = Will(topic, message, will_qos, bool(flags & 0x20))
+    username = password = None
+    if flags & 0x80:
+        username, offset = _string(body, offset, "user name")
+    if flags & 0x40:
+        raw, offset = _binary(body, offset, "password")
+        password = raw.decode("utf-8", "replace")
+    return Connect(
+        client_id=client_id,
+        clean_session=bool(flags & 0x02),
+        keep_alive=int(keep_alive),
+        will=will,
+        username=username,
+        password=password,
+        password_without_user=bool(flags & 0x40) and not flags & 0x80,
+    )
+
+
+def _binary(body: bytes, offset: int, what: str) -> tuple[bytes, int]:
+    """Read two-byte-length binary data (section 1.5.5)."""
+    if offset + 2 > len(body):
+        raise ProtocolViolation(f"{what}: truncated length", "MQTT-3.1.3")
+    (size,) = struct.unpack_from("!H", body, offset)
+    end = offset + 2 + size
+    if end > len(body):
+        raise ProtocolViolation(f"{what}: truncated", "MQTT-3.1.3")
+    return body[offset + 2 : end], end
+
+
+# --- encoding ---------------------------------------------------------------------------------
 
 
 def remaining_length(length: int) -> bytes:
@@ -277,24 +326,35 @@ def remaining_length(length: int) -> bytes:
             return bytes(encoded)
 
 
-def encode_publish_qos0(topic: str, payload: bytes) -> bytes:
-    """Encode a QoS 0 PUBLISH with RETAIN 0: built once per message, written to each subscriber."""
+def encode_publish(
+    topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, *, retain: bool = False,
+    dup: bool = False,
+) -> bytes:  # fmt: skip
+    """Encode a PUBLISH (section 3.3); a QoS 0 one is built once and written to each subscriber."""
     raw_topic = topic.encode()
-    length = remaining_length(2 + len(raw_topic) + len(payload))
-    return b"\x30" + length + struct.pack("!H", len(raw_topic)) + raw_topic + payload
+    first = PUBLISH << 4 | (0x08 if dup else 0) | qos << 1 | (0x01 if retain else 0)
+    if qos:
+        head = struct.pack("!H", len(raw_topic)) + raw_topic + struct.pack("!H", packet_id)
+    else:
+        head = struct.pack("!H", len(raw_topic)) + raw_topic
+    return bytes((first,)) + remaining_length(len(head) + len(payload)) + head + payload
 
 
-def encode_publish_qos1(topic: str, payload: bytes, packet_id: int, *, retain: bool) -> bytes:
-    """Encode a first-time (DUP 0) QoS 1 PUBLISH (section 3.3)."""
-    raw_topic = topic.encode()
-    length = remaining_length(4 + len(raw_topic) + len(payload))
-    first = b"\x33" if retain else b"\x32"
-    return (
-        first + length + struct.pack("!H", len(raw_topic)) + raw_topic
-        + struct.pack("!H", packet_id) + payload
-    )  # fmt: skip
+def encode_ack(kind: int, packet_id: int) -> bytes:
+    """Encode a PUBACK, PUBREC, PUBREL (flags 0010) or PUBCOMP, or an UNSUBACK."""
+    flags = 0b0010 if kind == PUBREL else 0
+    return struct.pack("!BBH", kind << 4 | flags, 2, packet_id)
 
 
-def encode_puback(packet_id: int) -> bytes:
-    """Encode a PUBACK (section 3.4)."""
-    return struct.pack("!BBH", PUBACK << 4, 2, packet_id)
+def encode_connack(code: int, *, session_present: bool = False) -> bytes:
+    """Encode a CONNACK (section 3.2)."""
+    return bytes((CONNACK << 4, 2, 1 if session_present else 0, code))
+
+
+def encode_suback(packet_id: int, codes: list[int]) -> bytes:
+    """Encode a SUBACK (section 3.9): one return code per filter, in order."""
+    body = struct.pack("!H", packet_id) + bytes(codes)
+    return bytes((SUBACK << 4,)) + remaining_length(len(body)) + body
+
+
+PINGRESP_PACKET: Final = bytes((PINGRESP << 4, 0))

@@ -20,6 +20,10 @@ class Limits:
     """Seconds a new connection may take to send CONNECT before it is closed."""
     deny_subscribe: tuple[str, ...] = ()
     """Topic filters no client may subscribe to (granted 0x80 in SUBACK)."""
+    max_inflight: int = 20
+    """Unacknowledged QoS 1/2 messages per client; the rest wait in its session, in order."""
+    max_queued: int = 1000
+    """QoS 1/2 messages waiting per session (offline, or behind the window); more are dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +81,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     """Parse flags, falling back to ``MQTT_*`` variables; exit 64 on a malformed value."""
     parser = cli.Parser(
         prog="broker",
-        description="Run the in-memory amqtt MQTT 3.1.1 broker for mqtt-pingpong.",
+        description="Run the in-memory MQTT 3.1.1 broker of mqtt-pingpong (amqtt inside).",
     )
     add = cli.add_option
     add(
@@ -119,6 +123,22 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         convert=cli.positive_int,
         default=DEFAULT_MAX_PACKET_SIZE,
         help="largest MQTT packet accepted, in bytes; a larger one closes the connection",
+    )
+    add(
+        parser,
+        environ,
+        "--max-inflight",
+        convert=cli.positive_int,
+        default=20,
+        help="unacknowledged QoS 1/2 messages per client; later ones wait in its session",
+    )
+    add(
+        parser,
+        environ,
+        "--max-queued",
+        convert=cli.positive_int,
+        default=1000,
+        help="QoS 1/2 messages kept per client while it is offline or behind; more are dropped",
     )
     add(
         parser,
@@ -184,6 +204,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
             max_packet_size=args.max_packet_size,
             connect_timeout=args.handshake_timeout,
             deny_subscribe=args.deny_subscribe,
+            max_inflight=args.max_inflight,
+            max_queued=args.max_queued,
         ),
         password_file=args.password_file,
         tls_port=args.tls_port,

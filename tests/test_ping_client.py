@@ -323,20 +323,20 @@ def test_echo_silence_is_reported_once_and_its_end_too(spawn: Spawner, port: int
 
 SLOW_SUBSCRIBE_BROKER = """
 import asyncio, sys
-from broker import server
+from broker import engine
 
-registered = server.PingPongBroker.add_subscription
+registered = engine.Engine.subscribe
 
 
-async def late(self, subscription, session):
+async def late(self, session, topic_filter, qos):
     # The fault: a busy broker registers the pong subscription half a second late (its SUBACK
     # goes out only after the registration).
-    if subscription[0] == "/pong":
+    if topic_filter == "/pong":
         await asyncio.sleep(0.5)
-    return await registered(self, subscription, session)
+    return await registered(self, session, topic_filter, qos)
 
 
-server.PingPongBroker.add_subscription = late
+engine.Engine.subscribe = late
 from broker.main import main
 main(sys.argv[1:])
 """

@@ -1,0 +1,376 @@
+"""The engine: amqtt's sessions, subscriptions, retained messages, auth plugins and lifecycle.
+
+This is the only module that reaches into amqtt (broker/plugins.py holds the plugins amqtt
+loads). The connection layer (broker/connection.py) owns the wire: framing, codecs, keepalive,
+routing and limits; it keeps its state here, in amqtt's objects, through the functions below.
+
+amqtt 0.12.1 offers no public API for a broker that does its own I/O, so some names used here
+are private. :func:`check_amqtt` verifies every name this module and the connection layer rely
+on, with the shape they expect, before the broker starts: an amqtt that renamed one fails at
+start-up with one line (exit 70), rather than silently dropping deliveries later.
+
+Elsewhere, a session (``amqtt.session.Session``) is used only through the attributes listed in
+``SESSION_ATTRIBUTES``, which are checked too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import amqtt
+from amqtt.broker import Broker
+from amqtt.contexts import ListenerType
+from amqtt.events import BrokerEvents
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+logger = logging.getLogger("broker")
+
+__all__ = [
+    "Engine",
+    "EngineMismatch",
+    "IncomingApplicationMessage",
+    "OutgoingApplicationMessage",
+    "Session",
+    "check_amqtt",
+]
+
+AUTH_WORKERS = 2
+"""Password checks run in at most this many threads at once; more wait their turn."""
+
+
+class EngineMismatch(Exception):  # noqa: N818 - it names what happened, not an error kind
+    """The installed amqtt lacks a name, or a shape, that the engine relies on."""
+
+
+# Methods of amqtt's Broker the engine calls or replaces, with the parameters it passes.
+BROKER_METHODS: dict[str, tuple[str, ...]] = {
+    "start": (),
+    "shutdown": (),
+    "add_subscription": ("subscription", "session"),
+    "retain_message": ("source_session", "topic_name", "data", "qos"),
+    "_del_subscription": ("a_filter", "session"),
+    "_authenticate": ("session", "_"),
+    "_create_server_instance": ("listener_name", "listener_type", "address", "port", "ssl_context"),
+    "_run_broadcast": ("running_tasks",),
+}
+# Attributes a Broker has once constructed, and their types.
+BROKER_ATTRIBUTES: dict[str, type] = {
+    "_sessions": dict,
+    "_subscriptions": dict,
+    "_retained_messages": dict,
+    "_broadcast_queue": asyncio.Queue,
+}
+# Attributes of a new Session the connection layer and the engine read or set.
+SESSION_ATTRIBUTES: dict[str, type | None] = {
+    "client_id": None, "clean_session": None, "keep_alive": int, "username": None,
+    "password": None, "remote_address": None, "remote_port": None, "will_flag": bool,
+    "will_topic": None, "will_message": None, "will_qos": None, "will_retain": None,
+    "inflight_in": dict, "inflight_out": dict, "retained_messages": asyncio.Queue,
+    "transitions": None, "is_anonymous": bool,
+}  # fmt: skip
+MESSAGE_PARAMETERS = ("packet_id", "topic", "qos", "data", "retain")
+
+
+def _parameters(function: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(name for name in inspect.signature(function).parameters if name != "self")
+
+
+def check_amqtt() -> None:  # noqa: PLR0912 - one flat list of checks
+    """Raise EngineMismatch, naming the first difference, unless amqtt has what we rely on."""
+    where = f"amqtt {getattr(amqtt, '__version__', '?')}"
+    for name, wanted in BROKER_METHODS.items():
+        method = getattr(Broker, name, None)
+        if not callable(method):
+            raise EngineMismatch(f"{where}: Broker.{name} is missing")
+        if _parameters(method)[: len(wanted)] != wanted:
+            raise EngineMismatch(f"{where}: Broker.{name}{inspect.signature(method)} changed")
+    try:
+        session = Session()
+    except Exception as exc:
+        raise EngineMismatch(f"{where}: Session() failed: {exc!r}") from exc
+    for name, kind in SESSION_ATTRIBUTES.items():
+        if not hasattr(session, name):
+            raise EngineMismatch(f"{where}: Session.{name} is missing")
+        if kind is not None and not isinstance(getattr(session, name), kind):
+            raise EngineMismatch(f"{where}: Session.{name} is no longer a {kind.__name__}")
+    for name in ("connect", "disconnect", "is_connected"):
+        if not callable(getattr(session.transitions, name, None)):
+            raise EngineMismatch(f"{where}: Session.transitions.{name} is missing")
+    if not isinstance(getattr(Session, "next_packet_id", None), property):
+        raise EngineMismatch(f"{where}: Session.next_packet_id is missing")
+    for cls in (OutgoingApplicationMessage, IncomingApplicationMessage):
+        if _parameters(cls.__init__) != MESSAGE_PARAMETERS:
+            raise EngineMismatch(f"{where}: {cls.__name__}{inspect.signature(cls)} changed")
+    if not hasattr(OutgoingApplicationMessage(1, "t", 1, b"", False), "pubrec_packet"):
+        raise EngineMismatch(f"{where}: OutgoingApplicationMessage.pubrec_packet is missing")
+    for event in ("CLIENT_CONNECTED", "CLIENT_DISCONNECTED"):
+        if not hasattr(BrokerEvents, event):
+            raise EngineMismatch(f"{where}: BrokerEvents.{event} is missing")
+
+
+def _check_broker(broker: Broker) -> None:
+    for name, kind in BROKER_ATTRIBUTES.items():
+        if not isinstance(getattr(broker, name, None), kind):
+            raise EngineMismatch(f"amqtt {amqtt.__version__}: Broker().{name} is missing")
+    manager = getattr(broker, "plugins_manager", None)
+    if not callable(getattr(manager, "fire_event", None)) or not isinstance(
+        getattr(manager, "_event_plugin_callbacks", None), dict
+    ):
+        raise EngineMismatch(f"amqtt {amqtt.__version__}: PluginManager.fire_event is missing")
+
+
+Serve = Callable[[str], Awaitable[asyncio.Server]]
+"""Start serving the named listener; return its asyncio server."""
+Broadcast = Callable[[str, bytes, int | None], None]
+"""Deliver a message published by a plugin (topic, payload, QoS or None for each granted)."""
+
+
+class _Broker(Broker):
+    """amqtt's Broker, serving through our connection layer."""
+
+    def __init__(self, config: dict[str, Any], serve: Serve, broadcast: Broadcast) -> None:
+        super().__init__(config)
+        self._serve = serve
+        self._broadcast = broadcast
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,  # noqa: ARG002 - amqtt's signature; our socket is bound already
+        port: int,  # noqa: ARG002
+        ssl_context: Any,  # noqa: ANN401, ARG002 - the connection layer holds its own
+    ) -> asyncio.Server:
+        if listener_type != ListenerType.TCP:
+            raise EngineMismatch(f"unsupported listener type {listener_type}")
+        return await self._serve(listener_name)
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:  # noqa: ANN401, ARG002 - a deque
+        # A plugin's broadcast_message() comes through amqtt's queue; the router delivers it.
+        broadcast = await self._broadcast_queue.get()
+        data = broadcast["data"]
+        self._broadcast(str(broadcast["topic"]), bytes(data or b""), broadcast.get("qos"))
+
+
+class Engine:
+    """amqtt's state behind the few operations the connection layer needs."""
+
+    def __init__(
+        self,
+        *,
+        listeners: list[tuple[str, str]],
+        password_file: str | None,
+        serve: Serve,
+        broadcast: Broadcast,
+    ) -> None:
+        """Configure amqtt: the (name, "host:port") listeners, anonymous or file auth."""
+        check_amqtt()
+        config: dict[str, Any] = {
+            "listeners": {name: {"type": "tcp", "bind": bind} for name, bind in listeners}
+        }
+        # amqtt's loader needs an auth plugin whenever `plugins` is given, or it refuses all.
+        auth: dict[str, Any] = {"broker.plugins.AllowAnonymous": {}}
+        if password_file is not None:
+            auth = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": password_file}}
+        config["plugins"] = auth
+        self._config = config
+        self._serve = serve
+        self._broadcast = broadcast
+        self._auth_in_thread = password_file is not None
+        self._auth_slots = asyncio.Semaphore(AUTH_WORKERS)
+        self._broker: _Broker | None = None
+        self._matches: dict[str, list[tuple[Session, int]]] = {}
+        self._events: set[asyncio.Future[None]] = set()
+
+    @property
+    def broker(self) -> _Broker:
+        """The running amqtt broker."""
+        if self._broker is None:
+            raise RuntimeError("the engine has not started")
+        return self._broker
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start amqtt, which starts our listeners through ``serve``."""
+        broker = _Broker(self._config, self._serve, self._broadcast)
+        _check_broker(broker)
+        self._broker = broker
+        await broker.start()
+
+    async def shutdown(self) -> None:
+        """Stop amqtt: plugins, sessions, retained messages, and the listeners' servers."""
+        await self.broker.shutdown()
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    @staticmethod
+    def new_session(client_id: str, *, clean: bool, peer: tuple[str, int]) -> Session:
+        """Make a new session for a client (an empty id gets a unique one [MQTT-3.1.3-6])."""
+        session = Session()
+        session.client_id = client_id or f"auto-{uuid.uuid4().hex[:16]}"
+        session.clean_session = clean
+        session.remote_address, session.remote_port = peer
+        return session
+
+    def stored(self, client_id: str) -> Session | None:
+        """Return the persistent session kept for ``client_id``, if any."""
+        entry = self.broker._sessions.get(client_id)
+        if entry is None or entry[0].clean_session:
+            return None
+        return entry[0]
+
+    def keep(self, session: Session) -> None:
+        """Make ``session`` the one amqtt knows for its client id."""
+        self.broker._sessions[session.client_id] = (session, None)
+
+    def forget(self, client_id: str) -> None:
+        """Delete the session of ``client_id`` with its subscriptions and queues."""
+        entry = self.broker._sessions.pop(client_id, None)
+        if entry is None:
+            return
+        session = entry[0]
+        subscriptions = self.broker._subscriptions
+        for topic_filter in [f for f, subs in subscriptions.items()
+                             if any(s is session for s, _ in subs)]:  # fmt: skip
+            self.broker._del_subscription(topic_filter, session)
+            if not subscriptions[topic_filter]:
+                del subscriptions[topic_filter]
+        self._matches.clear()
+        session.inflight_in.clear()
+        session.inflight_out.clear()
+        self.drain(session)
+
+    def connected(self, session: Session) -> None:
+        """Mark the session connected and tell amqtt's plugins."""
+        if session.transitions.is_connected():
+            session.transitions.disconnect()
+        session.transitions.connect()
+        self._fire(BrokerEvents.CLIENT_CONNECTED, session)
+
+    def disconnected(self, session: Session) -> None:
+        """Mark the session disconnected and tell amqtt's plugins."""
+        session.transitions.disconnect()
+        self._fire(BrokerEvents.CLIENT_DISCONNECTED, session)
+
+    def _fire(self, event: str, session: Session) -> None:
+        manager = self.broker.plugins_manager
+        if event in manager._event_plugin_callbacks:
+            task = asyncio.ensure_future(
+                manager.fire_event(event, client_id=session.client_id, client_session=session)
+            )
+            self._events.add(task)
+            task.add_done_callback(self._events.discard)
+
+    # --- authentication -------------------------------------------------------------------------
+
+    async def authenticate(self, session: Session) -> bool:
+        """Ask amqtt's auth plugins; password checks run in a worker thread, a few at a time."""
+        if not self._auth_in_thread:
+            return bool(await self.broker._authenticate(session, None))
+        async with self._auth_slots:
+            return await asyncio.to_thread(self._authenticate_in_thread, session)
+
+    def _authenticate_in_thread(self, session: Session) -> bool:
+        # A loop of the worker thread's own: the plugins' coroutines are CPU work (argon2) and
+        # touch nothing of the broker's loop.
+        return bool(asyncio.run(self.broker._authenticate(session, None)))
+
+    # --- subscriptions --------------------------------------------------------------------------
+
+    async def subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
+        """Add a subscription; return the granted QoS or 0x80 (amqtt's filter checks)."""
+        self._matches.clear()
+        return int(await self.broker.add_subscription((topic_filter, qos), session))
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> None:
+        """Remove a subscription, if there is one."""
+        subscriptions = self.broker._subscriptions
+        if self.broker._del_subscription(topic_filter, session) and not subscriptions.get(
+            topic_filter
+        ):
+            subscriptions.pop(topic_filter, None)
+        self._matches.clear()
+
+    def matches(self, topic: str) -> list[tuple[Session, int]]:
+        """Each session subscribed to ``topic``, once, with its highest granted QoS."""
+        found = self._matches.get(topic)
+        if found is not None:
+            return found
+        best: dict[str, tuple[Session, int]] = {}
+        for topic_filter, subscriptions in self.broker._subscriptions.items():
+            if not topic_matches(topic, topic_filter):
+                continue
+            for session, granted in subscriptions:
+                seen = best.get(session.client_id)
+                if seen is None or granted > seen[1]:
+                    best[session.client_id] = (session, granted)
+        found = list(best.values())
+        if len(self._matches) >= 10_000:
+            self._matches.clear()
+        self._matches[topic] = found
+        return found
+
+    # --- retained messages ----------------------------------------------------------------------
+
+    async def retain(self, source: Session | None, topic: str, data: bytes, qos: int) -> None:
+        """Keep ``data`` as the retained message of ``topic``; empty data clears it."""
+        await self.broker.retain_message(source, topic, data, qos)
+
+    def retained(self, topic_filter: str) -> list[tuple[str, bytes, int]]:
+        """Return the retained messages matching ``topic_filter``: (topic, payload, QoS)."""
+        return [
+            (topic, bytes(message.data), message.qos or 0)
+            for topic, message in list(self.broker._retained_messages.items())
+            if topic_matches(topic, topic_filter)
+        ]
+
+    # --- a session's waiting messages -----------------------------------------------------------
+
+    @staticmethod
+    def enqueue(session: Session, topic: str, data: bytes, qos: int, *, retain: bool) -> None:
+        """Keep a message for ``session`` until it can be sent (offline, or window full)."""
+        message = OutgoingApplicationMessage(None, topic, qos, data, retain)
+        session.retained_messages.put_nowait(message)
+
+    @staticmethod
+    def queued(session: Session) -> int:
+        """How many messages wait for ``session``."""
+        return int(session.retained_messages.qsize())
+
+    @staticmethod
+    def dequeue(session: Session) -> tuple[str, bytes, int, bool] | None:
+        """Take the oldest message waiting for ``session``: (topic, payload, QoS, RETAIN)."""
+        queue = session.retained_messages
+        if queue.empty():
+            return None
+        message = queue.get_nowait()
+        return message.topic, bytes(message.data), message.qos or 0, bool(message.retain)
+
+    @staticmethod
+    def drain(session: Session) -> None:
+        """Empty the session's queue."""
+        queue = session.retained_messages
+        while not queue.empty():
+            queue.get_nowait()
+
+
+def topic_matches(topic: str, topic_filter: str) -> bool:
+    """Whether ``topic`` matches ``topic_filter`` (section 4.7; [MQTT-4.7.2-1] for $ topics)."""
+    if "+" not in topic_filter and "#" not in topic_filter:
+        return topic == topic_filter
+    if topic.startswith("$") and topic_filter[0] in "+#":
+        return False
+    levels = topic.split("/")
+    wanted = topic_filter.split("/")
+    for index, level in enumerate(wanted):
+        if level == "#":
+            return True
+        if index >= len(levels) or level not in ("+", levels[index]):
+            return False
+    return len(levels) == len(wanted)

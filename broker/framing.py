@@ -1,0 +1,73 @@
+"""Cut a connection's byte stream into MQTT frames (fixed header + body), bounded in size.
+
+Pure, in the manner of h11: bytes go in with :meth:`Framer.feed`, and :meth:`Framer.next_frame`
+has exactly three outcomes: a whole frame, None ("need more data"), or ProtocolViolation. The
+declared size is checked against the maximum as soon as the fixed header is complete, before
+any of the body is kept, so a client that declares 256 MB costs nothing. An error is sticky:
+after it, every call raises it again.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from broker.protocol import Frame, ProtocolViolation
+
+
+class Framer:
+    """The receive buffer of one connection."""
+
+    __slots__ = ("_buffer", "_error", "max_packet_size")
+
+    def __init__(self, max_packet_size: int) -> None:
+        """Accept packets of at most ``max_packet_size`` bytes, fixed header included."""
+        self.max_packet_size = max_packet_size
+        self._buffer = bytearray()
+        self._error: ProtocolViolation | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes read from the connection."""
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buffer)
+
+    def next_frame(self) -> Frame | None:
+        """Return the next whole frame, or None until more data arrives."""
+        if self._error is not None:
+            raise self._error
+        buffer = self._buffer
+        size = len(buffer)
+        if size < 2:
+            return None
+        length, multiplier, index = 0, 1, 1
+        while True:
+            if index >= size:
+                return None
+            byte = buffer[index]
+            length += (byte & 0x7F) * multiplier
+            index += 1
+            if not byte & 0x80:
+                break
+            if index == 5:
+                self._fail("remaining length longer than 4 bytes", "MQTT-2.2.3")
+            multiplier *= 128
+        end = index + length
+        if end > self.max_packet_size:
+            self._fail(
+                f"packet of {end} bytes exceeds the {self.max_packet_size}-byte maximum",
+                "MQTT-1.5.4 / server limit",
+            )
+        if size < end:
+            return None
+        first = buffer[0]
+        body = bytes(buffer[index:end])
+        del buffer[:end]
+        return Frame(first >> 4, first & 0x0F, body)
+
+    def _fail(self, reason: str, statement: str) -> NoReturn:
+        self._error = ProtocolViolation(reason, statement)
+        self._buffer.clear()
+        raise self._error
