@@ -116,10 +116,19 @@ def mqttools_available() -> bool:
     return importlib.util.find_spec("mqttools") is not None
 
 
-def broker_command(kind: str, port: int, workdir: Path) -> list[str]:
-    """The command that starts a broker of ``kind`` on ``port``."""
+def broker_command(
+    kind: str, port: int, workdir: Path, passwords: tuple[str, str] | None = None
+) -> list[str]:
+    """The command that starts a broker of ``kind`` on ``port``; ``passwords``: one user."""
     if kind == "ours":
-        return [PYTHON, "-m", "broker", "--port", str(port)]
+        command = [PYTHON, "-m", "broker", "--port", str(port)]
+        if passwords is not None:
+            from broker.users import add_user  # noqa: PLC0415 - only for this case
+
+            path = workdir / f"passwords-{port}.txt"
+            add_user(path, *passwords)
+            command += ["--password-file", str(path)]
+        return command
     if kind == "mqttools":  # the other asyncio broker the tracker compares with; MQTT 5 only
         return [PYTHON, "-m", "mqttools", "broker", "--host", "127.0.0.1", "--port", str(port)]
     if kind == "amqtt":
@@ -129,15 +138,26 @@ def broker_command(kind: str, port: int, workdir: Path) -> list[str]:
     conf = workdir / f"mosquitto-{port}.conf"
     # TCP_NODELAY on, as ours has: a fair comparison of the brokers, not of Nagle.
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
+    if passwords is not None:
+        path = workdir / f"mosquitto-passwords-{port}.txt"
+        subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b",
+                        "-c", str(path), *passwords], check=True, capture_output=True)  # fmt: skip
+        # Run as root, mosquitto reads the file after dropping to its own user.
+        workdir.chmod(0o755)
+        path.chmod(0o644)
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n"
+                        f"set_tcp_nodelay true\npassword_file {path}\n")  # fmt: skip
     return [mosquitto_path(), "-c", str(conf)]
 
 
-def start_broker(kind: str, workdir: Path, port: int | None = None) -> Broker:
-    """Start a broker and wait for its first CONNACK, timing it."""
+def start_broker(
+    kind: str, workdir: Path, port: int | None = None, passwords: tuple[str, str] | None = None
+) -> Broker:
+    """Start a broker and wait for its first CONNACK (a refusal counts), timing it."""
     port = port or free_port()
     started = time.perf_counter()
     proc = subprocess.Popen(
-        broker_command(kind, port, workdir), env=env(), cwd=REPO,
+        broker_command(kind, port, workdir, passwords), env=env(), cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = started + 20

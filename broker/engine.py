@@ -16,10 +16,14 @@ Elsewhere, a session (``amqtt.session.Session``) is used only through the attrib
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import os
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import amqtt
@@ -39,8 +43,16 @@ __all__ = [
     "check_amqtt",
 ]
 
-AUTH_WORKERS = 2
-"""Password checks run in at most this many threads at once; more wait their turn."""
+AUTH_WORKERS = 1
+"""Password checks run in this many threads; more wait their turn (failed logins slow down)."""
+AUTH_NICENESS = 10
+"""How much lower the password threads' CPU priority is than the event loop's (Linux nice)."""
+
+
+def _lower_priority() -> None:
+    """Run this thread (and the threads argon2 starts from it) below the event loop."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUTH_NICENESS)
 
 
 class EngineMismatch(Exception):  # noqa: N818 - it names what happened, not an error kind
@@ -182,7 +194,7 @@ class Engine:
         self._serve = serve
         self._broadcast = broadcast
         self._auth_in_thread = password_file is not None
-        self._auth_slots = asyncio.Semaphore(AUTH_WORKERS)
+        self._auth_pool: ThreadPoolExecutor | None = None
         self._broker: _Broker | None = None
         self._matches: dict[str, list[tuple[Session, int]]] = {}
         self._events: set[asyncio.Future[None]] = set()
@@ -206,6 +218,8 @@ class Engine:
     async def shutdown(self) -> None:
         """Stop amqtt: plugins, sessions, retained messages, and the listeners' servers."""
         await self.broker.shutdown()
+        if self._auth_pool is not None:
+            self._auth_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -273,8 +287,12 @@ class Engine:
         """Ask amqtt's auth plugins; password checks run in a worker thread, a few at a time."""
         if not self._auth_in_thread:
             return bool(await self.broker._authenticate(session, None))
-        async with self._auth_slots:
-            return await asyncio.to_thread(self._authenticate_in_thread, session)
+        if self._auth_pool is None:
+            self._auth_pool = ThreadPoolExecutor(
+                AUTH_WORKERS, thread_name_prefix="auth", initializer=_lower_priority
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._auth_pool, self._authenticate_in_thread, session)
 
     def _authenticate_in_thread(self, session: Session) -> bool:
         # A loop of the worker thread's own: the plugins' coroutines are CPU work (argon2) and
