@@ -99,8 +99,11 @@ def check_amqtt() -> None:  # noqa: PLR0912 - one flat list of checks
         method = getattr(Broker, name, None)
         if not callable(method):
             raise EngineMismatch(f"{where}: Broker.{name} is missing")
-        if _parameters(method)[: len(wanted)] != wanted:
-            raise EngineMismatch(f"{where}: Broker.{name}{inspect.signature(method)} changed")
+        found = _parameters(method)
+        if found[: len(wanted)] != wanted:
+            raise EngineMismatch(
+                f"{where}: Broker.{name} takes ({', '.join(found)}), not ({', '.join(wanted)})"
+            )
     try:
         session = Session()
     except Exception as exc:

@@ -1,0 +1,90 @@
+"""broker/engine.py: amqtt is reached from one module, and a changed amqtt stops the broker."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from amqtt.broker import Broker
+from amqtt.session import Session
+
+from broker.engine import EngineMismatch, check_amqtt, topic_matches
+from tests.support import REPO, Spawner, base_env
+
+BROKEN_AMQTT = """
+import sys
+import amqtt.broker
+del amqtt.broker.Broker._del_subscription  # the fault: an amqtt that renamed it
+from broker.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_the_installed_amqtt_has_every_name_the_engine_relies_on() -> None:
+    check_amqtt()  # raises on a mismatch
+
+
+def test_a_missing_method_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(Broker, "retain_message")
+    with pytest.raises(
+        EngineMismatch, match=r"^amqtt 0\.12\.1: Broker\.retain_message is missing$"
+    ):
+        check_amqtt()
+
+
+def test_a_changed_signature_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def add_subscription(self: Broker, topic_filter: str, qos: int) -> int:  # noqa: ARG001
+        return 0
+
+    monkeypatch.setattr(Broker, "add_subscription", add_subscription)
+    with pytest.raises(
+        EngineMismatch,
+        match=r"Broker\.add_subscription takes \(topic_filter, qos\), "
+        r"not \(subscription, session\)$",
+    ):
+        check_amqtt()
+
+
+def test_a_missing_session_attribute_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(Session, "next_packet_id")
+    with pytest.raises(EngineMismatch, match=r"Session\.next_packet_id is missing"):
+        check_amqtt()
+
+
+def test_the_broker_exits_70_with_one_line_when_amqtt_changed(
+    spawn: Spawner, port: int, tmp_path: Path
+) -> None:
+    (tmp_path / "broken_amqtt_broker.py").write_text(BROKEN_AMQTT)
+    result = spawn.run(
+        "broken_amqtt_broker", "--port", str(port), env=base_env(PYTHONPATH=str(tmp_path))
+    )
+    assert result.returncode == 70, result.stderr
+    assert result.stderr.splitlines() == [
+        "broker: error: amqtt 0.12.1: Broker._del_subscription is missing; this broker was "
+        "written for amqtt 0.12.1"
+    ]
+
+
+def test_only_the_engine_and_the_plugin_module_import_amqtt() -> None:
+    importers = sorted(
+        str(path.relative_to(REPO))
+        for folder in ("broker", "common", "ping_client", "echo_client")
+        for path in (REPO / folder).rglob("*.py")
+        if re.search(r"^\s*(from|import) amqtt\b", path.read_text(), re.MULTILINE)
+    )
+    assert importers == ["broker/engine.py", "broker/plugins.py"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "topic_filter", "expected"),
+    [
+        ("a/b", "a/b", True), ("a/b", "a/+", True), ("a/b", "a/#", True), ("a", "a/#", True),
+        ("a/b/c", "a/+", False), ("a", "a/+", False), ("b/a", "a/#", False),
+        ("$SYS/x", "#", False), ("$SYS/x", "+/x", False), ("$SYS/x", "$SYS/#", True),
+        ("/ping", "+/ping", True), ("/ping", "#", True), ("a//b", "a/+/b", True),
+    ],
+)  # fmt: skip
+def test_topic_matching(topic: str, topic_filter: str, expected: bool) -> None:
+    """Section 4.7.1 and [MQTT-4.7.2-1]."""
+    assert topic_matches(topic, topic_filter) is expected
