@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from broker import protocol
 from broker.engine import Engine, IncomingApplicationMessage, OutgoingApplicationMessage, Session
@@ -271,8 +271,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept the connection, or refuse it at once when --max-connections are in use."""
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server's
-        self.transport = transport
+        self.transport = cast("asyncio.Transport", transport)  # a stream server's (or uvloop's)
         peer = transport.get_extra_info("peername") or ("?", 0)
         self._peer_address = (str(peer[0]), int(peer[1]))
         self.peer = f"{peer[0]}:{peer[1]}"

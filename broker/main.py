@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from broker.connection import Hub
@@ -14,7 +14,7 @@ from broker.engine import Engine, EngineMismatch
 from broker.server import BindError, Listener, bind, tls_context
 from broker.settings import BrokerSettings, parse
 from common import logs
-from common.constants import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
+from common.constants import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import install_stop_handlers
 
 logger = logging.getLogger("broker")
@@ -72,7 +72,10 @@ async def serve(settings: BrokerSettings) -> int:
         return EXIT_SOFTWARE
     for listener in listeners.values():
         kind = "MQTT over TLS" if listener.tls else "MQTT"
-        logger.info("Listening on %s for %s (pid %d).", listener.address, kind, os.getpid())
+        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+        logger.info(
+            "Listening on %s for %s (pid %d, %s loop).", listener.address, kind, os.getpid(), loop
+        )
     if settings.password_file is not None:
         logger.info("Clients must authenticate: users from %s.", settings.password_file)
     await stop.wait()
@@ -93,8 +96,24 @@ async def serve(settings: BrokerSettings) -> int:
     return EXIT_OK
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Choose the event loop: uvloop's when asked for or, for ``auto``, when installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional, and only the broker program needs it
+    except ImportError:
+        if choice == "uvloop":
+            sys.stderr.write("broker: error: --event-loop uvloop: uvloop is not installed\n")
+            sys.exit(EXIT_USAGE)
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the broker as a program: ``python -m broker --help``."""
     settings = parse(argv, os.environ)
     logs.configure("broker", settings.log_level)
-    sys.exit(asyncio.run(serve(settings)))
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        code = runner.run(serve(settings))
+    sys.exit(code)

@@ -41,6 +41,8 @@ class BrokerSettings:
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    event_loop: str = "auto"
+    """``auto`` (uvloop where installed), ``uvloop`` or ``asyncio``."""
 
 
 def readable_file(text: str) -> Path:
@@ -66,6 +68,17 @@ def password_file(text: str) -> Path:
         if not name or not digest.startswith("$argon2"):
             raise ValueError(f"{text}:{number}: expected 'name:$argon2...' (see make add-user)")
     return path
+
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def event_loop(text: str) -> str:
+    """Parse an event loop choice."""
+    value = text.strip().lower()
+    if value not in EVENT_LOOPS:
+        raise ValueError(f"must be one of {', '.join(EVENT_LOOPS)}, got {text!r}")
+    return value
 
 
 def filter_list(text: str) -> tuple[str, ...]:
@@ -188,6 +201,14 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         default=None,
         help="PEM private key for the TLS listener",
     )
+    add(
+        parser,
+        environ,
+        "--event-loop",
+        convert=event_loop,
+        default="auto",
+        help="auto (uvloop where installed, else asyncio's own), uvloop or asyncio",
+    )
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
     args = parser.parse_args(argv)
     if (args.tls_port is None) != (args.tls_cert is None) or (args.tls_cert is None) != (
@@ -211,4 +232,5 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         tls_port=args.tls_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        event_loop=args.event_loop,
     )

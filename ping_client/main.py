@@ -8,6 +8,7 @@ shutdown overran its bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -84,7 +85,8 @@ class Probe:
         self._ticks_done = False
         self._unanswered_since: float | None = None
         self._silent = False
-        self._decimals = decimals_for(settings.interval)
+        self._decimals = 6 if settings.flood else decimals_for(settings.interval)
+        self._answered = asyncio.Event()
 
     # --- connection -----------------------------------------------------------------------
 
@@ -182,6 +184,7 @@ class Probe:
             )
             self._silent = False
         self._unanswered_since = None
+        self._answered.set()
         self._maybe_done()
 
     # --- pings ----------------------------------------------------------------------------
@@ -203,6 +206,9 @@ class Probe:
         last_send = math.inf
         if self.settings.deadline is not None:
             last_send = self.started + self.settings.deadline - min(interval, self.settings.timeout)
+        if self.settings.flood:
+            await self._flood(tg, last_send)
+            return
         tick = 1
         while self.settings.count is None or self.tracker.sent < self.settings.count:
             due = start + tick * interval
@@ -222,6 +228,26 @@ class Probe:
                 self.not_sent += 1
                 continue
             self._send(tg)
+        self._ticks_done = True
+        self._maybe_done()
+
+    async def _flood(self, tg: asyncio.TaskGroup, last_send: float) -> None:
+        """Send each ping once the previous one is answered (or its timeout passes)."""
+        timeout = self.settings.timeout
+        while self.settings.count is None or self.tracker.sent < self.settings.count:
+            if self.clock() > last_send:
+                if self.settings.count is not None:
+                    return  # cut short by the deadline: the rest count as unanswered
+                break
+            if not self.link.connected.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.link.connected.wait(), timeout)
+                continue
+            self._check_silence(self.clock())
+            self._answered.clear()
+            self._send(tg)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), timeout)
         self._ticks_done = True
         self._maybe_done()
 

@@ -37,6 +37,8 @@ class PingSettings:
     silence: float = 5.0
     stats_interval: float = 60.0
     json: bool = False
+    flood: bool = False
+    """Send each ping as soon as the previous one is answered or lost (``ping -f``)."""
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSettings:
@@ -117,6 +119,13 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     cli.add_flag(
         parser,
         environ,
+        "--flood",
+        help="send each ping as soon as the previous one is answered or lost, like ping -f "
+        "(--interval is then unused): the round trip back to back",
+    )
+    cli.add_flag(
+        parser,
+        environ,
         "--json",
         help="print one JSON object per event on stdout instead of log lines",
     )
@@ -126,7 +135,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         connect_timeout = DEFAULT_CONNECT_TIMEOUT_WITH_COUNT
     deadline = args.deadline
     if deadline is None and args.count is not None and connect_timeout is not None:
-        deadline = derived_deadline(args.count, args.interval, args.timeout, connect_timeout)
+        spacing = args.timeout if args.flood else args.interval  # a flood ping takes at most that
+        deadline = derived_deadline(args.count, spacing, args.timeout, connect_timeout)
     return PingSettings(
         client=client_settings(parser, args, "ping_client", environ),
         interval=args.interval,
@@ -137,4 +147,5 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         silence=args.silence,
         stats_interval=args.stats_interval,
         json=args.json,
+        flood=args.flood,
     )

@@ -24,13 +24,15 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{next(_ids)}"
 
 
-@pytest.fixture(scope="module")
-def broker_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """One broker for the module, on its own free port; tests use unique ids and topics."""
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def broker_port(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+                ) -> Iterator[int]:  # fmt: skip
+    """One broker per event loop, on its own free port; tests use unique ids and topics."""
     spawner = Spawner(tmp_path_factory.mktemp("conformance"))
     port = free_port()
     spawner.broker(port, "--handshake-timeout", "2", "--max-packet-size", "65536",
-                   "--deny-subscribe", "secret/#,$SYS/#")  # fmt: skip
+                   "--deny-subscribe", "secret/#,$SYS/#",
+                   "--event-loop", request.param)  # fmt: skip
     yield port
     spawner.cleanup()
 

@@ -15,10 +15,11 @@ from tests.support import Proc, Spawner, wait_until
 INFLIGHT, QUEUED = 5, 50
 
 
-@pytest.fixture
-def broker(spawn: Spawner, port: int) -> Proc:
-    """A broker with a window of 5 and a queue of 50."""
-    return spawn.broker(port, "--max-inflight", str(INFLIGHT), "--max-queued", str(QUEUED))
+@pytest.fixture(params=["uvloop", "asyncio"])
+def broker(spawn: Spawner, port: int, request: pytest.FixtureRequest) -> Proc:
+    """A broker with a window of 5 and a queue of 50, on each event loop."""
+    return spawn.broker(port, "--max-inflight", str(INFLIGHT), "--max-queued", str(QUEUED),
+                        "--event-loop", request.param)  # fmt: skip
 
 
 def connected(port: int, client_id: str, *, clean: bool = True) -> RawClient:
