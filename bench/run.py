@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -28,15 +29,19 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from bench import isolation
 from bench.harness import (
     MQTT_VERSION,
     PYTHON,
     REPO,
     Broker,
+    _packet,
+    _string,
     cpu_seconds,
     echo_ready,
     mosquitto_path,
     mqttools_available,
+    percentile,
     ping,
     rss_mb,
     start_broker,
@@ -82,14 +87,19 @@ def with_brokers(kinds: list[str], rounds: int, measure: Callable[[Broker], dict
     return out
 
 
-def rtt(qos: int, count: int) -> Callable[[Broker], dict[str, float]]:
-    """Whole-stack RTT: our echo_client and ping_client, one ping in flight."""
+def rtt(qos: int, count: int, *, flood: bool = False) -> Callable[[Broker], dict[str, float]]:
+    """Whole-stack RTT: our echo_client and ping_client, one ping in flight.
+
+    Spaced 10 ms apart, or back to back (``flood``): spacing lets every process go idle between
+    pings, which dilutes the broker's share of the round trip.
+    """
+    spacing = ("--flood",) if flood else ("--interval", "0.01")
 
     def measure(broker: Broker) -> dict[str, float]:
         echo = start_program("echo_client", broker.port, "--qos", str(qos))
         try:
             ping(broker.port, 5, 0.01, "--qos", str(qos))  # warm-up, and echo subscribed
-            summary = ping(broker.port, count, 0.01, "--qos", str(qos))
+            summary = ping(broker.port, count, 0.01, "--qos", str(qos), *spacing)
         finally:
             echo.terminate()
             echo.wait(10)
@@ -97,6 +107,64 @@ def rtt(qos: int, count: int) -> Callable[[Broker], dict[str, float]]:
         return {"p50": r["p50"], "p90": r["p90"], "p99": r["p99"]}
 
     return measure
+
+
+def c_clients_rtt(count: int) -> Callable[[Broker], dict[str, float]]:
+    """QoS 0 RTT with C clients, one in flight: the broker's share, little else.
+
+    The echo is ``mosquitto_sub | mosquitto_pub -l``; the pinger a blocking socket in this
+    process.
+    """
+
+    def measure(broker: Broker) -> dict[str, float]:
+        port = broker.port
+        where = ("-h", "127.0.0.1", "-p", str(port))
+        quiet = subprocess.DEVNULL
+        sub, pub = shutil.which("mosquitto_sub") or "", shutil.which("mosquitto_pub") or ""
+        echo_in = subprocess.Popen([sub, *where, "-t", "/ping"],
+                                   stdout=subprocess.PIPE, stderr=quiet)  # fmt: skip
+        echo_out = subprocess.Popen([pub, *where, "-t", "/pong", "-l"],
+                                    stdin=echo_in.stdout, stdout=quiet, stderr=quiet)  # fmt: skip
+        try:
+            times = blocking_round_trips(port, count)
+        finally:
+            for proc in (echo_in, echo_out):
+                proc.terminate()
+                proc.wait(10)
+            if echo_in.stdout is not None:
+                echo_in.stdout.close()
+        return {"p50": percentile(times, 50), "p99": percentile(times, 99)}
+
+    return measure
+
+
+def blocking_round_trips(port: int, count: int) -> list[float]:
+    """Publish /ping and wait for /pong, ``count`` times; the round trips in ms."""
+    sock, _ = isolation.connect(port, f"c-pinger-{port}")
+    isolation.subscribe(sock, "/pong", 0)
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + 10
+    while True:  # until the echo has subscribed: a probe comes back
+        sock.sendall(_packet(3, 0, _string("/ping") + b"ready?"))
+        try:
+            isolation.read_packet(sock)
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the C echo never answered") from None
+    with contextlib.suppress(TimeoutError):  # late copies of the probe
+        while True:
+            isolation.read_packet(sock)
+    sock.settimeout(10)
+    times = []
+    for i in range(count):
+        message = _packet(3, 0, _string("/ping") + str(i).encode())
+        start = time.perf_counter()
+        sock.sendall(message)
+        isolation.read_packet(sock)
+        times.append((time.perf_counter() - start) * 1000)
+    sock.close()
+    return times
 
 
 def throughput(window: int, seconds: float, lean: bool) -> Callable[[Broker], dict[str, float]]:
@@ -204,7 +272,7 @@ def sigterm_under_load(kind: str, tries: int) -> list[float]:
     return samples
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0912 - one flat script of measurements
     """Measure, print the table, write bench/results.json."""
     parser = argparse.ArgumentParser(prog="bench.run", description=__doc__)
     parser.add_argument("--full", action="store_true", help="more rounds (a few minutes)")
@@ -235,7 +303,21 @@ def main() -> None:
         ratios = [o / t for o, t in zip(ours, theirs, strict=True) if t]
         add(metric, median(ours), median(theirs), unit, median(ratios) if ratios else None)
 
-    sys.stderr.write("RTT, whole stack (our echo_client and ping_client), one in flight\n")
+    if shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub"):
+        sys.stderr.write("RTT with C clients (mosquitto_sub | mosquitto_pub -l), QoS 0\n")
+        res = with_brokers(["ours", "mosquitto"], rounds, c_clients_rtt(count * 10))
+        for p in ("p50", "p99"):
+            add_paired(f"C clients, QoS 0 RTT {p}", res, p, "ms")
+    else:
+        sys.stderr.write("  (mosquitto-clients not installed: C-client row skipped)\n")
+
+    sys.stderr.write("RTT, whole stack (our echo_client and ping_client), back to back\n")
+    for qos in (0, 1):
+        res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count * 5, flood=True))
+        for p in ("p50", "p99"):
+            add_paired(f"back to back, QoS {qos} RTT {p}", res, p, "ms")
+
+    sys.stderr.write("RTT, whole stack, pings 10 ms apart\n")
     for qos in (0, 1):
         res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count))
         for p in ("p50", "p90", "p99"):

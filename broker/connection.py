@@ -120,23 +120,26 @@ class Hub:
             raise RuntimeError("the hub has no engine")
         return self.engine
 
-    def publish(self, topic: str, payload: bytes, qos: int | None) -> None:
+    def publish(
+        self, topic: str, payload: bytes, qos: int | None, frame: bytes | None = None
+    ) -> None:
         """Deliver a message to every subscriber now, or keep it for them (synchronous).
 
         Each delivery's QoS is min(publish QoS, granted QoS) [MQTT-3.8.4-6, section 3.3.5]; a
         client whose filters overlap gets one copy at the highest granted QoS [MQTT-3.3.5-1].
-        ``qos`` None (a plugin's broadcast) delivers at each granted QoS.
+        ``qos`` None (a plugin's broadcast) delivers at each granted QoS. ``frame``, when given,
+        is the message already encoded as a QoS 0 PUBLISH with RETAIN 0.
         """
-        frame: bytes | None = None
+        online = self.online
         for session, granted in self.state.matches(topic):
             delivered = granted if qos is None or qos > granted else qos
-            connection = self.online.get(session.client_id)
+            connection = online.get(session.client_id)
             if connection is None or connection.session is not session:
                 if delivered and not session.clean_session:
                     # [MQTT-3.1.2-5]: QoS 1/2 messages wait for an offline persistent session.
                     self.queue(session, topic, payload, delivered, retain=False)
                 continue
-            if delivered == 0 and not self.state.queued(session):
+            if delivered == 0 and not connection.backlog:
                 if frame is None:
                     frame = encode_publish(topic, payload)
                 connection.send_qos0(frame)
@@ -256,11 +259,14 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._limit = 0.0
         self._heard_at = 0.0
+        self._loop = asyncio.get_running_loop()  # protocols are made by the running server
         self._will: Will | None = None
         self._goodbye = False
         self._ended = False
         self._counted = False
         self._dropped_qos0 = 0
+        self.backlog = False
+        """Whether messages wait in the session's queue (later ones queue behind them)."""
 
     @property
     def name(self) -> str:
@@ -343,22 +349,22 @@ class Connection(asyncio.Protocol):
                 self._internal_error(exc)
                 return
         if handled and self._limit:
-            self._heard_at = asyncio.get_running_loop().time()
+            self._heard_at = self._loop.time()
         if self._task is not None and self.framer.buffered > self.limits.max_packet_size:
             self._pause("busy")
 
     def _handle(self, frame: Frame) -> None:
         session = self.session
+        kind = frame.packet_type
         if session is None:
             protocol.check(frame, connected=False)
             self._on_connect(frame)
             return
+        if kind == PUBLISH:  # the hot path first
+            self._on_publish(session, protocol.check_publish(frame))
+            return
         packet = protocol.check(frame, connected=True)
-        kind = frame.packet_type
-        if kind == PUBLISH:
-            assert isinstance(packet, Publish)  # noqa: S101 - check() decodes it
-            self._on_publish(session, packet)
-        elif kind == PUBACK:
+        if kind == PUBACK:
             self._on_ack(session, protocol.packet_id_of(frame), qos=1)
         elif kind == PUBREC:
             self._on_pubrec(session, protocol.packet_id_of(frame))
@@ -453,6 +459,7 @@ class Connection(asyncio.Protocol):
                     message.topic, bytes(message.data), message.qos or 1, packet_id,
                     retain=bool(message.retain), dup=True,
                 ))  # fmt: skip
+        self.backlog = bool(self.hub.state.queued(session))
         self._pump(session)
 
     def _check_keepalive(self) -> None:
@@ -481,7 +488,10 @@ class Connection(asyncio.Protocol):
                 )
             self.send(encode_ack(PUBREC, packet_id))
             return
-        self._route(session, publish.topic, publish.payload, publish.qos, retain=publish.retain)
+        self._route(
+            session, publish.topic, publish.payload, publish.qos, retain=publish.retain,
+            frame=publish.raw,
+        )  # fmt: skip
         if publish.qos == 1:
             # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; it is already on its way.
             self.send(encode_ack(PUBACK, packet_id))
@@ -495,13 +505,14 @@ class Connection(asyncio.Protocol):
         self.send(encode_ack(PUBCOMP, packet_id))
 
     def _route(
-        self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool
-    ) -> None:
+        self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool,
+        frame: bytes | None = None,
+    ) -> None:  # fmt: skip
         if topic.startswith("$SYS"):
             # $SYS is the server's own (section 4.7.2); a client's publish there is dropped.
             logger.warning("Client %s published to %s: dropped.", session.client_id, topic)
             return
-        self.hub.publish(topic, payload, qos)
+        self.hub.publish(topic, payload, qos, frame)
         if retain:
             # [MQTT-3.3.1-5]: kept for future subscribers; an empty payload clears it [-10].
             self._start(self.hub.state.retain(session, topic, payload, qos), "retain")
@@ -512,10 +523,9 @@ class Connection(asyncio.Protocol):
         """Send a message now if the window has room and nothing waits, else queue it."""
         session = self.session
         assert session is not None  # noqa: S101
-        if self.hub.state.queued(session) or (
-            qos and len(session.inflight_out) >= self.limits.max_inflight
-        ):
+        if self.backlog or (qos and len(session.inflight_out) >= self.limits.max_inflight):
             self.hub.queue(session, topic, payload, qos, retain=retain)
+            self.backlog = True
             return
         self._send_new(session, topic, payload, qos, retain=retain)
 
@@ -538,6 +548,7 @@ class Connection(asyncio.Protocol):
         while len(session.inflight_out) < self.limits.max_inflight:
             waiting = engine.dequeue(session)
             if waiting is None:
+                self.backlog = False
                 self.hub.drained(session.client_id)
                 return
             topic, payload, qos, retain = waiting
@@ -574,7 +585,12 @@ class Connection(asyncio.Protocol):
                     self.name, self._dropped_qos0,
                 )  # fmt: skip
             return
-        self.send(frame)
+        if self.hub.batching:
+            if not self._out:
+                self.hub.mark(self)
+            self._out.append(frame)
+        elif not transport.is_closing():
+            transport.write(frame)
 
     # --- subscribing ------------------------------------------------------------------------
 

@@ -17,57 +17,67 @@ from broker.protocol import Frame, ProtocolViolation
 class Framer:
     """The receive buffer of one connection."""
 
-    __slots__ = ("_buffer", "_error", "max_packet_size")
+    __slots__ = ("_data", "_error", "_pos", "max_packet_size")
 
     def __init__(self, max_packet_size: int) -> None:
         """Accept packets of at most ``max_packet_size`` bytes, fixed header included."""
         self.max_packet_size = max_packet_size
-        self._buffer = bytearray()
+        self._data: bytes | bytearray = b""
+        self._pos = 0
+        """Where the next frame starts in ``_data``; what is before it was returned."""
         self._error: ProtocolViolation | None = None
 
     def feed(self, data: bytes) -> None:
-        """Append bytes read from the connection."""
-        self._buffer += data
+        """Append bytes read from the connection (kept without a copy when nothing is pending)."""
+        if self._pos >= len(self._data):
+            self._data, self._pos = data, 0  # the common case: whole packets, nothing left over
+        elif isinstance(self._data, bytearray) and not self._pos:
+            self._data += data  # a large packet arriving in pieces: amortised appends
+        else:
+            pending = bytearray(memoryview(self._data)[self._pos :])
+            pending += data
+            self._data, self._pos = pending, 0
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
-        return len(self._buffer)
+        return len(self._data) - self._pos
 
     def next_frame(self) -> Frame | None:
         """Return the next whole frame, or None until more data arrives."""
         if self._error is not None:
             raise self._error
-        buffer = self._buffer
-        size = len(buffer)
-        if size < 2:
+        data, start = self._data, self._pos
+        size = len(data)
+        if size - start < 2:
             return None
-        length, multiplier, index = 0, 1, 1
+        length, multiplier, index = 0, 1, start + 1
         while True:
             if index >= size:
                 return None
-            byte = buffer[index]
+            byte = data[index]
             length += (byte & 0x7F) * multiplier
             index += 1
             if not byte & 0x80:
                 break
-            if index == 5:
+            if index - start == 5:
                 self._fail("remaining length longer than 4 bytes", "MQTT-2.2.3")
             multiplier *= 128
         end = index + length
-        if end > self.max_packet_size:
+        if end - start > self.max_packet_size:
             self._fail(
-                f"packet of {end} bytes exceeds the {self.max_packet_size}-byte maximum",
+                f"packet of {end - start} bytes exceeds the {self.max_packet_size}-byte maximum",
                 "MQTT-1.5.4 / server limit",
             )
         if size < end:
             return None
-        first = buffer[0]
-        body = bytes(buffer[index:end])
-        del buffer[:end]
-        return Frame(first >> 4, first & 0x0F, body)
+        first = data[start]
+        self._pos = end
+        if start or end != size or not isinstance(data, bytes):
+            data = bytes(data[start:end])
+        return Frame(first >> 4, first & 0x0F, data, index - start)
 
     def _fail(self, reason: str, statement: str) -> NoReturn:
         self._error = ProtocolViolation(reason, statement)
-        self._buffer.clear()
+        self._data, self._pos = b"", 0
         raise self._error
