@@ -21,16 +21,17 @@ import inspect
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import amqtt
 from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
 from amqtt.events import BrokerEvents
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger("broker")
 
@@ -230,7 +231,7 @@ class Engine:
     def new_session(client_id: str, *, clean: bool, peer: tuple[str, int]) -> Session:
         """Make a new session for a client (an empty id gets a unique one [MQTT-3.1.3-6])."""
         session = Session()
-        session.client_id = client_id or f"auto-{uuid.uuid4().hex[:16]}"
+        session.client_id = client_id or f"auto-{os.urandom(8).hex()}"
         session.clean_session = clean
         session.remote_address, session.remote_port = peer
         return session
@@ -291,6 +292,9 @@ class Engine:
         if not self._auth_in_thread:
             return bool(await self.broker._authenticate(session, None))
         if self._auth_pool is None:
+            # Imported here: only a broker with a password file needs threads.
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
             self._auth_pool = ThreadPoolExecutor(
                 AUTH_WORKERS, thread_name_prefix="auth", initializer=_lower_priority
             )
