@@ -1,6 +1,6 @@
 """``make soak``: the figures behind the README's "Reliability" table, measured again.
 
-    python -m bench.soak            # about two minutes
+    python -m bench.soak            # about three minutes
     python -m bench.soak --outage   # also a 60 s broker outage (one more minute)
 
 Prints a Markdown table and writes bench/soak.json. Everything targets 127.0.0.1 only.
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import isolation
 from bench.harness import (
     PYTHON,
     REPO,
@@ -226,6 +227,8 @@ def main() -> None:
             echo.terminate()
             echo.wait(10)
             broker.stop()
+    sys.stderr.write("isolation, ours beside mosquitto\n")
+    results["isolation"] = isolation.run()
     if args.outage:
         sys.stderr.write("60 s outage\n")
         results["outage"] = outage(60)
@@ -252,6 +255,7 @@ def table(r: dict[str, Any]) -> str:
         (f"{fz['cases']} fuzzed connections", f"broker alive: {r['broker_alive']}; ping p99 after "
          f"{fz['after']['p99']:.2f} ms, {fz['after']['lost']} lost"),
     ]  # fmt: skip
+    rows += isolation.rows(r["isolation"])
     if "outage" in r:
         o = r["outage"]
         growth = ", ".join(f"{k} {v:+.1f} MiB" for k, v in o["rss_growth_mb"].items())

@@ -483,6 +483,13 @@ class Connection(asyncio.Protocol):
         if publish.qos == 2:
             # Kept until PUBREL, then delivered once however often it is resent [MQTT-4.3.3-2].
             if packet_id not in session.inflight_in:
+                if len(session.inflight_in) >= self.limits.max_queued:
+                    # Each waits for its PUBREL in memory; a client that never sends one must
+                    # not grow the broker without bound (MQTT 5 calls this receive maximum).
+                    raise ProtocolViolation(
+                        f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
+                        "server limit --max-queued",
+                    )
                 session.inflight_in[packet_id] = IncomingApplicationMessage(
                     packet_id, publish.topic, 2, publish.payload, publish.retain
                 )

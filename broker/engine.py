@@ -341,6 +341,12 @@ class Engine:
         self._matches[topic] = found
         return found
 
+    def counts(self) -> tuple[int, int]:
+        """How many sessions amqtt keeps, and how many subscriptions in all."""
+        broker = self.broker
+        subscriptions = broker._subscriptions.values()
+        return len(broker._sessions), sum(len(s) for s in subscriptions)
+
     # --- retained messages ----------------------------------------------------------------------
 
     async def retain(self, source: Session | None, topic: str, data: bytes, qos: int) -> None:

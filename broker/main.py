@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 from broker.connection import Hub
@@ -35,15 +37,23 @@ def listen(settings: BrokerSettings) -> dict[str, Listener]:
     return listeners
 
 
-async def serve(settings: BrokerSettings) -> int:
-    """Run the broker until a stop signal; return the exit code."""
-    stop = asyncio.Event()
-    install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
-    try:
-        listeners = listen(settings)
-    except BindError as exc:
-        sys.stderr.write(f"broker: error: {exc}\n")
-        return EXIT_UNAVAILABLE
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A broker serving: its hub (connections, routing), its engine (amqtt) and its sockets."""
+
+    hub: Hub
+    engine: Engine
+    listeners: dict[str, Listener]
+
+
+@contextlib.asynccontextmanager
+async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
+    """Serve until the block ends, then shut down within ``settings.shutdown_timeout``.
+
+    Raise BindError when a socket cannot be bound, EngineMismatch when amqtt is not the one
+    the engine was written for.
+    """
+    listeners = listen(settings)
     hub = Hub(settings.limits, settings.max_connections)
     servers: list[asyncio.Server] = []
 
@@ -67,31 +77,51 @@ async def serve(settings: BrokerSettings) -> int:
         )
         hub.engine = engine
         await engine.start()
+    except BaseException:
+        for listener in listeners.values():
+            listener.sock.close()
+        raise
+    try:
+        yield Running(hub, engine, listeners)
+    finally:
+        for server in servers:
+            server.close()  # accept no more
+        try:
+            async with asyncio.timeout(settings.shutdown_timeout):
+                await hub.close_all(grace=settings.shutdown_timeout / 2)
+                await engine.shutdown()
+        except TimeoutError:
+            logger.warning(
+                "The broker did not shut down within %.1f s; closing anyway.",
+                settings.shutdown_timeout,
+            )
+        for listener in listeners.values():
+            listener.sock.close()
+
+
+async def serve(settings: BrokerSettings) -> int:
+    """Run the broker until a stop signal; return the exit code."""
+    stop = asyncio.Event()
+    install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
+    try:
+        async with running(settings) as broker:
+            loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+            for listener in broker.listeners.values():
+                kind = "MQTT over TLS" if listener.tls else "MQTT"
+                logger.info(
+                    "Listening on %s for %s (pid %d, %s loop).",
+                    listener.address, kind, os.getpid(), loop,
+                )  # fmt: skip
+            if settings.password_file is not None:
+                logger.info("Clients must authenticate: users from %s.", settings.password_file)
+            await stop.wait()
+            logger.info("Shutting down.")
+    except BindError as exc:
+        sys.stderr.write(f"broker: error: {exc}\n")
+        return EXIT_UNAVAILABLE
     except EngineMismatch as exc:
         sys.stderr.write(f"broker: error: {exc}; this broker was written for amqtt 0.12.1\n")
         return EXIT_SOFTWARE
-    for listener in listeners.values():
-        kind = "MQTT over TLS" if listener.tls else "MQTT"
-        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
-        logger.info(
-            "Listening on %s for %s (pid %d, %s loop).", listener.address, kind, os.getpid(), loop
-        )
-    if settings.password_file is not None:
-        logger.info("Clients must authenticate: users from %s.", settings.password_file)
-    await stop.wait()
-    logger.info("Shutting down.")
-    for server in servers:
-        server.close()  # accept no more
-    try:
-        async with asyncio.timeout(settings.shutdown_timeout):
-            await hub.close_all(grace=settings.shutdown_timeout / 2)
-            await engine.shutdown()
-    except TimeoutError:
-        logger.warning(
-            "The broker did not shut down within %.1f s; closing anyway.", settings.shutdown_timeout
-        )
-    for listener in listeners.values():
-        listener.sock.close()
     logger.info("Stopped.")
     return EXIT_OK
 

@@ -105,3 +105,15 @@ def test_packet_ids_never_run_out(broker: Proc, port: int) -> None:
     assert publisher.barrier() == []
     wait_until(lambda: broker.count("Dropping messages for client stuck-long") == 1, 5, "one line")
     assert broker.count("internal error") == 0
+
+
+def test_qos2_messages_awaiting_pubrel_are_bounded(broker: Proc, port: int) -> None:
+    hoarder = connected(port, "hoarder")
+    hoarder.send(b"".join(m.publish("t/x", b"x", qos=2, packet_id=i) for i in range(1, QUEUED + 1)))
+    assert [hoarder.expect(m.PUBREC).packet_id for _ in range(QUEUED)] == list(range(1, QUEUED + 1))
+    hoarder.send(m.publish("t/x", b"x", qos=2, packet_id=1, dup=True))  # a resend: still fine
+    assert hoarder.expect(m.PUBREC).packet_id == 1
+    hoarder.send(m.publish("t/x", b"one too many", qos=2, packet_id=QUEUED + 1))
+    assert hoarder.closed_within(3)
+    broker.wait_for(r"Client hoarder closed: more than 50 QoS 2 messages awaiting PUBREL")
+    assert connected(port, "other").barrier() == []

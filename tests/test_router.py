@@ -1,0 +1,150 @@
+"""The broker in-process: its hub and engine on a real loopback socket, clients on real sockets.
+
+Where the wire tests see what a client sees, these see what the broker holds: the bounds on a
+client's window and queue, and nothing left behind by clients that are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import Awaitable, Callable
+from typing import ClassVar
+
+from broker.main import Running, running
+from broker.settings import BrokerSettings, Limits
+from tests import mqtt_raw as m
+
+SETTINGS = BrokerSettings(port=0, limits=Limits(max_inflight=4, max_queued=30))
+
+
+class Client:
+    """A raw MQTT client on asyncio streams."""
+
+    opened: ClassVar[list[Client]] = []
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Wrap an open connection."""
+        self.reader, self.writer = reader, writer
+        Client.opened.append(self)
+
+    @classmethod
+    async def connect(cls, port: int, client_id: str, *, clean: bool = True) -> Client:
+        """Connect and wait for an accepting CONNACK."""
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        client.writer.write(m.connect(client_id, clean=clean))
+        kind, body = await client.read()
+        assert (kind, body[1]) == (m.CONNACK, 0)
+        return client
+
+    async def read(self) -> tuple[int, bytes]:
+        """One packet: its type and body."""
+        head = await self.reader.readexactly(2)
+        length, shift, byte = head[1] & 0x7F, 7, head[1]
+        while byte & 0x80:
+            byte = (await self.reader.readexactly(1))[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+        return head[0] >> 4, await self.reader.readexactly(length)
+
+    async def expect(self, kind: int) -> bytes:
+        """Read until a packet of ``kind``; return its body."""
+        while True:
+            got, body = await asyncio.wait_for(self.read(), 5)
+            if got == kind:
+                return body
+
+    async def subscribe(self, topic_filter: str, qos: int) -> None:
+        """Subscribe and wait for the SUBACK."""
+        self.writer.write(m.subscribe(1, (topic_filter, qos)))
+        await self.expect(m.SUBACK)
+
+    async def barrier(self) -> None:
+        """PINGREQ, and wait for PINGRESP: everything sent before it has been handled."""
+        self.writer.write(m.PINGREQ_PACKET)
+        await self.expect(m.PINGRESP)
+
+
+def in_process(test: Callable[[Running, int], Awaitable[None]]) -> None:
+    """Run ``test`` against an in-process broker on a free port."""
+
+    async def main() -> None:
+        async with running(SETTINGS) as broker:
+            port = broker.listeners["default"].sock.getsockname()[1]
+            try:
+                await asyncio.wait_for(test(broker, port), 30)
+            finally:
+                for client in Client.opened:
+                    client.writer.close()
+                    with contextlib.suppress(ConnectionError):
+                        await client.writer.wait_closed()
+                Client.opened.clear()
+
+    asyncio.run(main())
+
+
+def test_a_stuck_subscriber_costs_at_most_its_window_and_its_queue() -> None:
+    async def test(broker: Running, port: int) -> None:
+        stuck = await Client.connect(port, "stuck")
+        await stuck.subscribe("t/#", 1)
+        publisher = await Client.connect(port, "publisher")
+        publisher.writer.write(b"".join(m.publish("t/x", bytes(100), qos=1, packet_id=i)
+                                        for i in range(1, 501)))  # fmt: skip
+        for _ in range(500):
+            await publisher.expect(m.PUBACK)
+        session = broker.hub.online["stuck"].session
+        assert session is not None
+        assert len(session.inflight_out) == 4  # the window
+        assert broker.engine.queued(session) == 30  # the queue; the other 466 were dropped
+
+    in_process(test)
+
+
+def test_clients_that_are_gone_leave_nothing_behind() -> None:
+    async def test(broker: Running, port: int) -> None:
+        before = broker.engine.counts()
+        for i in range(50):
+            client = await Client.connect(port, f"passing-{i}")
+            await client.subscribe(f"t/{i}/#", i % 3)
+            if i % 2:
+                client.writer.write(m.DISCONNECT_PACKET)
+            client.writer.close()
+            await client.writer.wait_closed()
+        watcher = await Client.connect(port, "watcher")
+        for _ in range(100):  # until the broker has seen every connection end
+            if len(broker.hub.online) == 1:
+                break
+            await watcher.barrier()
+        assert list(broker.hub.online) == ["watcher"]
+        assert broker.engine.counts() == (before[0] + 1, before[1])
+
+    in_process(test)
+
+
+def test_a_persistent_session_keeps_its_queue_in_order_across_reconnects() -> None:
+    async def test(broker: Running, port: int) -> None:
+        sub = await Client.connect(port, "keeper", clean=False)
+        await sub.subscribe("k/#", 1)
+        sub.writer.write(m.DISCONNECT_PACKET)
+        sub.writer.close()
+        publisher = await Client.connect(port, "k-publisher")
+        publisher.writer.write(b"".join(m.publish("k/x", b"%d" % i, qos=1, packet_id=i + 1)
+                                        for i in range(10)))  # fmt: skip
+        for _ in range(10):
+            await publisher.expect(m.PUBACK)
+        back = await Client.connect(port, "keeper", clean=False)
+        got = []
+        for _ in range(10):
+            body = await back.expect(m.PUBLISH)
+            size = struct.unpack_from("!H", body)[0]
+            got.append(body[4 + size :])
+            back.writer.write(m.ack(m.PUBACK, struct.unpack_from("!H", body, 2 + size)[0]))
+        assert got == [b"%d" % i for i in range(10)]
+        await back.barrier()
+        session = broker.hub.online["keeper"].session
+        assert session is not None
+        assert not session.inflight_out
+        assert broker.engine.queued(session) == 0
+
+    in_process(test)
