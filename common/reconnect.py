@@ -31,7 +31,13 @@ REMINDER_EVERY = 15.0
 """While the broker stays unreachable, remind the log this often (seconds), not on every try."""
 
 FLAP_WINDOW = 10.0
-"""A usable link lost within this many seconds of coming up was closed "soon"."""
+"""A usable link lost within this many seconds of coming up was closed "soon".
+
+Such a loss counts towards flapping only when the link had come back at the first attempt: the
+broker was there all along and ended the connection (what it does to the older of two clients
+with one id). A broker that crashed and was restarted refuses the first attempt, and its
+clients keep retrying every interval.
+"""
 
 FLAP_LIMIT = 3
 """After this many such losses in a row, the link backs off and says why it may be happening."""
@@ -90,6 +96,8 @@ class Link:
         self._stopping = False
         self._greeted = False
         self._up_since = 0.0
+        self._at_once = False
+        """Whether the link came up at the first attempt after it was last down."""
         self._quick_losses = 0
         self._waiting: tuple[str, float] | None = None
         self._last_error: str | None = None
@@ -214,6 +222,7 @@ class Link:
             )
         self._down_since = None
         self._up_since = now
+        self._at_once = self.attempts <= 1
         self.attempts = 0
         self.connected.set()
         self._emit("connected", outage_s=round(outage, 6), reconnects=self.reconnects)
@@ -230,7 +239,8 @@ class Link:
             self._down_since = now
             self._reminded_at = now
             up_for = now - self._up_since
-            self._quick_losses = self._quick_losses + 1 if up_for < FLAP_WINDOW else 0
+            quick = up_for < FLAP_WINDOW and self._at_once
+            self._quick_losses = self._quick_losses + 1 if quick else 0
             if self._quick_losses >= FLAP_LIMIT:
                 self._flapping(up_for)
                 self._emit("disconnected", reason=self._last_error)

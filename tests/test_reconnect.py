@@ -107,3 +107,17 @@ def test_clients_sharing_an_id_say_so_and_back_off(spawn: Spawner, port: int) ->
         assert echo.count("Is another client using the id") <= 1
     # 100 ms pauses would have let them take the id from each other ~10 times a second.
     assert broker.count(r"Client demo connected") < 30, broker.err()
+
+
+def test_a_crash_looping_broker_is_not_taken_for_a_shared_id(spawn: Spawner, port: int) -> None:
+    """A broker killed soon after each start refuses the clients' first retry: that is not the
+    flapping of two clients with one id, and the clients keep retrying every 100 ms."""
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    for cycle in range(1, 5):
+        broker = spawn.broker(port)
+        echo.wait_for(rf"(Subscribed to /ping\.(.|\n)*){{{cycle}}}")
+        broker.signal(signal.SIGKILL)
+        broker.wait(5)
+        echo.wait_for(rf"(Lost connection(.|\n)*){{{cycle}}}")
+    assert echo.count("Is another client using the id") == 0, echo.err()
+    assert echo.count("Retrying in") == 0, echo.err()
