@@ -62,7 +62,6 @@ QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 # CONNACK return codes (section 3.2.2.3).
 UNACCEPTABLE_PROTOCOL_VERSION = 0x01
 IDENTIFIER_REJECTED = 0x02
-BAD_USER_NAME_OR_PASSWORD = 0x04
 NOT_AUTHORIZED = 0x05
 
 
@@ -405,14 +404,11 @@ class Connection(asyncio.Protocol):
             logger.warning("Refused %s: %s.", self.peer, exc)
             self.close(will=False)
             return
-        refusal = None
-        if connect.password_without_user:
-            refusal = BAD_USER_NAME_OR_PASSWORD, "password without a user name [MQTT-3.1.2-22]"
-        elif not connect.client_id and not connect.clean_session:
-            refusal = IDENTIFIER_REJECTED, "empty client id without clean session [MQTT-3.1.3-8]"
-        if refusal is not None:
-            self.send(encode_connack(refusal[0]))
-            logger.warning("Refused %s: %s.", self.peer, refusal[1])
+        if not connect.client_id and not connect.clean_session:
+            self.send(encode_connack(IDENTIFIER_REJECTED))
+            logger.warning(
+                "Refused %s: empty client id without clean session [MQTT-3.1.3-8].", self.peer
+            )
             self.close(will=False)
             return
         self._start(self._connect(connect), "connect")
@@ -564,15 +560,30 @@ class Connection(asyncio.Protocol):
     def _on_ack(self, session: Session, packet_id: int, qos: int) -> None:
         """PUBACK (qos 1) or PUBCOMP (qos 2): the delivery is done; the window has room."""
         message = session.inflight_out.get(packet_id)
-        if message is None or message.qos != qos:
+        if message is None:
             logger.debug("Client %s acknowledged unknown packet id %d.", self.name, packet_id)
             return
+        # An acknowledgement of the wrong kind breaks the flow of section 4.3.2 or 4.3.3.
+        if message.qos != qos:
+            ack = "PUBACK" if qos == 1 else "PUBCOMP"
+            raise ProtocolViolation(
+                f"{ack} for packet id {packet_id}, a QoS {message.qos} delivery",
+                "MQTT-4.3.2" if message.qos == 1 else "MQTT-4.3.3",
+            )
+        if qos == 2 and message.pubrec_packet is None:
+            raise ProtocolViolation(
+                f"PUBCOMP for packet id {packet_id} before its PUBREC", "MQTT-4.3.3"
+            )
         del session.inflight_out[packet_id]
         self._pump(session)
 
     def _on_pubrec(self, session: Session, packet_id: int) -> None:
         message = session.inflight_out.get(packet_id)
-        if message is not None and message.qos == 2:
+        if message is not None and message.qos == 1:
+            raise ProtocolViolation(
+                f"PUBREC for packet id {packet_id}, a QoS 1 delivery", "MQTT-4.3.2"
+            )
+        if message is not None:
             message.pubrec_packet = True  # PUBREL is resent on reconnect, not PUBLISH
         # For an id we never used, PUBREL too, as mosquitto answers (and MQTT 5 does, 0x92).
         self.send(encode_ack(PUBREL, packet_id))

@@ -7,6 +7,7 @@ requires of a server. :mod:`broker.framing` cuts the byte stream into frames fir
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -85,9 +86,24 @@ def _string(body: bytes, offset: int, what: str) -> tuple[str, int]:
         text = body[offset + 2 : end].decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolViolation(f"{what}: invalid UTF-8", "MQTT-1.5.3-1") from None
-    if "\x00" in text:
-        raise ProtocolViolation(f"{what}: contains U+0000", "MQTT-1.5.3-2")
+    bad = _FORBIDDEN.search(text)
+    if bad is not None:
+        char = ord(bad.group())
+        if char == 0:
+            raise ProtocolViolation(f"{what}: contains U+0000", "MQTT-1.5.3-2")
+        kind = "a control character" if char <= 0x9F else "a non-character"
+        raise ProtocolViolation(f"{what}: contains {kind}, U+{char:04X}", "MQTT-1.5.3")
     return text, end
+
+
+# Section 1.5.3: U+0000 must not appear; control characters (U+0001-U+001F, U+007F-U+009F) and
+# non-characters (U+FDD0-U+FDEF, U+nFFFE and U+nFFFF) may be refused, and are, as mosquitto
+# does: no sane client sends them, and they end up in logs and terminals.
+_FORBIDDEN: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    + "]"
+)
 
 
 def _packet_id(body: bytes, offset: int, what: str) -> int:
@@ -175,8 +191,7 @@ def _filters(body: bytes, what: str, *, with_qos: bool) -> list[tuple[str, int]]
     found: list[tuple[str, int]] = []
     while offset < len(body):
         topic_filter, offset = _string(body, offset, f"{what} topic filter")
-        if not topic_filter:
-            raise ProtocolViolation(f"{what} with an empty topic filter", "MQTT-4.7.3-1")
+        _check_filter(topic_filter, what)
         requested = 0
         if with_qos:
             if offset >= len(body):
@@ -189,6 +204,25 @@ def _filters(body: bytes, what: str, *, with_qos: bool) -> list[tuple[str, int]]
             offset += 1
         found.append((topic_filter, requested))
     return found
+
+
+def _check_filter(topic_filter: str, what: str) -> None:
+    """Refuse a malformed filter: a malformed packet (section 4.7.1), not a SUBACK 0x80."""
+    if not topic_filter:
+        raise ProtocolViolation(f"{what} with an empty topic filter", "MQTT-4.7.3-1")
+    if "#" in topic_filter and not (
+        topic_filter == "#" or (topic_filter.endswith("/#") and topic_filter.count("#") == 1)
+    ):
+        raise ProtocolViolation(
+            f"{what} filter {topic_filter!r}: '#' must be last and alone in its level",
+            "MQTT-4.7.1-2",
+        )
+    if "+" in topic_filter and any(
+        "+" in level and level != "+" for level in topic_filter.split("/")
+    ):
+        raise ProtocolViolation(
+            f"{what} filter {topic_filter!r}: '+' must be alone in its level", "MQTT-4.7.1-3"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,8 +287,6 @@ class Connect:
     will: Will | None = None
     username: str | None = None
     password: str | None = None
-    password_without_user: bool = False
-    """Password flag 1 with user name flag 0: amqtt's answer is CONNACK 0x04, kept as it was."""
 
 
 class UnsupportedProtocol(Exception):  # noqa: N818 - named for what the client asked for
@@ -302,12 +334,7 @@ def decode_connect(frame: Frame) -> Connect:
             raise ProtocolViolation(f"invalid will topic {topic!r}", "MQTT-3.3.2-2")
         message, offset = _binary(body, offset, "will message")
         will = Will(topic, message, will_qos, bool(flags & 0x20))
-    username = password = None
-    if flags & 0x80:
-        username, offset = _string(body, offset, "user name")
-    if flags & 0x40:
-        raw, offset = _binary(body, offset, "password")
-        password = raw.decode("utf-8", "replace")
+    username, password = _credentials(body, offset, flags)
     return Connect(
         client_id=client_id,
         clean_session=bool(flags & 0x02),
@@ -315,8 +342,31 @@ def decode_connect(frame: Frame) -> Connect:
         will=will,
         username=username,
         password=password,
-        password_without_user=bool(flags & 0x40) and not flags & 0x80,
     )
+
+
+def _credentials(body: bytes, offset: int, flags: int) -> tuple[str | None, str | None]:
+    """Decode the user name and password the flags announce; nothing may follow them."""
+    if flags & 0x40 and not flags & 0x80:
+        raise ProtocolViolation("password flag set without the user name flag", "MQTT-3.1.2-22")
+    username = password = None
+    if flags & 0x80:
+        if offset >= len(body):
+            raise ProtocolViolation("user name flag set, but no user name", "MQTT-3.1.2-19")
+        username, offset = _string(body, offset, "user name")
+    if flags & 0x40:
+        if offset >= len(body):
+            raise ProtocolViolation("password flag set, but no password", "MQTT-3.1.2-21")
+        raw, offset = _binary(body, offset, "password")
+        password = raw.decode("utf-8", "replace")
+    if offset != len(body):
+        # What follows the last announced field: a user name or password the flags deny, or junk.
+        statement = ("MQTT-3.1.2-18" if not flags & 0x80 else
+                     "MQTT-3.1.2-20" if not flags & 0x40 else "MQTT-3.1.3")  # fmt: skip
+        raise ProtocolViolation(
+            f"CONNECT has {len(body) - offset} bytes after its last announced field", statement
+        )
+    return username, password
 
 
 def _binary(body: bytes, offset: int, what: str) -> tuple[bytes, int]:

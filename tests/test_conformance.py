@@ -297,6 +297,23 @@ VIOLATIONS = {
     "reserved packet type 0 [MQTT-2.2.1]": m.packet(0, 0, b""),
     "reserved packet type 15 [MQTT-2.2.1]": m.packet(15, 0, b""),
     "remaining length over 4 bytes [MQTT-2.2.3]": b"\x30\xff\xff\xff\xff\x01",
+    # Topic filters (section 4.7.1): malformed, so the packet is, and no SUBACK 0x80 comes.
+    "SUBSCRIBE filter a/#/b [MQTT-4.7.1-2]": m.subscribe(1, ("a/#/b", 0)),
+    "SUBSCRIBE filter a# [MQTT-4.7.1-2]": m.subscribe(1, ("a#", 0)),
+    "SUBSCRIBE filter a+/b [MQTT-4.7.1-3]": m.subscribe(1, ("a+/b", 0)),
+    "SUBSCRIBE with an empty filter [MQTT-4.7.3-1]": m.subscribe(1, ("ok", 0), ("", 0)),
+    "UNSUBSCRIBE filter a/#/b [MQTT-4.7.1-2]": m.unsubscribe(2, "a/#/b"),
+    "UNSUBSCRIBE filter +a [MQTT-4.7.1-3]": m.unsubscribe(2, "+a"),
+    # Strings (section 1.5.3): a receiver may close on control and non-characters; mosquitto does.
+    "PUBLISH topic with U+0001 [MQTT-1.5.3]": m.publish("a\x01", b"x"),
+    "PUBLISH topic with U+001F [MQTT-1.5.3]": m.publish("a/\x1f", b"x"),
+    "PUBLISH topic with U+007F [MQTT-1.5.3]": m.publish("a\x7f", b"x"),
+    "PUBLISH topic with U+0085 [MQTT-1.5.3]": m.publish("a\x85", b"x"),
+    "PUBLISH topic with U+FFFF [MQTT-1.5.3]": m.publish("a\uffff", b"x"),
+    "PUBLISH topic with U+FDD0 [MQTT-1.5.3]": m.publish("a\ufdd0", b"x"),
+    "PUBLISH topic with a surrogate [MQTT-1.5.3-1]": m.publish(b"a/\xed\xa0\x80", b"x"),
+    "SUBSCRIBE filter with U+001B [MQTT-1.5.3]": m.subscribe(1, ("a/\x1b[31m", 0)),
+    "UNSUBSCRIBE filter with U+0000 [MQTT-1.5.3-2]": m.unsubscribe(2, "a\x00"),
 }
 
 
@@ -338,6 +355,120 @@ def test_will_message_of_a_violator_is_published(broker_port: int) -> None:
     bad.send(m.publish("a/#", b"x"))
     assert bad.closed_within(3)
     assert watcher.message().payload == b"violator"
+
+
+# --- strict CONNECT -------------------------------------------------------------------------
+
+
+def raw_connect(flags: int, payload: bytes) -> bytes:
+    """A level-4 CONNECT with these connect flags and this payload, as given."""
+    body = m.string("MQTT") + bytes([4, flags]) + b"\x00\x3c" + payload
+    return m.packet(m.CONNECT, 0, body)
+
+
+BAD_CONNECTS = {
+    "user name flag 0, a user name present [MQTT-3.1.2-18]": raw_connect(
+        0x02, m.string("c") + m.string("alice")
+    ),
+    "user name flag 1, no user name [MQTT-3.1.2-19]": raw_connect(0x82, m.string("c")),
+    "password flag 0, a password present [MQTT-3.1.2-20]": raw_connect(
+        0x82, m.string("c") + m.string("alice") + m.string("secret")
+    ),
+    "password flag 1, no password [MQTT-3.1.2-21]": raw_connect(
+        0xC2, m.string("c") + m.string("alice")
+    ),
+    "password flag 1, user name flag 0 [MQTT-3.1.2-22]": raw_connect(
+        0x42, m.string("c") + m.string("secret")
+    ),
+    "bytes after the last field [MQTT-3.1.3]": raw_connect(0x02, m.string("c") + b"\x00"),
+    "client id with U+0000 [MQTT-1.5.3-2]": m.connect("c\x00d"),
+    "client id with a surrogate [MQTT-1.5.3-1]": raw_connect(0x02, m.string(b"c\xed\xbf\xbf")),
+    "client id with U+0007 [MQTT-1.5.3]": m.connect("c\x07"),
+    "will topic with U+0000 [MQTT-1.5.3-2]": m.connect("c", will=("w\x00", b"x", 0, False)),
+    "will topic with a surrogate [MQTT-1.5.3-1]": raw_connect(
+        0x06, m.string("c") + m.string(b"w\xed\xa0\x80") + m.string(b"x")
+    ),
+    "user name with U+0000 [MQTT-1.5.3-2]": m.connect("c", username="al\x00ice"),
+    "user name with a surrogate [MQTT-1.5.3-1]": raw_connect(
+        0x82, m.string("c") + m.string(b"al\xed\xa0\x80")
+    ),
+    "user name with U+FFFE [MQTT-1.5.3]": m.connect("c", username="alice\ufffe"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CONNECTS.values()), ids=list(BAD_CONNECTS))
+def test_a_malformed_connect_is_closed_without_connack(broker_port: int, bad: bytes) -> None:
+    """Section 3.1 and 4.8: a malformed CONNECT closes the connection; no CONNACK is sent."""
+    c = RawClient(broker_port)
+    c.send(bad)
+    assert c.closed_within(3)
+    assert c.buffer == b""  # nothing came back, not even a refusing CONNACK
+    assert new(broker_port).barrier() == []
+
+
+# --- acknowledgements of the wrong kind -----------------------------------------------------
+
+
+def delivered_to(broker_port: int, qos: int) -> tuple[RawClient, int]:
+    """A subscriber that has just been sent one message at ``qos``; its packet id."""
+    topic = uid("ack")
+    sub = new(broker_port)
+    assert sub.subscribe(1, (topic, qos)) == [qos]
+    publisher = new(broker_port)
+    publisher.send(m.publish(topic, b"x", qos=qos, packet_id=5))
+    if qos == 2:
+        assert publisher.expect(m.PUBREC).packet_id == 5
+        publisher.send(m.ack(m.PUBREL, 5))
+    message = sub.message()
+    assert message.qos == qos
+    return sub, message.packet_id or 0
+
+
+@pytest.mark.parametrize(
+    ("qos", "answer"),
+    [(1, m.PUBREC), (1, m.PUBCOMP), (2, m.PUBACK), (2, m.PUBCOMP)],
+    ids=["PUBREC to QoS 1", "PUBCOMP to QoS 1", "PUBACK to QoS 2", "PUBCOMP before PUBREL"],
+)
+def test_an_acknowledgement_of_the_wrong_kind_closes_the_connection(
+    broker_port: int, qos: int, answer: int
+) -> None:
+    """Sections 4.3.2 and 4.3.3 give each QoS its flow; 3.1.1 names no other answer to a
+    packet outside it than section 4.8's: a protocol violation closes the connection."""
+    sub, packet_id = delivered_to(broker_port, qos)
+    sub.send(m.ack(answer, packet_id))
+    assert sub.closed_within(3)
+
+
+def test_a_pubrec_for_an_unknown_id_gets_a_pubrel(client: RawClient) -> None:
+    """As mosquitto answers, and as MQTT 5 does (with reason 0x92): the flow can finish."""
+    client.send(m.ack(m.PUBREC, 4321))
+    assert client.expect(m.PUBREL).packet_id == 4321
+    assert client.barrier() == []
+
+
+def test_a_qos2_publish_resent_before_pubrel_is_delivered_once(
+    broker_port: int, client: RawClient
+) -> None:
+    """[MQTT-4.3.3-2]: resends with DUP before PUBREL get PUBREC again and no second delivery;
+    after PUBCOMP nothing is left: the same id carries the next message."""
+    topic = uid("once")
+    sub = new(broker_port)
+    sub.subscribe(1, (topic, 0))
+    client.send(m.publish(topic, b"one", qos=2, packet_id=9))
+    for _ in range(4):
+        assert client.expect(m.PUBREC).packet_id == 9
+        client.send(m.publish(topic, b"one", qos=2, packet_id=9, dup=True))
+    assert client.expect(m.PUBREC).packet_id == 9
+    client.send(m.ack(m.PUBREL, 9))
+    assert client.expect(m.PUBCOMP).packet_id == 9
+    assert sub.message().payload == b"one"
+    assert sub.barrier() == []  # delivered once
+    client.send(m.publish(topic, b"two", qos=2, packet_id=9))
+    assert client.expect(m.PUBREC).packet_id == 9
+    client.send(m.ack(m.PUBREL, 9))
+    assert client.expect(m.PUBCOMP).packet_id == 9
+    assert sub.message().payload == b"two"
+    assert sub.barrier() == []
 
 
 # --- 7. packet size bound ---------------------------------------------------------------------

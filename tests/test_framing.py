@@ -22,7 +22,7 @@ MAX = 1 << 20
 
 # Topic names a client may publish to: non-empty UTF-8, no wildcards, no U+0000 or surrogates.
 topics = st.text(
-    st.characters(exclude_categories=["Cs"], exclude_characters="\x00+#"),
+    st.characters(exclude_categories=["Cs", "Cc", "Cn"], exclude_characters="\x00+#"),
     min_size=1, max_size=40,
 )  # fmt: skip
 payloads = st.binary(max_size=300)
@@ -134,7 +134,7 @@ def test_remaining_length_boundaries(length: int) -> None:
     assert protocol.remaining_length(length) == m.remaining_length(length)
 
 
-strings = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+strings = st.text(st.characters(exclude_categories=["Cs", "Cc", "Cn"], exclude_characters="\x00"),
                   max_size=23)  # fmt: skip
 wills = st.tuples(topics, st.binary(max_size=50), st.integers(0, 2), st.booleans())
 
@@ -181,3 +181,23 @@ def test_suback_and_connack_encode_as_the_specification_says() -> None:
     assert protocol.encode_suback(7, [0, 1, 0x80]) == m.packet(m.SUBACK, 0, b"\x00\x07\x00\x01\x80")
     assert protocol.encode_connack(0, session_present=True) == b"\x20\x02\x01\x00"
     assert protocol.encode_connack(5) == b"\x20\x02\x00\x05"
+
+
+@given(topics, st.sampled_from([*range(1, 0x20), *range(0x7F, 0xA0), 0xFDD0, 0xFFFE, 0x10FFFF]))
+def test_control_characters_and_non_characters_are_refused_in_any_string(
+    topic: str, char: int
+) -> None:
+    """Section 1.5.3: a receiver may close on them; mosquitto does, and so do we."""
+    bad = topic + chr(char)
+    for data in (protocol.encode_publish(bad, b"x"), m.subscribe(1, (bad, 0)),
+                 m.connect(bad), m.connect("c", username=bad)):  # fmt: skip
+        (frame,) = frames_of([data])
+        with pytest.raises(ProtocolViolation, match=rf"contains .*U\+{char:04X} \[MQTT-1\.5\.3\]"):
+            decode(frame)
+
+
+def decode(frame: Frame) -> object:
+    """Decode a client's packet as the broker does: CONNECT first, the rest once connected."""
+    if frame.packet_type == m.CONNECT:
+        return protocol.decode_connect(frame)
+    return protocol.check(frame, connected=True)
