@@ -7,6 +7,7 @@ requires of a server. :mod:`broker.framing` cuts the byte stream into frames fir
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -163,6 +164,17 @@ class Publish:
     """The packet as received, when it is also what a QoS 0 subscriber gets (QoS 0, RETAIN 0)."""
 
 
+@functools.lru_cache(maxsize=4096)
+def _topic_name(encoded: bytes) -> str:
+    """Decode and check a topic name (length prefix included); remembered, as topics repeat."""
+    topic, _ = _string(encoded, 0, "PUBLISH topic")
+    if not topic:
+        raise ProtocolViolation("PUBLISH with an empty topic", "MQTT-4.7.3-1")
+    if "+" in topic or "#" in topic:
+        raise ProtocolViolation(f"PUBLISH topic {topic!r} has a wildcard", "MQTT-3.3.2-2")
+    return topic
+
+
 def check_publish(frame: Frame) -> Publish:
     """Check and decode a PUBLISH from a connected client (the hot path's check)."""
     return _check_publish(frame.flags, frame.raw, frame.offset)
@@ -174,11 +186,12 @@ def _check_publish(flags: int, raw: bytes, start: int) -> Publish:
         raise ProtocolViolation("PUBLISH with QoS 3", "MQTT-3.3.1-4")
     if qos == 0 and flags & 0b1000:
         raise ProtocolViolation("PUBLISH with DUP set at QoS 0", "MQTT-3.3.1-2")
-    topic, offset = _string(raw, start, "PUBLISH topic")
-    if not topic:
-        raise ProtocolViolation("PUBLISH with an empty topic", "MQTT-4.7.3-1")
-    if "+" in topic or "#" in topic:
-        raise ProtocolViolation(f"PUBLISH topic {topic!r} has a wildcard", "MQTT-3.3.2-2")
+    if start + 2 > len(raw):
+        raise ProtocolViolation("PUBLISH topic: truncated length", "MQTT-1.5.3")
+    offset = start + 2 + (raw[start] << 8 | raw[start + 1])
+    if offset > len(raw):
+        raise ProtocolViolation("PUBLISH topic: truncated string", "MQTT-1.5.3")
+    topic = _topic_name(raw[start:offset])
     if not qos:
         return Publish(topic, raw[offset:], 0, bool(flags & 1), None, None if flags else raw)
     packet_id = _packet_id(raw, offset, "PUBLISH")
