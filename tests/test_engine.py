@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from amqtt.broker import Broker
 from amqtt.session import Session
 
-from broker.engine import EngineMismatch, check_amqtt, topic_matches
+from broker.engine import EngineMismatch, LeanSession, check_amqtt, topic_matches
 from tests.support import REPO, Spawner, base_env
 
 BROKEN_AMQTT = """
@@ -88,3 +90,45 @@ def test_only_the_engine_and_the_plugin_module_import_amqtt() -> None:
 def test_topic_matching(topic: str, topic_filter: str, expected: bool) -> None:
     """Section 4.7.1 and [MQTT-4.7.2-1]."""
     assert topic_matches(topic, topic_filter) is expected
+
+
+def test_a_lean_session_moves_through_amqtts_states() -> None:
+    session = LeanSession()
+    assert session.transitions.state == "new"
+    session.transitions.connect()
+    assert session.transitions.is_connected()
+    assert session.last_connect_time is not None  # amqtt's own hook ran
+    with pytest.raises(RuntimeError, match="already connected"):
+        session.transitions.connect()
+    session.transitions.disconnect()
+    assert session.transitions.state == "disconnected"
+    assert session.last_disconnect_time is not None
+    session.transitions.connect()
+    assert session.transitions.is_connected()
+
+
+def test_a_lean_sessions_queues_behave_as_amqtt_uses_them() -> None:
+    session = LeanSession()
+    queue = session.retained_messages
+    assert queue.empty()
+    assert queue.qsize() == 0
+    for item in ("a", "b"):
+        queue.put_nowait(item)
+    assert queue.qsize() == 2
+    assert queue.get_nowait() == "a"
+    session.clear_queues()  # amqtt's own method
+    assert queue.empty()
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+
+
+def test_a_lean_session_is_small() -> None:
+    """amqtt's Session with its transitions.Machine and two asyncio.Queues: 22.9 KiB."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        sessions = [LeanSession() for _ in range(200)]
+        each = (tracemalloc.get_traced_memory()[0] - before) / len(sessions)
+    finally:
+        tracemalloc.stop()
+    assert each < 2048, each
