@@ -29,7 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import isolation
+from bench import isolation, scale
 from bench.harness import (
     MQTT_VERSION,
     PYTHON,
@@ -380,6 +380,9 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
     ours_t, theirs_t = sigterm_under_load("ours", tries), sigterm_under_load("mosquitto", tries)
     add("SIGTERM to exit under load, max", max(ours_t) * 1000, max(theirs_t) * 1000, "ms")
 
+    sys.stderr.write("Scale: 10,000 devices, the rate curve, fan-out\n")
+    scale_result = scale.run()
+
     elapsed = time.monotonic() - started
     lines = [
         f"mqtt-pingpong benchmark, {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, "
@@ -404,6 +407,9 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
             f"{extra['capacity_vs_mqttools']:.2f}x that. Its CPU per round trip: "
             f"{extra['cpu_us_mqttools']:.1f} us."
         )
+    lines += ["", "Scale, in the same run (`bench/scale.py`):", "",
+              "| metric | ours | mosquitto | ours / mosquitto |", "|---|---|---|---|"]  # fmt: skip
+    lines += ["| " + " | ".join(row) + " |" for row in scale.rows(scale_result)]
     table = "\n".join(lines)
     sys.stdout.write(table + "\n")
     RESULTS.write_text(json.dumps({
@@ -411,7 +417,7 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
         "rows": [{"metric": m, "ours": o, "mosquitto": t, "unit": u, "ratio": r}
                  for m, o, t, u, r in rows],
         **extra, "restart_samples_s": {"ours": ours_r, "mosquitto": theirs_r},
-        "sigterm_samples_s": {"ours": ours_t, "mosquitto": theirs_t},
+        "sigterm_samples_s": {"ours": ours_t, "mosquitto": theirs_t}, "scale": scale_result,
     }, indent=2) + "\n")  # fmt: skip
 
 

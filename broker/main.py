@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -99,10 +100,28 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
             listener.sock.close()
 
 
+def raise_open_files() -> None:
+    """Let the broker hold as many connections as the hard limit allows, and say so.
+
+    Every client is a file descriptor, and the usual soft limit (1024) would refuse the
+    1,021st; the hard limit is what the administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("Open files: cannot raise the limit of %d: %s.", soft, exc)
+            return
+        logger.info("Open files: raised the limit from %d to %d (the hard limit).", soft, target)
+
+
 async def serve(settings: BrokerSettings) -> int:
     """Run the broker until a stop signal; return the exit code."""
     stop = asyncio.Event()
     install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
+    raise_open_files()
     try:
         async with running(settings) as broker:
             loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]

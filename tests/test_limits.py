@@ -6,11 +6,15 @@ bound is reached with a few hundred messages.
 
 from __future__ import annotations
 
+import resource
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import RawClient
-from tests.support import Proc, Spawner, wait_until
+from tests.support import PYTHON, Proc, Spawner, base_env, wait_until
 
 INFLIGHT, QUEUED = 5, 50
 
@@ -117,3 +121,28 @@ def test_qos2_messages_awaiting_pubrel_are_bounded(broker: Proc, port: int) -> N
     assert hoarder.closed_within(3)
     broker.wait_for(r"Client hoarder closed: more than 50 QoS 2 messages awaiting PUBREL")
     assert connected(port, "other").barrier() == []
+
+
+def test_the_broker_raises_its_open_files_limit_to_serve_more_clients(
+    port: int, tmp_path: Path
+) -> None:
+    """The usual soft limit (1024; 256 here) would refuse clients the hard limit allows."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard >= 1024, "this machine allows too few open files for the test"
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    log = tmp_path / "broker.err"
+    with log.open("wb") as err:
+        broker = subprocess.Popen(
+            [PYTHON, "-m", "broker", "--port", str(port)], stderr=err, env=base_env(),
+            preexec_fn=low_soft_limit,  # noqa: PLW1509 - before exec, no threads to fear
+        )  # fmt: skip
+    try:
+        wait_until(lambda: f"raised the limit from 256 to {hard}" in log.read_text(), 10, "raise")
+        clients = [connected(port, f"many-{i}") for i in range(300)]
+        assert clients[-1].barrier() == []
+    finally:
+        broker.terminate()
+        broker.wait(10)
