@@ -67,8 +67,11 @@ def connect_and_subscribe(port: int, index: int) -> socket.socket:
     return sock
 
 
-def devices(broker: Broker, count: int) -> dict[str, Any]:
-    """Connect ``count`` devices one after another; memory per connection and connects/s."""
+def devices(broker: Broker, count: int, *, keep: bool = False) -> dict[str, Any]:
+    """Connect ``count`` devices one after another; memory per connection and connects/s.
+
+    With ``keep``, the open sockets come back under "sockets", for the caller to close.
+    """
     raise_open_files(count + 100)
     before = broker.rss_mb()
     started = time.perf_counter()
@@ -76,11 +79,17 @@ def devices(broker: Broker, count: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     time.sleep(0.5)  # let the broker settle (its RSS is read once more below)
     after = broker.rss_mb()
-    for sock in sockets:
-        sock.close()
-    return {"count": count, "seconds": elapsed, "per_s": count / elapsed,
-            "kib_each": (after - before) * 1024 / count, "rss_before_mb": before,
-            "rss_after_mb": after}  # fmt: skip
+    if not keep:
+        for sock in sockets:
+            sock.close()
+    result: dict[str, Any] = {
+        "count": count, "seconds": elapsed, "per_s": count / elapsed,
+        "kib_each": (after - before) * 1024 / count, "rss_before_mb": before,
+        "rss_after_mb": after,
+    }  # fmt: skip
+    if keep:
+        result["sockets"] = sockets
+    return result
 
 
 def rate_curve(broker: Broker, rate: int, seconds: float = 2.0) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import isolation
+from bench import isolation, scale
 from bench.harness import (
     PYTHON,
     REPO,
@@ -86,6 +86,26 @@ def flood(port: int, broker_pid: int) -> dict[str, Any]:
     connected, closed = result.get("flood", (0, 0))
     return {"idle": idle, "during": during, "rss_mb": peak, "idle_connections": connected,
             "silent_closed_by_broker": closed}  # fmt: skip
+
+
+def devices(count: int) -> dict[str, Any]:
+    """A fresh broker holding ``count`` idle subscribed devices; the probe's RTT meanwhile."""
+    scale.raise_open_files(count + 200)
+    with workspace() as tmp:
+        broker = start_broker("ours", tmp, free_port())
+        echo = start_program("echo_client", broker.port)
+        try:
+            idle = rtt(broker.port)
+            before = broker.rss_mb()
+            held = scale.devices(broker, count, keep=True)
+            during = rtt(broker.port)
+            for sock in held.pop("sockets"):
+                sock.close()
+        finally:
+            echo.terminate()
+            echo.wait(10)
+            broker.stop()
+    return {"count": count, "idle": idle, "during": during, "rss_before_mb": before, **held}
 
 
 def load(port: int, broker_pid: int, seconds: float) -> dict[str, Any]:
@@ -227,6 +247,8 @@ def main() -> None:
             echo.terminate()
             echo.wait(10)
             broker.stop()
+    sys.stderr.write("10,000 idle devices\n")
+    results["devices"] = devices(10_000)
     sys.stderr.write("isolation, ours beside mosquitto\n")
     results["isolation"] = isolation.run()
     if args.outage:
@@ -255,6 +277,13 @@ def table(r: dict[str, Any]) -> str:
         (f"{fz['cases']} fuzzed connections", f"broker alive: {r['broker_alive']}; ping p99 after "
          f"{fz['after']['p99']:.2f} ms, {fz['after']['lost']} lost"),
     ]  # fmt: skip
+    d = r["devices"]
+    rows.append((f"{d['count']:,} idle devices (CONNECT + SUBSCRIBE each)",
+                 f"connected at {d['per_s']:,.0f}/s; broker RSS {d['rss_before_mb']:.0f} -> "
+                 f"{d['rss_after_mb']:.0f} MiB ({d['kib_each']:.1f} KiB each); ping p50/p99 "
+                 f"{d['during']['p50']:.2f}/{d['during']['p99']:.2f} ms vs "
+                 f"{d['idle']['p50']:.2f}/{d['idle']['p99']:.2f} ms before, "
+                 f"{d['during']['lost']} lost"))  # fmt: skip
     rows += isolation.rows(r["isolation"])
     if "outage" in r:
         o = r["outage"]
