@@ -399,9 +399,12 @@ class Connection(asyncio.Protocol):
         try:
             connect = protocol.decode_connect(frame)
         except UnsupportedProtocol as exc:
-            if exc.level is not None:
+            if exc.level is not None and exc.level >= 5:
+                # In the form a newer client can read: MQTT 5's CONNACK, 0x84 (section 3.2.2.2).
+                self.send(protocol.CONNACK_UNSUPPORTED_V5)
+            elif exc.level is not None:
                 self.send(encode_connack(UNACCEPTABLE_PROTOCOL_VERSION))  # [MQTT-3.1.2-2]
-            logger.warning("Refused %s: %s.", self.peer, exc)
+            logger.warning("Refused %s: %s; this broker speaks MQTT 3.1.1.", self.peer, exc)
             self.close(will=False)
             return
         if not connect.client_id and not connect.clean_session:

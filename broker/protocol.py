@@ -308,6 +308,10 @@ class UnsupportedProtocol(Exception):  # noqa: N818 - named for what the client 
     def __init__(self, name: str, level: int | None) -> None:
         """Record the protocol name and level the client asked for."""
         shown = name if level is None else f"{name} level {level}"
+        if level == 5:
+            shown += " (MQTT 5.0)"
+        elif level == 3:
+            shown += " (MQTT 3.1)"
         super().__init__(f"unsupported protocol {shown}")
         self.level = level
 
@@ -438,3 +442,5 @@ def encode_suback(packet_id: int, codes: list[int]) -> bytes:
 
 
 PINGRESP_PACKET: Final = bytes((PINGRESP << 4, 0))
+CONNACK_UNSUPPORTED_V5: Final = bytes((CONNACK << 4, 3, 0, 0x84, 0))
+"""MQTT 5's CONNACK "Unsupported Protocol Version" (0x84), no properties: what a v5 client reads."""

@@ -401,8 +401,8 @@ def test_a_malformed_connect_is_closed_without_connack(broker_port: int, bad: by
     """Section 3.1 and 4.8: a malformed CONNECT closes the connection; no CONNACK is sent."""
     c = RawClient(broker_port)
     c.send(bad)
-    assert c.closed_within(3)
-    assert c.buffer == b""  # nothing came back, not even a refusing CONNACK
+    with pytest.raises(m.Closed):  # the first thing to come back is the close: no CONNACK
+        c.receive(3)
     assert new(broker_port).barrier() == []
 
 
@@ -620,6 +620,17 @@ def test_unsupported_protocol_level_gets_connack_1(broker_port: int) -> None:
     """[MQTT-3.1.2-2]."""
     c = RawClient(broker_port)
     assert c.connect(uid("old"), level=3) == (False, 1)
+
+
+def test_an_mqtt5_client_is_refused_in_a_form_it_can_read(broker_port: int) -> None:
+    """MQTT 5.0 section 3.2.2.2: CONNACK with reason code 0x84, then close. A 3.1.1 CONNACK
+    (20 02 00 01) is not a valid MQTT 5 packet: v5 clients used to wait for their timeout."""
+    c = RawClient(broker_port)
+    body = m.string("MQTT") + bytes([5, 2]) + b"\x00\x3c" + b"\x00" + m.string(uid("v5"))
+    c.send(m.packet(m.CONNECT, 0, body))
+    connack = c.receive(3)
+    assert (connack.kind, connack.body) == (m.CONNACK, b"\x00\x84\x00")
+    assert c.closed_within(3)
 
 
 # --- order under a burst: the broker holds writes while it works through buffered packets ---

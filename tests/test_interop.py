@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 
+import mqttools
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -128,3 +130,30 @@ def test_paho_persistent_session_and_will(spawn: Spawner, port: int) -> None:
     doomed.loop_stop()
     watcher.close()
     publisher.close()
+
+
+def test_mqtt5_clients_are_refused_at_once_in_a_form_they_read(spawn: Spawner, port: int) -> None:
+    """The broker speaks MQTT 3.1.1. An MQTT 5 client gets CONNACK 0x84 in MQTT 5's form and
+    says so at once; a 3.1.1 CONNACK left paho and mqttools waiting for their timeout."""
+    broker = spawn.broker(port)
+    reasons: list[object] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="v5-paho", protocol=paho.MQTTv5)
+    client.on_connect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
+    client.connect("127.0.0.1", port)
+    try:
+        wait_until(lambda: client.loop(0.05) is not None and reasons, 5, "paho's CONNACK")
+    finally:
+        client.disconnect()
+    assert str(reasons[0]) == "Unsupported protocol version"
+
+    async def mqttools_connect() -> str:
+        v5 = mqttools.Client("127.0.0.1", port, connect_delays=[], response_timeout=5)
+        try:
+            await v5.start()
+        except mqttools.ConnectError as exc:
+            return str(exc)
+        await v5.stop()
+        return "connected"
+
+    assert asyncio.run(mqttools_connect()) == "UNSUPPORTED_PROTOCOL_VERSION(132)"
+    broker.wait_for(r"Refused 127\.0\.0\.1:\d+: unsupported protocol MQTT level 5 \(MQTT 5\.0\)")
