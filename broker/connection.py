@@ -20,11 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from broker import protocol
-from broker.engine import Engine, IncomingApplicationMessage, OutgoingApplicationMessage, Session
+import mqtt5
+
+from broker import protocol, v5
+from broker.engine import Engine, Incoming, Match, Message, Session, SubOptions
 from broker.framing import Framer
 from broker.protocol import (
     DISCONNECT,
@@ -51,6 +54,7 @@ from broker.protocol import (
     encode_suback,
 )
 from broker.settings import Limits
+from broker.v5 import Props
 
 logger = logging.getLogger("broker")
 
@@ -63,6 +67,25 @@ QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 UNACCEPTABLE_PROTOCOL_VERSION = 0x01
 IDENTIFIER_REJECTED = 0x02
 NOT_AUTHORIZED = 0x05
+# MQTT 5 reason codes the server sends (section 2.4).
+NO_MATCHING_SUBSCRIBERS = 0x10
+NO_SUBSCRIPTION_EXISTED = 0x11
+PACKET_ID_NOT_FOUND = 0x92
+IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+BAD_USER_NAME_OR_PASSWORD_V5 = 0x86
+NOT_AUTHORIZED_V5 = 0x87
+SERVER_SHUTTING_DOWN = 0x8B
+BAD_AUTHENTICATION_METHOD = 0x8C
+KEEP_ALIVE_TIMEOUT = 0x8D
+SESSION_TAKEN_OVER = 0x8E
+PROTOCOL_ERROR = 0x82
+RECEIVE_MAXIMUM_EXCEEDED = 0x93
+TOPIC_ALIAS_INVALID = 0x94
+PACKET_TOO_LARGE = 0x95
+PAYLOAD_FORMAT_INVALID = 0x99
+NEVER_EXPIRES = 0xFFFFFFFF
+TOPIC_ALIAS_MAXIMUM = 32
+"""Topic aliases an MQTT 5 client may set up per connection."""
 
 
 class Hub:
@@ -84,6 +107,12 @@ class Hub:
         self._dropping: dict[str, int] = {}
         """Client id -> messages dropped for it since its queue was last empty."""
         self._all_closed: asyncio.Event | None = None
+        self._turns: dict[str, int] = {}
+        """Shared subscription group -> how many messages it has had (whose turn it is)."""
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        """Client id -> the timer that ends its MQTT 5 session, while it is offline."""
+        self._wills: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
+        """Client id -> the timer of its delayed MQTT 5 will."""
 
     def connection(self, *, tls: bool = False) -> Connection:
         """Make the protocol for a new connection (the server's protocol factory)."""
@@ -120,46 +149,80 @@ class Hub:
         return self.engine
 
     def publish(
-        self, topic: str, payload: bytes, qos: int | None, frame: bytes | None = None
-    ) -> None:
+        self, topic: str, payload: bytes, qos: int | None, frame: bytes | None = None, *,
+        retain: bool = False, props: Props | None = None, origin: str | None = None,
+    ) -> bool:  # fmt: skip
         """Deliver a message to every subscriber now, or keep it for them (synchronous).
 
-        Each delivery's QoS is min(publish QoS, granted QoS) [MQTT-3.8.4-6, section 3.3.5]; a
-        client whose filters overlap gets one copy at the highest granted QoS [MQTT-3.3.5-1].
-        ``qos`` None (a plugin's broadcast) delivers at each granted QoS. ``frame``, when given,
-        is the message already encoded as a QoS 0 PUBLISH with RETAIN 0.
+        Return whether any subscriber matched. Each delivery's QoS is min(publish QoS,
+        granted QoS) [MQTT-3.8.4-6, section 3.3.5]; a client whose filters overlap gets one copy
+        at the highest granted QoS [MQTT-3.3.5-1]. ``qos`` None (a plugin's broadcast) delivers
+        at each granted QoS. ``frame``, when given, is the message already encoded as a 3.1.1
+        QoS 0 PUBLISH with RETAIN 0. ``retain`` is the published RETAIN, kept for MQTT 5
+        subscriptions that ask for it; ``origin`` is the publisher's client id, for their No
+        Local option.
         """
+        plain, shared = self.state.matches(topic)
         online = self.online
-        for session, granted in self.state.matches(topic):
+        for match in plain:
+            session, granted, no_local, keep_retain, ids = match
+            if no_local and session.client_id == origin:
+                continue  # MQTT 5 [MQTT-3.8.3-3]
             delivered = granted if qos is None or qos > granted else qos
             connection = online.get(session.client_id)
             if connection is None or connection.session is not session:
                 if delivered and not session.clean_session:
                     # [MQTT-3.1.2-5]: QoS 1/2 messages wait for an offline persistent session.
-                    self.queue(session, topic, payload, delivered, retain=False)
+                    self.queue(session, Message(None, topic, delivered, payload,
+                                                keep_retain and retain, props, ids))  # fmt: skip
                 continue
-            if delivered == 0 and not connection.backlog:
+            if delivered == 0 and not connection.backlog and not connection.v5:
                 if frame is None:
                     frame = encode_publish(topic, payload)
                 connection.send_qos0(frame)
-            else:  # QoS 1/2, or QoS 0 behind waiting messages: topics stay ordered [MQTT-4.6.0-6]
-                connection.deliver(topic, payload, delivered, retain=False)
+            else:  # QoS 1/2, MQTT 5, or QoS 0 behind waiting messages [MQTT-4.6.0-6]
+                connection.deliver(topic, payload, delivered, retain=keep_retain and retain,
+                                   props=props, ids=ids)  # fmt: skip
+        for group, members in shared:
+            self._deliver_shared(group, members, topic, payload, qos=qos, props=props)
+        return bool(plain or shared)
 
-    def publish_will(self, session: Session | None, will: Will) -> None:
+    def _deliver_shared(
+        self, group: str, members: list[Match], topic: str, payload: bytes, *,
+        qos: int | None, props: Props | None,
+    ) -> None:  # fmt: skip
+        """Give a message to one member of a shared subscription's group (MQTT 5 4.8.2).
+
+        Members take turns; an online member comes before an offline one.
+        """
+        turn = self._turns.get(group, 0)
+        self._turns[group] = turn + 1
+        ordered = members[turn % len(members) :] + members[: turn % len(members)]
+        for session, granted, _, _, ids in ordered:
+            connection = self.online.get(session.client_id)
+            if connection is not None and connection.session is session:
+                delivered = granted if qos is None or qos > granted else qos
+                connection.deliver(topic, payload, delivered, retain=False, props=props, ids=ids)
+                return
+        for session, granted, _, _, ids in ordered:
+            delivered = granted if qos is None or qos > granted else qos
+            if delivered and not session.clean_session:
+                self.queue(session, Message(None, topic, delivered, payload, False, props, ids))
+                return
+
+    def publish_will(self, session: Session | None, will: Will, props: Props | None) -> None:
         """Publish a will [MQTT-3.1.2-8], and retain it if it asks to be."""
-        self.publish(will.topic, will.payload, will.qos)
+        self.publish(will.topic, will.payload, will.qos, retain=will.retain, props=props)
         if will.retain:
             self.spawn(
                 self.state.retain(session, will.topic, will.payload, will.qos), "retain will"
             )
 
-    def queue(
-        self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool
-    ) -> None:
+    def queue(self, session: Session, message: Message) -> None:
         """Keep a message for ``session``, unless its queue is full (then count and drop it)."""
         engine = self.state
         if engine.queued(session) < self.limits.max_queued:
-            engine.enqueue(session, topic, payload, qos, retain=retain)
+            engine.enqueue(session, message)
             return
         client_id = session.client_id
         dropped = self._dropping.get(client_id, 0)
@@ -189,7 +252,18 @@ class Hub:
         if previous is not None:
             # [MQTT-3.1.4-2]: the server disconnects the existing client first.
             logger.info("Client %s connected again: closing its previous connection.", client_id)
-            previous.close(will=True)
+            previous.close(will=True, reason=SESSION_TAKEN_OVER)
+        expiry = self._expiry.pop(client_id, None)
+        if expiry is not None:
+            expiry.cancel()
+        delayed = self._wills.pop(client_id, None)
+        if delayed is not None:
+            # MQTT 5 section 3.1.3.2.2: a delayed will is not sent if the session goes on; if it
+            # ends here (clean start), it is sent now.
+            timer, publish = delayed
+            timer.cancel()
+            if connect.clean_session:
+                publish()
         present = False
         if connect.clean_session:
             # [MQTT-3.1.2-6]: a clean session starts empty and ends with the connection.
@@ -200,7 +274,7 @@ class Hub:
             if stored is not None:
                 # [MQTT-3.2.2-2]: resume the stored session with this connection's settings.
                 for name in ("keep_alive", "username", "password", "remote_address",
-                             "remote_port"):  # fmt: skip
+                             "remote_port", "clean_session"):  # fmt: skip
                     setattr(stored, name, getattr(session, name))
                 session, present = stored, True
         engine.keep(session)
@@ -221,6 +295,28 @@ class Hub:
         if session.clean_session:
             engine.forget(session.client_id)
             self._dropping.pop(session.client_id, None)
+        elif connection.expiry is not None and connection.expiry < NEVER_EXPIRES:
+            # MQTT 5: the session ends this many seconds after the connection [MQTT-3.1.2-23].
+            client_id = session.client_id
+            self._expiry[client_id] = asyncio.get_running_loop().call_later(
+                connection.expiry, self._expire, client_id, session
+            )
+
+    def _expire(self, client_id: str, session: Session) -> None:
+        self._expiry.pop(client_id, None)
+        if self.state.stored(client_id) is session and client_id not in self.online:
+            logger.info("Session of client %s expired.", client_id)
+            self.state.forget(client_id)
+            self._dropping.pop(client_id, None)
+
+    def delay_will(self, client_id: str, delay: float, publish: Callable[[], None]) -> None:
+        """Publish a will after ``delay`` seconds unless its client's session goes on."""
+
+        def due() -> None:
+            self._wills.pop(client_id, None)
+            publish()
+
+        self._wills[client_id] = (asyncio.get_running_loop().call_later(delay, due), publish)
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -229,8 +325,10 @@ class Hub:
         self.stopping = True
         for task in list(self._tasks):
             task.cancel()
+        for timer in [*self._expiry.values(), *(t for t, _ in self._wills.values())]:
+            timer.cancel()
         for connection in list(self.connections):
-            connection.close(will=False)
+            connection.close(will=False, reason=SERVER_SHUTTING_DOWN)
         if self.connections:
             self._all_closed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -266,6 +364,18 @@ class Connection(asyncio.Protocol):
         self._dropped_qos0 = 0
         self.backlog = False
         """Whether messages wait in the session's queue (later ones queue behind them)."""
+        self.window = hub.limits.max_inflight
+        """Unacknowledged QoS 1/2 messages allowed (an MQTT 5 client's receive maximum too)."""
+        # MQTT 5 only:
+        self.v5 = False
+        self.expiry: int | None = None
+        """The session expiry interval (seconds) an MQTT 5 client asked for."""
+        self._will_props: Props | None = None
+        self._will_delay = 0
+        self._max_out: int | None = None
+        """The largest packet the client accepts (its maximum packet size)."""
+        self._aliases: dict[int, str] = {}
+        self._assigned = False
 
     @property
     def name(self) -> str:
@@ -342,7 +452,8 @@ class Connection(asyncio.Protocol):
                     logger.warning("Closed %s: %s.", self.peer, exc)
                 else:
                     logger.warning("Client %s closed: %s.", self.name, exc)
-                self.close(will=True)
+                code = PACKET_TOO_LARGE if "exceeds the" in exc.reason else exc.code
+                self.close(will=True, reason=code)
                 return
             except Exception as exc:  # noqa: BLE001 - one packet's bug ends one connection
                 self._internal_error(exc)
@@ -358,6 +469,9 @@ class Connection(asyncio.Protocol):
         if session is None:
             protocol.check(frame, connected=False)
             self._on_connect(frame)
+            return
+        if self.v5:
+            self._handle_v5(session, v5.read(frame))
             return
         if kind == PUBLISH:  # the hot path first
             self._on_publish(session, protocol.check_publish(frame))
@@ -399,7 +513,10 @@ class Connection(asyncio.Protocol):
         try:
             connect = protocol.decode_connect(frame)
         except UnsupportedProtocol as exc:
-            if exc.level is not None and exc.level >= 5:
+            if exc.level == 5:
+                self._on_connect_v5(frame)
+                return
+            if exc.level is not None and exc.level > 5:
                 # In the form a newer client can read: MQTT 5's CONNACK, 0x84 (section 3.2.2.2).
                 self.send(protocol.CONNACK_UNSUPPORTED_V5)
             elif exc.level is not None:
@@ -419,8 +536,9 @@ class Connection(asyncio.Protocol):
     async def _connect(self, connect: Connect) -> None:
         hub = self.hub
         session = Engine.new_session(
-            connect.client_id, clean=connect.clean_session, peer=self._peer_address
+            connect.client_id, clean=connect.ends_with_connection, peer=self._peer_address
         )
+        self._assigned = not connect.client_id
         session.keep_alive = connect.keep_alive
         session.username = connect.username
         session.password = connect.password
@@ -430,15 +548,25 @@ class Connection(asyncio.Protocol):
             logger.warning(
                 "Client %s from %s refused: not authorized.", session.client_id, self.peer
             )
-            self.send(encode_connack(NOT_AUTHORIZED))
+            if self.v5:
+                code = BAD_USER_NAME_OR_PASSWORD_V5 if connect.username else NOT_AUTHORIZED_V5
+                self.send(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode(code)).write())
+            else:
+                self.send(encode_connack(NOT_AUTHORIZED))
             self.close(will=False)
             return
         if self._ended:
             return
         present = hub.attach(self, connect, session)
         self._will = connect.will
-        self.send(encode_connack(0, session_present=present))
-        logger.info("Client %s connected from %s.", self.name, self.peer)
+        if self.v5:
+            self.send(self._connack_v5(present))
+        else:
+            self.send(encode_connack(0, session_present=present))
+        logger.info(
+            "Client %s connected from %s (MQTT %s).", self.name, self.peer,
+            "5.0" if self.v5 else "3.1.1",
+        )  # fmt: skip
         if connect.keep_alive:
             loop = asyncio.get_running_loop()
             self._limit = connect.keep_alive * KEEPALIVE_GRACE
@@ -454,12 +582,200 @@ class Connection(asyncio.Protocol):
             if message.qos == 2 and message.pubrec_packet is not None:
                 self.send(encode_ack(PUBREL, packet_id))
             else:
-                self.send(encode_publish(
-                    message.topic, bytes(message.data), message.qos or 1, packet_id,
-                    retain=bool(message.retain), dup=True,
-                ))  # fmt: skip
+                self._send_publish(message, packet_id, dup=True)
         self.backlog = bool(self.hub.state.queued(session))
         self._pump(session)
+
+    # --- MQTT 5 ---------------------------------------------------------------------------
+
+    def _on_connect_v5(self, frame: Frame) -> None:
+        """Handle an MQTT 5 CONNECT: the codec is chosen once, here, for the connection."""
+        self.v5 = True
+        packet = v5.read(frame)
+        assert isinstance(packet, mqtt5.ConnectPacket)  # noqa: S101 - a CONNECT frame
+        if packet.authentication_method is not None:
+            # Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
+            self.send(
+                mqtt5.ConnAckPacket(
+                    reason_code=mqtt5.ConnAckReasonCode.BAD_AUTHENTICATION_METHOD
+                ).write()
+            )
+            logger.warning("Refused %s: authentication method %r is not offered.", self.peer,
+                           packet.authentication_method)  # fmt: skip
+            self.close(will=False)
+            return
+        will = packet.will
+        self.expiry = packet.session_expiry_interval
+        self.window = min(self.limits.max_inflight, packet.receive_max)
+        self._max_out = packet.max_packet_size
+        if will is not None:
+            self._will_props = Props.of(will, time.monotonic())
+            self._will_delay = will.will_delay_interval
+        password = packet.password
+        connect = Connect(
+            client_id=packet.client_id,
+            clean_session=packet.clean_start,
+            keep_alive=packet.keep_alive,
+            will=None if will is None else Will(
+                will.topic, will.payload or b"", int(will.qos), will.retain
+            ),
+            username=packet.username,
+            password=None if password is None else password.decode("utf-8", "replace"),
+            session_expiry=packet.session_expiry_interval,
+        )  # fmt: skip
+        self._start(self._connect(connect), "connect")
+
+    def _connack_v5(self, present: bool) -> bytes:
+        limits = self.limits
+        return mqtt5.ConnAckPacket(
+            session_present=present,
+            assigned_client_id=self.name if self._assigned else None,
+            receive_max=min(limits.max_queued, 65535),
+            max_packet_size=limits.max_packet_size,
+            topic_alias_max=TOPIC_ALIAS_MAXIMUM,
+        ).write()
+
+    def _handle_v5(self, session: Session, packet: v5.Packet) -> None:  # noqa: PLR0912
+        match packet:
+            case mqtt5.PublishPacket():
+                self._on_publish_v5(session, packet)
+            case mqtt5.PubAckPacket():
+                self._on_ack(session, packet.packet_id, qos=1)
+            case mqtt5.PubRecPacket():
+                if packet.reason_code >= 0x80:
+                    session.inflight_out.pop(packet.packet_id, None)
+                    self._pump(session)
+                else:
+                    self._on_pubrec(session, packet.packet_id)
+            case mqtt5.PubRelPacket():
+                self._on_pubrel(session, packet.packet_id)
+            case mqtt5.PubCompPacket():
+                self._on_ack(session, packet.packet_id, qos=2)
+            case mqtt5.SubscribePacket():
+                self._start(self._subscribe_v5(session, packet), "subscribe")
+            case mqtt5.UnsubscribePacket():
+                engine = self.hub.state
+                codes = [mqtt5.UnsubAckReasonCode(0 if engine.unsubscribe(session, p) else
+                                                  NO_SUBSCRIPTION_EXISTED)
+                         for p in packet.patterns]  # fmt: skip
+                self.send(mqtt5.UnsubAckPacket(packet.packet_id, codes).write())
+            case mqtt5.PingReqPacket():
+                self.send(protocol.PINGRESP_PACKET)
+            case mqtt5.DisconnectPacket():
+                expiry = packet.session_expiry_interval
+                if expiry is not None:
+                    if self.expiry == 0 and expiry:
+                        raise ProtocolViolation(
+                            "session expiry set at DISCONNECT after 0 at CONNECT",
+                            "MQTT-3.14.2-2", code=PROTOCOL_ERROR,
+                        )  # fmt: skip
+                    self.expiry = expiry
+                    session.clean_session = expiry == 0
+                # 0x04: disconnect with will message; any other reason discards it.
+                with_will = (
+                    packet.reason_code == mqtt5.DisconnectReasonCode.DISCONNECT_WITH_WILL_MESSAGE
+                )
+                self._goodbye = not with_will
+                self.close(will=with_will)
+            case _:  # AUTH without an authentication method in CONNECT
+                raise ProtocolViolation(f"unexpected {type(packet).__name__}", "MQTT-4.12.0-1",
+                                        code=PROTOCOL_ERROR)  # fmt: skip
+
+    def _topic_of(self, packet: mqtt5.PublishPacket) -> str:
+        """Return the PUBLISH's topic, through its topic alias if it has one (MQTT 5 3.3.2.3.4)."""
+        topic = packet.topic
+        alias = packet.topic_alias
+        if alias is not None:
+            if not 0 < alias <= TOPIC_ALIAS_MAXIMUM:
+                raise ProtocolViolation(f"topic alias {alias} not in 1..{TOPIC_ALIAS_MAXIMUM}",
+                                        "MQTT-3.3.2-9", code=TOPIC_ALIAS_INVALID)  # fmt: skip
+            if topic:
+                self._aliases[alias] = topic
+            elif alias in self._aliases:
+                topic = self._aliases[alias]
+            else:
+                raise ProtocolViolation(f"topic alias {alias} was never set", "MQTT-3.3.4",
+                                        code=PROTOCOL_ERROR)  # fmt: skip
+        elif not topic:
+            raise ProtocolViolation("PUBLISH with no topic and no alias", "MQTT-3.3.2-8",
+                                    code=PROTOCOL_ERROR)  # fmt: skip
+        return topic
+
+    def _on_publish_v5(self, session: Session, packet: mqtt5.PublishPacket) -> None:
+        topic = self._topic_of(packet)
+        qos, packet_id, payload = int(packet.qos), packet.packet_id or 0, packet.payload
+        if packet.payload_format_indicator == 1 and not _utf8(payload):
+            # MQTT 5 section 3.3.2.3.2: a "UTF-8" payload that is not: refused, 0x99.
+            if qos == 0:
+                raise ProtocolViolation("payload marked UTF-8 is not", "MQTT-3.3.2-4",
+                                        code=PAYLOAD_FORMAT_INVALID)  # fmt: skip
+            if qos == 1:
+                reason = mqtt5.PubAckReasonCode.PAYLOAD_FORMAT_INVALID
+                self.send(mqtt5.PubAckPacket(packet_id, reason_code=reason).write())
+            else:
+                refused = mqtt5.PubRecReasonCode.PAYLOAD_FORMAT_INVALID
+                self.send(mqtt5.PubRecPacket(packet_id, reason_code=refused).write())
+            return
+        props = Props.of(packet, time.monotonic())
+        if qos == 2:
+            if packet_id not in session.inflight_in:
+                if len(session.inflight_in) >= self.limits.max_queued:
+                    raise ProtocolViolation(
+                        f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
+                        "MQTT-3.3.4-9", code=RECEIVE_MAXIMUM_EXCEEDED,
+                    )  # fmt: skip
+                session.inflight_in[packet_id] = Incoming(packet_id, topic, 2, payload,
+                                                          packet.retain, props)  # fmt: skip
+            self.send(encode_ack(PUBREC, packet_id))
+            return
+        matched = self._route(session, topic, payload, qos, retain=packet.retain, props=props)
+        if qos == 1:
+            if matched:
+                self.send(encode_ack(PUBACK, packet_id))
+            else:
+                self.send(
+                    mqtt5.PubAckPacket(
+                        packet_id, reason_code=mqtt5.PubAckReasonCode.NO_MATCHING_SUBSCRIBERS
+                    ).write()
+                )
+
+    async def _subscribe_v5(self, session: Session, packet: mqtt5.SubscribePacket) -> None:
+        engine = self.hub.state
+        codes: list[int] = []
+        fresh: list[bool] = []
+        for wanted in packet.topic_filters:
+            pattern = wanted.pattern
+            shared = pattern.startswith("$share/")
+            if shared and (wanted.no_local or pattern.count("/") < 2
+                           or not pattern.split("/", 2)[1]):  # fmt: skip
+                raise ProtocolViolation(f"invalid shared subscription {pattern!r}",
+                                        "MQTT-3.8.3-4", code=PROTOCOL_ERROR)  # fmt: skip
+            if any(_denied(pattern, deny) for deny in self.limits.deny_subscribe):
+                logger.info("Client %s may not subscribe to %s.", self.name, pattern)
+                codes.append(NOT_AUTHORIZED_V5)
+                fresh.append(False)
+                continue
+            options = SubOptions(wanted.no_local, wanted.retain_as_published,
+                                 packet.subscription_id)  # fmt: skip
+            granted, existed = await engine.subscribe(session, pattern, int(wanted.max_qos),
+                                                      options)  # fmt: skip
+            codes.append(granted)
+            fresh.append(not existed)
+        if self._ended:
+            return
+        reasons = [mqtt5.SubAckReasonCode(code) for code in codes]
+        self.send(mqtt5.SubAckPacket(packet.packet_id, reasons).write())
+        ids = (packet.subscription_id,) if packet.subscription_id else ()
+        for wanted, granted, new in zip(packet.topic_filters, codes, fresh, strict=True):
+            handling = wanted.retain_handling
+            if granted >= 0x80 or wanted.pattern.startswith("$share/"):
+                continue  # no retained messages for a shared subscription (section 4.8.2)
+            if handling == mqtt5.RetainHandling.SEND_NEVER or (
+                handling == mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS and not new
+            ):
+                continue
+            for topic, payload, retained_qos in engine.retained(wanted.pattern):
+                self.deliver(topic, payload, min(granted, retained_qos), retain=True, ids=ids)
 
     def _check_keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -473,7 +789,7 @@ class Connection(asyncio.Protocol):
         logger.warning(
             "Client %s closed: silent for more than %g s [MQTT-3.1.2-24].", self.name, self._limit
         )
-        self.close(will=True)
+        self.close(will=True, reason=KEEP_ALIVE_TIMEOUT)
 
     # --- publishing -------------------------------------------------------------------------
 
@@ -489,7 +805,7 @@ class Connection(asyncio.Protocol):
                         f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
                         "server limit --max-queued",
                     )
-                session.inflight_in[packet_id] = IncomingApplicationMessage(
+                session.inflight_in[packet_id] = Incoming(
                     packet_id, publish.topic, 2, publish.payload, publish.retain
                 )
             self.send(encode_ack(PUBREC, packet_id))
@@ -507,58 +823,95 @@ class Connection(asyncio.Protocol):
         # now, and answer PUBCOMP either way [MQTT-4.3.3-2, MQTT-4.4.0-1].
         message = session.inflight_in.pop(packet_id, None)
         if message is not None:
-            self._route(session, message.topic, bytes(message.data), 2, retain=bool(message.retain))
+            props = getattr(message, "props", None)
+            self._route(session, message.topic, bytes(message.data), 2,
+                        retain=bool(message.retain), props=props)  # fmt: skip
+        if message is None and self.v5:
+            self.send(
+                mqtt5.PubCompPacket(
+                    packet_id, reason_code=mqtt5.PubCompReasonCode.PACKET_ID_NOT_FOUND
+                ).write()
+            )
+            return
         self.send(encode_ack(PUBCOMP, packet_id))
 
     def _route(
         self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool,
-        frame: bytes | None = None,
-    ) -> None:  # fmt: skip
+        frame: bytes | None = None, props: Props | None = None,
+    ) -> bool:  # fmt: skip
+        """Publish a client's message; return whether any subscriber matched."""
         if topic.startswith("$SYS"):
             # $SYS is the server's own (section 4.7.2); a client's publish there is dropped.
             logger.warning("Client %s published to %s: dropped.", session.client_id, topic)
-            return
-        self.hub.publish(topic, payload, qos, frame)
+            return False
+        matched = self.hub.publish(topic, payload, qos, frame, retain=retain, props=props,
+                                   origin=session.client_id)  # fmt: skip
         if retain:
             # [MQTT-3.3.1-5]: kept for future subscribers; an empty payload clears it [-10].
             self._start(self.hub.state.retain(session, topic, payload, qos), "retain")
+        return matched
 
     # --- delivering to this client ----------------------------------------------------------
 
-    def deliver(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> None:
+    def deliver(
+        self, topic: str, payload: bytes, qos: int, *, retain: bool, props: Props | None = None,
+        ids: tuple[int, ...] = (),
+    ) -> None:  # fmt: skip
         """Send a message now if the window has room and nothing waits, else queue it."""
         session = self.session
         assert session is not None  # noqa: S101
-        if self.backlog or (qos and len(session.inflight_out) >= self.limits.max_inflight):
-            self.hub.queue(session, topic, payload, qos, retain=retain)
+        message = Message(None, topic, qos, payload, retain, props, ids)
+        if self.backlog or (qos and len(session.inflight_out) >= self.window):
+            self.hub.queue(session, message)
             self.backlog = True
             return
-        self._send_new(session, topic, payload, qos, retain=retain)
+        self._send_new(session, message)
 
-    def _send_new(
-        self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool
-    ) -> None:
-        if not qos:
-            self.send(encode_publish(topic, payload, retain=retain))
+    def _send_new(self, session: Session, message: Message) -> None:
+        if not message.qos:
+            self._send_publish(message, None)
             return
         packet_id = session.next_packet_id
+        message.packet_id = packet_id
         # Kept until acknowledged, and resent on reconnect [MQTT-4.3.2-1, MQTT-4.4.0-1].
-        session.inflight_out[packet_id] = OutgoingApplicationMessage(
-            packet_id, topic, qos, payload, retain
-        )
-        self.send(encode_publish(topic, payload, qos, packet_id, retain=retain))
+        session.inflight_out[packet_id] = message
+        self._send_publish(message, packet_id)
+
+    def _send_publish(self, message: Message, packet_id: int | None, *, dup: bool = False) -> None:
+        """Encode a PUBLISH in the connection's version and send it."""
+        qos = message.qos or 0
+        payload = bytes(message.data)
+        if not self.v5:
+            self.send(encode_publish(message.topic, payload, qos, packet_id or 0,
+                                     retain=bool(message.retain), dup=dup))  # fmt: skip
+            return
+        data = v5.encode_publish(
+            message.topic, payload, qos, packet_id, retain=bool(message.retain), dup=dup,
+            props=getattr(message, "props", None),
+            subscription_ids=list(getattr(message, "subscription_ids", ())),
+        )  # fmt: skip
+        if self._max_out is not None and len(data) > self._max_out:
+            # MQTT 5 [MQTT-3.1.2-25]: never more than the client accepts; dropped as delivered.
+            logger.debug("Client %s: a %d-byte PUBLISH is over its maximum.", self.name, len(data))
+            if packet_id is not None and self.session is not None:
+                self.session.inflight_out.pop(packet_id, None)
+            return
+        self.send(data)
 
     def _pump(self, session: Session) -> None:
-        """Fill the window from the session's queue."""
+        """Fill the window from the session's queue; expired MQTT 5 messages are dropped."""
         engine = self.hub.state
-        while len(session.inflight_out) < self.limits.max_inflight:
-            waiting = engine.dequeue(session)
-            if waiting is None:
+        now = time.monotonic()
+        while len(session.inflight_out) < self.window:
+            message = engine.dequeue(session)
+            if message is None:
                 self.backlog = False
                 self.hub.drained(session.client_id)
                 return
-            topic, payload, qos, retain = waiting
-            self._send_new(session, topic, payload, qos, retain=retain)
+            props = getattr(message, "props", None)
+            if props is not None and props.expired(now):
+                continue  # MQTT 5 [MQTT-3.3.2-5]
+            self._send_new(session, message)
 
     def _on_ack(self, session: Session, packet_id: int, qos: int) -> None:
         """PUBACK (qos 1) or PUBCOMP (qos 2): the delivery is done; the window has room."""
@@ -591,7 +944,7 @@ class Connection(asyncio.Protocol):
         # For an id we never used, PUBREL too, as mosquitto answers (and MQTT 5 does, 0x92).
         self.send(encode_ack(PUBREL, packet_id))
 
-    def send_qos0(self, frame: bytes) -> None:
+    def send_qos0(self, frame: bytes) -> None:  # an MQTT 3.1.1 connection's
         """Send an encoded QoS 0 PUBLISH, unless the client lags too far (then drop it)."""
         transport = self.transport
         if transport is None:
@@ -623,7 +976,7 @@ class Connection(asyncio.Protocol):
                 logger.info("Client %s may not subscribe to %s.", self.name, topic_filter)
                 codes.append(0x80)
             else:
-                codes.append(await engine.subscribe(session, topic_filter, qos))
+                codes.append((await engine.subscribe(session, topic_filter, qos))[0])
         if self._ended:
             return
         self.send(encode_suback(subscribe.packet_id, codes))
@@ -665,7 +1018,7 @@ class Connection(asyncio.Protocol):
             "Client %s closed: internal error %r.", self.name, exc,
             exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
         )  # fmt: skip
-        self.close(will=True)
+        self.close(will=True, reason=IMPLEMENTATION_SPECIFIC_ERROR)
 
     # --- writing and closing ----------------------------------------------------------------
 
@@ -691,8 +1044,13 @@ class Connection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
-    def close(self, *, will: bool) -> None:
-        """End the connection: what is gathered goes out first, then the socket closes."""
+    def close(self, *, will: bool, reason: int | None = None) -> None:
+        """End the connection: what is gathered goes out first, then the socket closes.
+
+        An MQTT 5 client is told ``reason`` in a DISCONNECT first.
+        """
+        if reason is not None and self.v5 and self.session is not None and not self._ended:
+            self.send(v5.disconnect(reason))
         self._end(will=will)
         self.flush()
         if self.transport is not None:
@@ -719,7 +1077,13 @@ class Connection(asyncio.Protocol):
         hub.detach(self)
         if will and self._will is not None and not hub.stopping:
             # [MQTT-3.1.2-8]: lost, silent, or closed for a protocol error.
-            hub.publish_will(session, self._will)
+            what, props = self._will, self._will_props
+            delay = min(self._will_delay, self.expiry or 0)
+            if delay and session is not None:
+                hub.delay_will(session.client_id, delay,
+                               lambda: hub.publish_will(session, what, props))  # fmt: skip
+            else:
+                hub.publish_will(session, what, props)
 
     def _pause(self, reason: str) -> None:
         if not self._paused and self.transport is not None and not self.transport.is_closing():
@@ -732,6 +1096,14 @@ class Connection(asyncio.Protocol):
         self._paused.discard(reason)
         if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+def _utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _denied(topic_filter: str, pattern: str) -> bool:

@@ -23,7 +23,8 @@ import os
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import amqtt
 from amqtt.broker import Broker
@@ -33,6 +34,8 @@ from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
+
+    from broker.v5 import Props
 
 logger = logging.getLogger("broker")
 
@@ -242,9 +245,66 @@ class LeanSession(Session):
         self.transitions = _SessionState(self)
 
 
+@dataclass(frozen=True, slots=True)
+class SubOptions:
+    """MQTT 5 subscription options that outlive the SUBSCRIBE (section 3.8.3.1)."""
+
+    no_local: bool = False
+    retain_as_published: bool = False
+    subscription_id: int | None = None
+
+
+PLAIN: Final = SubOptions()
+
+
+class Match(NamedTuple):
+    """One subscriber of a topic: its session, QoS and options (a tuple: made per match)."""
+
+    session: Session
+    qos: int
+    no_local: bool
+    retain_as_published: bool
+    subscription_ids: tuple[int, ...]
+
+
+class Message(OutgoingApplicationMessage):
+    """amqtt's outgoing message, with what MQTT 5 adds to it."""
+
+    __slots__ = ("props", "subscription_ids")
+
+    def __init__(  # noqa: PLR0917 - amqtt's positional order, extended
+        self,
+        packet_id: int | None,
+        topic: str,
+        qos: int,
+        data: bytes,
+        retain: bool,
+        props: Props | None = None,
+        subscription_ids: tuple[int, ...] = (),
+    ) -> None:
+        """Make the message as amqtt does, with MQTT 5 properties (a broker.v5.Props)."""
+        super().__init__(packet_id, topic, qos, data, retain)
+        self.props = props
+        self.subscription_ids = subscription_ids
+
+
+class Incoming(IncomingApplicationMessage):
+    """amqtt's incoming QoS 2 message, kept until PUBREL, with its MQTT 5 properties."""
+
+    __slots__ = ("props",)
+
+    def __init__(  # noqa: PLR0917 - amqtt's positional order, extended
+        self, packet_id: int, topic: str, qos: int, data: bytes, retain: bool,
+        props: Props | None = None,
+    ) -> None:  # fmt: skip
+        """Make the message as amqtt does, with MQTT 5 properties (a broker.v5.Props)."""
+        super().__init__(packet_id, topic, qos, data, retain)
+        self.props = props
+
+
 Serve = Callable[[str], Awaitable[asyncio.Server]]
 """Start serving the named listener; return its asyncio server."""
-Broadcast = Callable[[str, bytes, int | None], None]
+Broadcast = Callable[[str, bytes, int | None], object]
 """Deliver a message published by a plugin (topic, payload, QoS or None for each granted)."""
 
 
@@ -302,7 +362,9 @@ class Engine:
         self._auth_in_thread = password_file is not None
         self._auth_pool: ThreadPoolExecutor | None = None
         self._broker: _Broker | None = None
-        self._matches: dict[str, list[tuple[Session, int]]] = {}
+        self._matches: dict[str, tuple[list[Match], list[tuple[str, list[Match]]]]] = {}
+        self._options: dict[tuple[str, str], SubOptions] = {}
+        """(client id, filter) -> MQTT 5 subscription options other than the defaults."""
         self._events: set[asyncio.Future[None]] = set()
 
     @property
@@ -362,6 +424,9 @@ class Engine:
             if not subscriptions[topic_filter]:
                 del subscriptions[topic_filter]
         self._matches.clear()
+        if self._options:
+            for key in [k for k in self._options if k[0] == client_id]:
+                del self._options[key]
         session.inflight_in.clear()
         session.inflight_out.clear()
         self.drain(session)
@@ -410,34 +475,67 @@ class Engine:
 
     # --- subscriptions --------------------------------------------------------------------------
 
-    async def subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
-        """Add a subscription; return the granted QoS or 0x80 (amqtt's filter checks)."""
-        self._matches.clear()
-        return int(await self.broker.add_subscription((topic_filter, qos), session))
+    async def subscribe(
+        self, session: Session, topic_filter: str, qos: int, options: SubOptions | None = None
+    ) -> tuple[int, bool]:
+        """Add or replace a subscription: (granted QoS or 0x80, whether it existed before).
 
-    def unsubscribe(self, session: Session, topic_filter: str) -> None:
-        """Remove a subscription, if there is one."""
+        amqtt's table keeps (session, QoS) per filter; MQTT 5's options ride beside it.
+        """
+        self._matches.clear()
+        existed = any(s is session for s, _ in self.broker._subscriptions.get(topic_filter, ()))
+        if existed:  # [MQTT-3.8.4-3]: a new subscription replaces the old one
+            self.broker._del_subscription(topic_filter, session)
+        granted = int(await self.broker.add_subscription((topic_filter, qos), session))
+        key = (session.client_id, topic_filter)
+        if options is None or options == PLAIN:
+            self._options.pop(key, None)
+        else:
+            self._options[key] = options
+        return granted, existed
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        """Remove a subscription; return whether there was one."""
         subscriptions = self.broker._subscriptions
-        if self.broker._del_subscription(topic_filter, session) and not subscriptions.get(
-            topic_filter
-        ):
+        existed = bool(self.broker._del_subscription(topic_filter, session))
+        if existed and not subscriptions.get(topic_filter):
             subscriptions.pop(topic_filter, None)
+        self._options.pop((session.client_id, topic_filter), None)
         self._matches.clear()
+        return existed
 
-    def matches(self, topic: str) -> list[tuple[Session, int]]:
-        """Each session subscribed to ``topic``, once, with its highest granted QoS."""
+    def matches(self, topic: str) -> tuple[list[Match], list[tuple[str, list[Match]]]]:
+        """Return the subscribers of ``topic``: each session once, each shared group's members.
+
+        A session whose filters overlap gets one delivery, at its highest granted QoS, with the
+        identifiers of every matching subscription [MQTT-3.3.5-1]. Cached per topic until the
+        subscriptions change.
+        """
         found = self._matches.get(topic)
         if found is not None:
             return found
-        best: dict[str, tuple[Session, int]] = {}
+        best: dict[str, Match] = {}
+        groups: dict[str, list[Match]] = {}
+        options = self._options
         for topic_filter, subscriptions in self.broker._subscriptions.items():
-            if not topic_matches(topic, topic_filter):
+            shared = topic_filter.startswith("$share/")
+            real = topic_filter.split("/", 2)[2] if shared else topic_filter
+            if not topic_matches(topic, real):
                 continue
             for session, granted in subscriptions:
+                opts = options.get((session.client_id, topic_filter), PLAIN) if options else PLAIN
+                ids = (opts.subscription_id,) if opts.subscription_id else ()
+                match = Match(session, granted, opts.no_local, opts.retain_as_published, ids)
+                if shared:
+                    groups.setdefault(topic_filter, []).append(match)
+                    continue
                 seen = best.get(session.client_id)
-                if seen is None or granted > seen[1]:
-                    best[session.client_id] = (session, granted)
-        found = list(best.values())
+                if seen is not None:
+                    match = Match(session, max(granted, seen.qos), seen.no_local and opts.no_local,
+                                  seen.retain_as_published or opts.retain_as_published,
+                                  seen.subscription_ids + ids)  # fmt: skip
+                best[session.client_id] = match
+        found = (list(best.values()), list(groups.items()))
         if len(self._matches) >= 10_000:
             self._matches.clear()
         self._matches[topic] = found
@@ -466,9 +564,8 @@ class Engine:
     # --- a session's waiting messages -----------------------------------------------------------
 
     @staticmethod
-    def enqueue(session: Session, topic: str, data: bytes, qos: int, *, retain: bool) -> None:
+    def enqueue(session: Session, message: Message) -> None:
         """Keep a message for ``session`` until it can be sent (offline, or window full)."""
-        message = OutgoingApplicationMessage(None, topic, qos, data, retain)
         session.retained_messages.put_nowait(message)
 
     @staticmethod
@@ -477,13 +574,13 @@ class Engine:
         return int(session.retained_messages.qsize())
 
     @staticmethod
-    def dequeue(session: Session) -> tuple[str, bytes, int, bool] | None:
-        """Take the oldest message waiting for ``session``: (topic, payload, QoS, RETAIN)."""
+    def dequeue(session: Session) -> Message | None:
+        """Take the oldest message waiting for ``session``, or None."""
         queue = session.retained_messages
         if queue.empty():
             return None
-        message = queue.get_nowait()
-        return message.topic, bytes(message.data), message.qos or 0, bool(message.retain)
+        message: Message = queue.get_nowait()
+        return message
 
     @staticmethod
     def drain(session: Session) -> None:

@@ -28,6 +28,8 @@ UNSUBACK: Final = 11
 PINGREQ: Final = 12
 PINGRESP: Final = 13
 DISCONNECT: Final = 14
+AUTH: Final = 15
+"""MQTT 5 only; reserved in 3.1.1."""
 
 NAMES: Final = {
     0: "reserved(0)", 1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC",
@@ -44,11 +46,15 @@ DEFAULT_MAX_PACKET_SIZE: Final = 2 * 1024 * 1024
 class ProtocolViolation(Exception):  # noqa: N818 - a violation is what the spec calls it
     """A client broke a statement of the MQTT 3.1.1 specification; the server closes it."""
 
-    def __init__(self, reason: str, statement: str) -> None:
-        """Record why, and which normative statement (``MQTT-x.y.z-n``) was broken."""
+    def __init__(self, reason: str, statement: str, code: int = 0x81) -> None:
+        """Record why, and which statement (``MQTT-x.y.z-n``) was broken.
+
+        ``code`` is the reason an MQTT 5 client is told in DISCONNECT (0x81: malformed packet).
+        """
         super().__init__(f"{reason} [{statement}]")
         self.reason = reason
         self.statement = statement
+        self.code = code
 
 
 # Frame and Publish are made for every packet: plain slotted dataclasses, treated as immutable.
@@ -168,10 +174,17 @@ class Publish:
 def _topic_name(encoded: bytes) -> str:
     """Decode and check a topic name (length prefix included); remembered, as topics repeat."""
     topic, _ = _string(encoded, 0, "PUBLISH topic")
+    return topic_name(topic)
+
+
+def topic_name(topic: str) -> str:
+    """Check a decoded topic name: not empty, no wildcards (sections 4.7.1 and 4.7.3)."""
     if not topic:
         raise ProtocolViolation("PUBLISH with an empty topic", "MQTT-4.7.3-1")
     if "+" in topic or "#" in topic:
-        raise ProtocolViolation(f"PUBLISH topic {topic!r} has a wildcard", "MQTT-3.3.2-2")
+        raise ProtocolViolation(
+            f"PUBLISH topic {topic!r} has a wildcard", "MQTT-3.3.2-2", code=0x90
+        )
     return topic
 
 
@@ -296,10 +309,18 @@ class Connect:
 
     client_id: str
     clean_session: bool
+    """3.1.1: start afresh, and end with the connection. MQTT 5 splits it in two (below)."""
     keep_alive: int
     will: Will | None = None
     username: str | None = None
     password: str | None = None
+    session_expiry: int | None = None
+    """MQTT 5's session expiry interval; None for 3.1.1 (0 if clean, else for ever)."""
+
+    @property
+    def ends_with_connection(self) -> bool:
+        """Whether the session ends with this connection (3.1.1 clean session; MQTT 5: 0 s)."""
+        return self.clean_session if self.session_expiry is None else self.session_expiry == 0
 
 
 class UnsupportedProtocol(Exception):  # noqa: N818 - named for what the client asked for

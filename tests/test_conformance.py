@@ -622,11 +622,10 @@ def test_unsupported_protocol_level_gets_connack_1(broker_port: int) -> None:
     assert c.connect(uid("old"), level=3) == (False, 1)
 
 
-def test_an_mqtt5_client_is_refused_in_a_form_it_can_read(broker_port: int) -> None:
-    """MQTT 5.0 section 3.2.2.2: CONNACK with reason code 0x84, then close. A 3.1.1 CONNACK
-    (20 02 00 01) is not a valid MQTT 5 packet: v5 clients used to wait for their timeout."""
+def test_an_unknown_newer_protocol_is_refused_in_mqtt5s_form(broker_port: int) -> None:
+    """MQTT 5.0 section 3.2.2.2: CONNACK 0x84 (Unsupported Protocol Version), then close."""
     c = RawClient(broker_port)
-    body = m.string("MQTT") + bytes([5, 2]) + b"\x00\x3c" + b"\x00" + m.string(uid("v5"))
+    body = m.string("MQTT") + bytes([6, 2]) + b"\x00\x3c" + b"\x00" + m.string(uid("v6"))
     c.send(m.packet(m.CONNECT, 0, body))
     connack = c.receive(3)
     assert (connack.kind, connack.body) == (m.CONNACK, b"\x00\x84\x00")

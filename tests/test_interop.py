@@ -10,6 +10,8 @@ import mqttools
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.support import MqttProbe, Spawner, wait_until
 
@@ -132,28 +134,83 @@ def test_paho_persistent_session_and_will(spawn: Spawner, port: int) -> None:
     publisher.close()
 
 
-def test_mqtt5_clients_are_refused_at_once_in_a_form_they_read(spawn: Spawner, port: int) -> None:
-    """The broker speaks MQTT 3.1.1. An MQTT 5 client gets CONNACK 0x84 in MQTT 5's form and
-    says so at once; a 3.1.1 CONNACK left paho and mqttools waiting for their timeout."""
+def test_mqttools_round_trips_through_the_broker(spawn: Spawner, port: int) -> None:
+    """mqttools, the library of this system's original one-process version, speaks MQTT 5
+    only: its client and echo loop, in that program's style, through our broker."""
     broker = spawn.broker(port)
-    reasons: list[object] = []
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="v5-paho", protocol=paho.MQTTv5)
-    client.on_connect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
-    client.connect("127.0.0.1", port)
-    try:
-        wait_until(lambda: client.loop(0.05) is not None and reasons, 5, "paho's CONNACK")
-    finally:
-        client.disconnect()
-    assert str(reasons[0]) == "Unsupported protocol version"
 
-    async def mqttools_connect() -> str:
-        v5 = mqttools.Client("127.0.0.1", port, connect_delays=[], response_timeout=5)
+    async def ping_pong() -> bytes:
+        echo = mqttools.Client("127.0.0.1", port, client_id="tools-echo", connect_delays=[0.1])
+        ping = mqttools.Client("127.0.0.1", port, client_id="tools-ping", connect_delays=[0.1])
+        await echo.start()
+        await ping.start()
         try:
-            await v5.start()
-        except mqttools.ConnectError as exc:
-            return str(exc)
-        await v5.stop()
-        return "connected"
+            await echo.subscribe("/ping")
+            await ping.subscribe("/pong")
+            ping.publish(mqttools.Message("/ping", b"1744796556"))
+            message = await asyncio.wait_for(echo.messages.get(), 5)
+            echo.publish(mqttools.Message("/pong", message.message))
+            pong = await asyncio.wait_for(ping.messages.get(), 5)
+            return bytes(pong.message)
+        finally:
+            await ping.stop()
+            await echo.stop()
 
-    assert asyncio.run(mqttools_connect()) == "UNSUPPORTED_PROTOCOL_VERSION(132)"
-    broker.wait_for(r"Refused 127\.0\.0\.1:\d+: unsupported protocol MQTT level 5 \(MQTT 5\.0\)")
+    assert asyncio.run(ping_pong()) == b"1744796556"
+    broker.wait_for(r"Client tools-echo connected from .* \(MQTT 5\.0\)\.")
+
+
+def test_paho_v5_with_properties_and_mosquitto_v5_tools_with_our_echo(
+    spawn: Spawner, port: int
+) -> None:
+    """paho-mqtt with MQTTv5 and properties; mosquitto_pub/mosquitto_sub -V 5 through our
+    (3.1.1) echo client: versions mixed on one broker."""
+    spawn.broker(port)
+    got: list[paho.MQTTMessage] = []
+    subscribed: list[object] = []
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="paho-v5-sub", protocol=paho.MQTTv5)
+    sub.on_message = lambda _c, _u, message: got.append(message)
+    sub.on_subscribe = lambda _c, _u, _m, codes, _p: subscribed.append(codes)
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    try:
+        sub.subscribe("req/#", qos=1)
+        wait_until(lambda: subscribed, 5, "paho's SUBACK")
+        pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="paho-v5-pub",
+                          protocol=paho.MQTTv5)  # fmt: skip
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = "reply/me"
+        props.CorrelationData = b"id-1"
+        props.UserProperty = [("a", "1"), ("b", "2")]
+        pub.publish("req/x", b"hello", qos=1, properties=props).wait_for_publish(5)
+        pub.loop_stop()
+        pub.disconnect()
+        wait_until(lambda: got, 5, "the message with its properties")
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    message = got[0]
+    assert message.payload == b"hello"
+    assert message.properties.ResponseTopic == "reply/me"  # type: ignore[union-attr]
+    assert message.properties.CorrelationData == b"id-1"  # type: ignore[union-attr]
+    assert message.properties.UserProperty == [("a", "1"), ("b", "2")]  # type: ignore[union-attr]
+
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    echo.wait_for(r"Subscribed to /ping\.")
+    listener = subprocess.Popen(
+        [tool("mosquitto_sub"), "-p", str(port), "-t", "/pong", "-C", "1", "-W", "10", "-V", "5"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        spawn.procs[0].wait_for(r"(connected from .* \(MQTT 5\.0\)(.|\n)*){3}")
+        for _ in range(50):
+            subprocess.run([tool("mosquitto_pub"), "-p", str(port), "-t", "/ping", "-m", "v5!",
+                            "-V", "5"], check=True, timeout=10)  # fmt: skip
+            if echo.count("Got b'v5!'"):
+                break
+        out, _ = listener.communicate(timeout=15)
+    finally:
+        listener.kill()
+    assert out.strip() == "v5!"

@@ -1,0 +1,220 @@
+"""MQTT 5.0 packets: the ``mqtt5`` codec, with the checks it leaves to us done first.
+
+``mqtt5`` (a sans-I/O codec in Rust, by aiomqtt's author) decodes and encodes every MQTT 5
+packet. It does not check the UTF-8 strings it reads: an invalid one makes ``mqtt5.read`` print
+a traceback and raise a ``PanicException`` (a BaseException). So before a frame reaches it, we
+walk the frame's structure and check every string, with the same rules as our 3.1.1 codec
+(section 1.5.4 of MQTT 5.0 is 1.5.3 of 3.1.1): invalid UTF-8, U+0000, control characters and
+non-characters are a malformed packet. Topic names and filters are checked as in 3.1.1 too.
+
+Pure: bytes in, packets or ProtocolViolation out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Final, cast
+
+import mqtt5
+
+from broker.protocol import (
+    AUTH,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    Frame,
+    ProtocolViolation,
+    _binary,
+    _check_filter,
+    _string,
+    topic_name,
+)
+
+Packet = (
+    mqtt5.ConnectPacket | mqtt5.PublishPacket | mqtt5.PubAckPacket | mqtt5.PubRecPacket
+    | mqtt5.PubRelPacket | mqtt5.PubCompPacket | mqtt5.SubscribePacket
+    | mqtt5.UnsubscribePacket | mqtt5.PingReqPacket | mqtt5.DisconnectPacket | mqtt5.AuthPacket
+)  # fmt: skip
+
+# Property identifiers by type (MQTT 5.0 section 2.2.2.2).
+_BYTE: Final = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
+_TWO: Final = frozenset({0x13, 0x21, 0x22, 0x23})
+_FOUR: Final = frozenset({0x02, 0x11, 0x18, 0x27})
+_VARINT: Final = frozenset({0x0B})
+_STRING: Final = frozenset({0x03, 0x08, 0x12, 0x15, 0x1A, 0x1C, 0x1F})
+_BINARY: Final = frozenset({0x09, 0x16})
+_PAIR: Final = 0x26
+
+CLIENT_TO_SERVER: Final = frozenset(
+    {CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ,
+     DISCONNECT, AUTH}
+)  # fmt: skip
+
+
+def _varint(body: bytes, offset: int, what: str) -> tuple[int, int]:
+    value, shift = 0, 0
+    for _ in range(4):
+        if offset >= len(body):
+            raise ProtocolViolation(f"{what}: truncated variable byte integer", "MQTT-1.5.5")
+        byte = body[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, offset
+        shift += 7
+    raise ProtocolViolation(f"{what}: variable byte integer longer than 4 bytes", "MQTT-1.5.5")
+
+
+def _properties(body: bytes, offset: int, what: str) -> int:
+    """Check a property list's strings; return the offset after it."""
+    length, offset = _varint(body, offset, f"{what} properties")
+    end = offset + length
+    if end > len(body):
+        raise ProtocolViolation(f"{what}: properties longer than the packet", "MQTT-2.2.2")
+    while offset < end:
+        ident = body[offset]
+        offset += 1
+        if ident in _STRING:
+            _, offset = _string(body, offset, f"{what} property 0x{ident:02X}")
+        elif ident == _PAIR:
+            _, offset = _string(body, offset, f"{what} user property name")
+            _, offset = _string(body, offset, f"{what} user property value")
+        elif ident in _BINARY:
+            _, offset = _binary(body, offset, f"{what} property 0x{ident:02X}")
+        elif ident in _BYTE:
+            offset += 1
+        elif ident in _TWO:
+            offset += 2
+        elif ident in _FOUR:
+            offset += 4
+        elif ident in _VARINT:
+            _, offset = _varint(body, offset, f"{what} subscription identifier")
+        else:
+            raise ProtocolViolation(f"{what}: unknown property 0x{ident:02X}", "MQTT-2.2.2-2")
+        if offset > end:
+            raise ProtocolViolation(f"{what}: truncated property 0x{ident:02X}", "MQTT-2.2.2")
+    return end
+
+
+def _check_strings(frame: Frame) -> None:
+    """Walk the packet and check every string and topic in it, before ``mqtt5`` reads it."""
+    kind, body = frame.packet_type, frame.body
+    name = frame.name
+    if kind == CONNECT:
+        _, offset = _string(body, 0, "protocol name")
+        flags = body[offset + 1] if offset + 1 < len(body) else 0
+        offset = _properties(body, offset + 4, name)
+        _, offset = _string(body, offset, "client identifier")
+        if flags & 0x04:
+            offset = _properties(body, offset, "will")
+            topic, offset = _string(body, offset, "will topic")
+            topic_name(topic)
+            _, offset = _binary(body, offset, "will payload")
+        if flags & 0x80:
+            _, offset = _string(body, offset, "user name")
+    elif kind == PUBLISH:
+        topic, offset = _string(body, 0, "PUBLISH topic")
+        if topic:  # empty with a topic alias
+            topic_name(topic)
+        if frame.flags & 0b0110:
+            offset += 2
+        _properties(body, offset, name)
+    elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+        offset = _properties(body, 2, name)
+        while offset < len(body):
+            topic_filter, offset = _string(body, offset, f"{name} topic filter")
+            if topic_filter.startswith("$share/"):  # $share/GROUP/filter
+                topic_filter = topic_filter.removeprefix("$share/").partition("/")[2]
+            _check_filter(topic_filter, name)
+            offset += 1 if kind == SUBSCRIBE else 0
+    elif kind in (PUBACK, PUBREC, PUBREL, PUBCOMP) and len(body) > 3:
+        _properties(body, 3, name)
+    elif kind in (DISCONNECT, AUTH) and len(body) > 1:
+        _properties(body, 1, name)
+
+
+def read(frame: Frame) -> Packet:
+    """Check and decode one whole MQTT 5 frame from a client."""
+    if frame.packet_type not in CLIENT_TO_SERVER:
+        raise ProtocolViolation(f"{frame.name} may only be sent by a server", "MQTT-2.1.2")
+    _check_strings(frame)
+    try:
+        packet, used = mqtt5.read(memoryview(frame.raw))
+    except (IndexError, ValueError) as exc:  # a whole frame: too short is malformed too
+        raise ProtocolViolation(f"malformed {frame.name}: {exc}", "MQTT-1.3 (v5)") from None
+    except BaseException as exc:  # mqtt5 panics on what it cannot convert
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ProtocolViolation(f"malformed {frame.name}", "MQTT-1.3 (v5)") from None
+    if used != len(frame.raw):
+        raise ProtocolViolation(f"{frame.name} has bytes after its end", "MQTT-1.3 (v5)")
+    return cast("Packet", packet)
+
+
+@dataclass(frozen=True, slots=True)
+class Props:
+    """The MQTT 5 properties a message carries from its publisher to its subscribers."""
+
+    payload_format_indicator: int = 0
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    expires_at: float | None = None
+    """When the message expires (time.monotonic()), from its message expiry interval."""
+
+    @classmethod
+    def of(cls, publish: mqtt5.PublishPacket | mqtt5.Will, now: float) -> Props | None:
+        """Return the properties of a received PUBLISH (or will), or None when it has none."""
+        expiry = publish.message_expiry_interval
+        props = cls(
+            publish.payload_format_indicator,
+            publish.content_type,
+            publish.response_topic,
+            publish.correlation_data,
+            tuple(publish.user_properties),
+            None if expiry is None else now + expiry,
+        )
+        return None if props == EMPTY else props
+
+    def remaining(self, now: float) -> int | None:
+        """Seconds of expiry left (rounded up), None when it never expires."""
+        if self.expires_at is None:
+            return None
+        return max(0, math.ceil(self.expires_at - now))
+
+    def expired(self, now: float) -> bool:
+        """Whether the message has expired (it is then dropped from every queue)."""
+        return self.expires_at is not None and now >= self.expires_at
+
+
+EMPTY: Final = Props()
+
+
+def encode_publish(
+    topic: str, payload: bytes, qos: int, packet_id: int | None, *, retain: bool, dup: bool,
+    props: Props | None, subscription_ids: list[int] | None = None,
+) -> bytes:  # fmt: skip
+    """Encode a PUBLISH for an MQTT 5 client, its properties forwarded (expiry: what is left)."""
+    p = props or EMPTY
+    return mqtt5.PublishPacket(
+        topic, payload, qos=mqtt5.QoS(qos), retain=retain, packet_id=packet_id if qos else None,
+        duplicate=dup, payload_format_indicator=p.payload_format_indicator,
+        message_expiry_interval=p.remaining(time.monotonic()), content_type=p.content_type,
+        response_topic=p.response_topic, correlation_data=p.correlation_data,
+        user_properties=list(p.user_properties), subscription_ids=subscription_ids or None,
+    ).write()  # fmt: skip
+
+
+def disconnect(reason: int) -> bytes:
+    """Encode a DISCONNECT from the server with ``reason``."""
+    return mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode(reason)).write()

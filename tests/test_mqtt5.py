@@ -1,0 +1,408 @@
+"""MQTT 5.0 beside 3.1.1 on one listener, on the wire: packets built with the ``mqtt5`` codec.
+
+Each test names the section or statement of the MQTT 5.0 specification it checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from collections.abc import Iterator
+
+import mqtt5
+import pytest
+
+from tests import mqtt_raw as m
+from tests.mqtt_raw import Closed, RawClient
+from tests.support import Proc, Spawner, free_port
+
+_ids = itertools.count()
+Q0, Q1, Q2 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE
+
+
+def uid(prefix: str) -> str:
+    """A client id or topic unique within this module's broker."""
+    return f"{prefix}-{next(_ids)}"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Proc]]:
+    """One broker for the module; tests use unique ids and topics."""
+    spawner = Spawner(tmp_path_factory.mktemp("mqtt5"))
+    port = free_port()
+    proc = spawner.broker(port, "--max-inflight", "5", "--deny-subscribe", "secret/#")
+    yield port, proc
+    spawner.cleanup()
+
+
+@pytest.fixture
+def port(broker: tuple[int, Proc]) -> int:
+    """The module broker's port."""
+    return broker[0]
+
+
+class V5:
+    """A raw MQTT 5 client: RawClient's socket, packets from the ``mqtt5`` codec."""
+
+    def __init__(self, port: int) -> None:
+        """Open the TCP connection."""
+        self.raw = RawClient(port)
+
+    def send(self, *packets: object) -> None:
+        """Send packets (anything with ``write()``)."""
+        self.raw.send(b"".join(p.write() for p in packets))  # type: ignore[attr-defined]
+
+    def read(self, timeout: float = 5.0) -> object:
+        """Read and decode one packet."""
+        p = self.raw.receive(timeout)
+        data = bytes([p.kind << 4 | p.flags]) + m.remaining_length(len(p.body)) + p.body
+        return mqtt5.read(memoryview(data))[0]
+
+    def expect(self, cls: type, timeout: float = 5.0) -> object:
+        """Read until a packet of ``cls``."""
+        while True:
+            packet = self.read(timeout)
+            if isinstance(packet, cls):
+                return packet
+
+    def publish(self, timeout: float = 5.0) -> mqtt5.PublishPacket:
+        """The next PUBLISH."""
+        return self.expect(mqtt5.PublishPacket, timeout)  # type: ignore[return-value]
+
+    def connect(self, client_id: str, **kwargs: object) -> mqtt5.ConnAckPacket:
+        """CONNECT; return the CONNACK."""
+        self.send(mqtt5.ConnectPacket(client_id, **kwargs))  # type: ignore[arg-type]
+        return self.expect(mqtt5.ConnAckPacket)  # type: ignore[return-value]
+
+    def subscribe(self, *filters: mqtt5.TopicFilter, sub_id: int | None = None) -> list[int]:
+        """SUBSCRIBE; return the SUBACK's reason codes."""
+        self.send(mqtt5.SubscribePacket(1, list(filters), subscription_id=sub_id))
+        suback = self.expect(mqtt5.SubAckPacket)
+        return [int(c) for c in suback.reason_codes]  # type: ignore[attr-defined]
+
+    def barrier(self) -> list[object]:
+        """PINGREQ; return every packet before the PINGRESP."""
+        self.send(mqtt5.PingReqPacket())
+        got = []
+        while not isinstance(packet := self.read(), mqtt5.PingRespPacket):
+            got.append(packet)
+        return got
+
+    def disconnect_reason(self, timeout: float = 5.0) -> int:
+        """Wait for the broker's DISCONNECT and the close; return its reason code."""
+        reason = None
+        try:
+            while True:
+                packet = self.read(timeout)
+                if isinstance(packet, mqtt5.DisconnectPacket):
+                    reason = int(packet.reason_code)
+        except Closed:
+            pass
+        assert reason is not None, "closed without DISCONNECT"
+        return reason
+
+
+def client(port: int, client_id: str = "", **kwargs: object) -> V5:
+    """A connected MQTT 5 client."""
+    c = V5(port)
+    assert c.connect(client_id or uid("v5"), **kwargs).reason_code == 0
+    return c
+
+
+def f(pattern: str, qos: mqtt5.QoS = Q0, **options: object) -> mqtt5.TopicFilter:
+    """A topic filter with options."""
+    return mqtt5.TopicFilter(pattern, max_qos=qos, **options)  # type: ignore[arg-type]
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+def test_connack_announces_the_brokers_limits_and_features(port: int) -> None:
+    """Section 3.2.2.3: receive maximum, maximum packet size, topic alias maximum and the
+    availability flags; an empty client id gets one assigned [MQTT-3.2.2-16]."""
+    c = V5(port)
+    connack = c.connect("", clean_start=True)
+    assert connack.reason_code == 0
+    assert connack.assigned_client_id
+    assert connack.assigned_client_id.startswith("auto-")
+    assert connack.max_packet_size == 2 * 1024 * 1024
+    assert connack.receive_max == 1000
+    assert connack.topic_alias_max > 0
+    assert connack.retain_available
+    assert connack.wildcard_subscription_available
+    assert connack.subscription_id_available
+    assert connack.shared_subscription_available
+
+
+def test_enhanced_authentication_is_refused_with_0x8c(port: int) -> None:
+    """Section 4.12: a CONNECT with an authentication method the server does not support."""
+    c = V5(port)
+    connack = c.connect(uid("auth"), authentication_method="SCRAM-SHA-1")
+    assert connack.reason_code == mqtt5.ConnAckReasonCode.BAD_AUTHENTICATION_METHOD
+    assert c.raw.closed_within(3)
+
+
+def test_a_take_over_tells_the_old_connection_0x8e(port: int) -> None:
+    """[MQTT-3.1.4-3] and section 3.14.2.1: Session taken over."""
+    cid = uid("twin")
+    first = client(port, cid)
+    client(port, cid)
+    assert first.disconnect_reason() == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER
+
+
+def test_a_silent_client_is_told_0x8d(port: int) -> None:
+    """[MQTT-3.1.2-22]: keep alive timeout, 1.5 x the keep alive."""
+    c = client(port, keep_alive=1)
+    assert c.disconnect_reason(8) == mqtt5.DisconnectReasonCode.KEEP_ALIVE_TIMEOUT
+
+
+def test_a_malformed_packet_is_told_0x81_and_the_broker_stays_well(
+    broker: tuple[int, Proc],
+) -> None:
+    """Section 1.5.4 and 4.13: invalid UTF-8 in a user property is a malformed packet. The
+    codec panics on such strings; the broker checks them first."""
+    port, proc = broker
+    c = client(port)
+    good = mqtt5.PublishPacket("t", b"x", user_properties=[("key", "vv")]).write()
+    c.raw.send(good.replace(b"vv", b"\xff\xfe"))
+    assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.MALFORMED_PACKET
+    assert client(port).barrier() == []
+    assert "Traceback" not in proc.err()
+    assert "PanicException" not in proc.err()
+
+
+# --- v5 and 3.1.1 together ------------------------------------------------------------------
+
+
+def test_a_311_subscriber_gets_a_v5_message_without_properties_and_back(port: int) -> None:
+    """Both versions on one listener; properties exist only in MQTT 5."""
+    topic = uid("mixed")
+    old = RawClient(port)
+    assert old.connect(uid("v311")) == (False, 0)
+    assert old.subscribe(1, (topic, 0)) == [0]
+    new = client(port)
+    assert new.subscribe(f(topic)) == [0]
+    new.send(mqtt5.PublishPacket(topic, b"from v5", user_properties=[("k", "v")]))
+    assert old.message().payload == b"from v5"
+    assert new.publish().payload == b"from v5"
+    old.send(m.publish(topic, b"from 3.1.1"))
+    got = new.publish()
+    assert (got.payload, got.user_properties) == (b"from 3.1.1", [])
+
+
+# --- publishing -----------------------------------------------------------------------------
+
+
+def test_properties_are_forwarded_as_published(port: int) -> None:
+    """[MQTT-3.3.2-15..20]: response topic, correlation data, user properties in order, content
+    type, payload format indicator unaltered; message expiry with the time left."""
+    topic = uid("props")
+    sub = client(port)
+    sub.subscribe(f(topic, Q1))
+    pub = client(port)
+    users = [("b", "2"), ("a", "1"), ("a", "0")]
+    pub.send(mqtt5.PublishPacket(
+        topic, b"ping", qos=Q1, packet_id=3, response_topic="reply/me",
+        correlation_data=b"\x00id", user_properties=users, content_type="text/plain",
+        payload_format_indicator=1, message_expiry_interval=30,
+    ))  # fmt: skip
+    assert pub.expect(mqtt5.PubAckPacket).reason_code == 0  # type: ignore[attr-defined]
+    got = sub.publish()
+    assert (got.response_topic, got.correlation_data, got.user_properties) == (
+        "reply/me", b"\x00id", users
+    )  # fmt: skip
+    assert (got.content_type, got.payload_format_indicator) == ("text/plain", 1)
+    assert got.message_expiry_interval is not None
+    assert 28 <= got.message_expiry_interval <= 30
+
+
+def test_puback_says_when_nobody_subscribed(port: int) -> None:
+    """Section 3.4.2.1: 0x10 No matching subscribers."""
+    c = client(port)
+    c.send(mqtt5.PublishPacket(uid("nobody"), b"x", qos=Q1, packet_id=1))
+    puback = c.expect(mqtt5.PubAckPacket)
+    assert puback.reason_code == mqtt5.PubAckReasonCode.NO_MATCHING_SUBSCRIBERS  # type: ignore[attr-defined]
+
+
+def test_a_payload_marked_utf8_that_is_not_gets_0x99(port: int) -> None:
+    """[MQTT-3.3.2-4] and section 3.3.2.3.2."""
+    topic = uid("pfi")
+    sub = client(port)
+    sub.subscribe(f(topic))
+    c = client(port)
+    c.send(mqtt5.PublishPacket(topic, b"\xff\xfe", qos=Q1, packet_id=2, payload_format_indicator=1))
+    assert c.expect(mqtt5.PubAckPacket).reason_code == 0x99  # type: ignore[attr-defined]
+    assert sub.barrier() == []  # not delivered
+
+
+def test_topic_aliases_from_a_client(port: int) -> None:
+    """Section 3.3.2.3.4: an alias set with a topic stands for it later; one over the maximum
+    is a protocol error, 0x94 [MQTT-3.3.2-9]."""
+    topic = uid("alias")
+    sub = client(port)
+    sub.subscribe(f(topic))
+    c = client(port)
+    c.send(mqtt5.PublishPacket(topic, b"one", topic_alias=3),
+           mqtt5.PublishPacket("", b"two", topic_alias=3))  # fmt: skip
+    assert [sub.publish().payload, sub.publish().payload] == [b"one", b"two"]
+    c.send(mqtt5.PublishPacket(topic, b"x", topic_alias=60000))
+    assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.TOPIC_ALIAS_INVALID
+
+
+# --- subscribing ----------------------------------------------------------------------------
+
+
+def test_no_local(port: int) -> None:
+    """[MQTT-3.8.3-3]: not sent back to the connection that published it."""
+    topic, marker = uid("local"), uid("marker")
+    c = client(port)
+    assert c.subscribe(f(topic, no_local=True), f(marker)) == [0, 0]
+    c.send(mqtt5.PublishPacket(topic, b"mine"), mqtt5.PublishPacket(marker, b"marker"))
+    assert c.publish().payload == b"marker"  # "mine" would have come first
+
+
+def test_retain_as_published_and_retain_handling(port: int) -> None:
+    """Section 3.8.3.1: RAP keeps RETAIN on live deliveries; retain handling 1 sends retained
+    messages only for a new subscription, 2 never."""
+    topic = uid("rap")
+    pub = client(port)
+    pub.send(mqtt5.PublishPacket(topic, b"kept", retain=True))
+    pub.barrier()
+    keep = client(port)
+    assert keep.subscribe(f(topic, retain_as_published=True)) == [0]
+    assert keep.publish().retain  # the retained message, on subscribing
+    pub.send(mqtt5.PublishPacket(topic, b"live", retain=True))
+    got = keep.publish()
+    assert (got.payload, got.retain) == (b"live", True)  # RAP: as published
+    plain = client(port)
+    never = mqtt5.RetainHandling.SEND_NEVER
+    assert plain.subscribe(f(topic, retain_handling=never, retain_as_published=False)) == [0]
+    once = client(port)
+    handling = mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS
+    assert once.subscribe(f(topic, retain_handling=handling)) == [0]
+    assert once.publish().payload == b"live"
+    assert once.subscribe(f(topic, retain_handling=handling)) == [0]
+    assert once.barrier() == []  # not again: the subscription existed
+    assert plain.barrier() == []
+    pub.send(mqtt5.PublishPacket(topic, b"live 2", retain=True))
+    got = plain.publish()
+    assert (got.payload, got.retain) == (b"live 2", False)  # [MQTT-3.3.1-12]: RAP 0
+
+
+def test_subscription_identifiers_come_with_each_delivery(port: int) -> None:
+    """[MQTT-3.3.4-3]: the identifiers of every matching subscription."""
+    base = uid("ids")
+    c = client(port)
+    c.subscribe(f(f"{base}/#"), sub_id=7)
+    c.subscribe(f(f"{base}/a"), sub_id=9)
+    client(port).send(mqtt5.PublishPacket(f"{base}/a", b"x"))
+    assert sorted(c.publish().subscription_ids) == [7, 9]
+
+
+def test_shared_subscriptions_deliver_each_message_to_one_member(port: int) -> None:
+    """Section 4.8.2: `$share/GROUP/filter`."""
+    topic = uid("work")
+    members = [client(port) for _ in range(2)]
+    for member in members:
+        assert member.subscribe(f(f"$share/g/{topic}")) == [0]
+    pub = client(port)
+    pub.send(*(mqtt5.PublishPacket(topic, b"%d" % i) for i in range(10)))
+    pub.barrier()
+    got = [[p.payload for p in member.barrier()] for member in members]  # type: ignore[attr-defined]
+    assert sorted(got[0] + got[1]) == sorted(b"%d" % i for i in range(10))
+    assert got[0]
+    assert got[1]
+
+
+def test_suback_and_unsuback_reason_codes(port: int) -> None:
+    """Sections 3.9.3 and 3.11.3: 0x87 for the deny list, 0x11 no subscription existed."""
+    c = client(port)
+    assert c.subscribe(f("secret/a"), f(uid("ok"), Q2)) == [0x87, 2]
+    c.send(mqtt5.UnsubscribePacket(2, [uid("never")]))
+    unsuback = c.expect(mqtt5.UnsubAckPacket)
+    assert [int(r) for r in unsuback.reason_codes] == [0x11]  # type: ignore[attr-defined]
+
+
+# --- flow control ---------------------------------------------------------------------------
+
+
+def test_the_clients_receive_maximum_bounds_what_is_in_flight(port: int) -> None:
+    """[MQTT-3.3.4-7]: no more unacknowledged QoS 1/2 PUBLISHes than the client's maximum."""
+    topic = uid("recv")
+    sub = client(port, receive_max=2)
+    sub.subscribe(f(topic, Q1))
+    pub = client(port)
+    pub.send(*(mqtt5.PublishPacket(topic, b"%d" % i, qos=Q1, packet_id=i + 1) for i in range(6)))
+    first = [sub.publish(), sub.publish()]
+    assert sub.barrier() == []  # two, no more
+    sub.send(mqtt5.PubAckPacket(first[0].packet_id or 0))
+    assert sub.publish().payload == b"2"
+
+
+def test_nothing_larger_than_the_clients_maximum_packet_size(port: int) -> None:
+    """[MQTT-3.1.2-25]: such a message is not sent to that client."""
+    topic = uid("small")
+    sub = client(port, max_packet_size=64)
+    sub.subscribe(f(topic))
+    pub = client(port)
+    pub.send(mqtt5.PublishPacket(topic, bytes(100)), mqtt5.PublishPacket(topic, b"fits"))
+    assert sub.publish().payload == b"fits"
+
+
+# --- sessions and wills -------------------------------------------------------------------
+
+
+def test_session_expiry(broker: tuple[int, Proc]) -> None:
+    """Section 3.1.2.11: 0 ends the session with the connection; otherwise it is kept for that
+    long, then ends."""
+    port, proc = broker
+    gone, kept = uid("gone"), uid("kept")
+    client(port, gone, session_expiry_interval=0).send(mqtt5.DisconnectPacket())
+    c = client(port, kept, session_expiry_interval=2)
+    c.subscribe(f(f"{kept}/t", Q1))
+    c.send(mqtt5.DisconnectPacket())
+    assert c.raw.closed_within(3)
+    assert V5(port).connect(gone).session_present is False
+    back = V5(port)
+    assert back.connect(kept, session_expiry_interval=1).session_present is True
+    back.send(mqtt5.DisconnectPacket())
+    proc.wait_for(rf"Session of client {kept} expired\.", timeout=10)
+    assert V5(port).connect(kept).session_present is False
+
+
+def test_disconnect_with_will_message_publishes_it_and_a_plain_one_does_not(port: int) -> None:
+    """Section 3.14.2.1: 0x04 sends the will; 0x00 discards it [MQTT-3.1.2-10]."""
+    topic = uid("will")
+    watcher = client(port)
+    watcher.subscribe(f(topic))
+    for reason, payload in ((0x00, b"polite"), (0x04, b"asked")):
+        c = client(port, will=mqtt5.Will(topic, payload=payload))
+        c.send(mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode(reason)))
+        assert c.raw.closed_within(3)
+    assert watcher.publish().payload == b"asked"
+    assert watcher.barrier() == []
+
+
+def test_a_delayed_will_waits_and_is_not_sent_if_the_client_returns(port: int) -> None:
+    """Section 3.1.3.2.2: Will Delay Interval."""
+    topic, cid = uid("delay"), uid("returning")
+    watcher = client(port)
+    watcher.subscribe(f(topic))
+    will = mqtt5.Will(topic, payload=b"late", will_delay_interval=30)
+    c = client(port, cid, will=will, session_expiry_interval=60)
+    c.raw.close()  # lost: the will waits 30 s
+    client(port, cid, session_expiry_interval=60)  # back in time: never sent
+    assert watcher.barrier() == []
+    soon = mqtt5.Will(topic, payload=b"soon", will_delay_interval=1)
+    client(port, uid("leaving"), will=soon, session_expiry_interval=60).raw.close()
+    assert watcher.publish(timeout=5).payload == b"soon"
+
+
+def test_a_shutdown_tells_mqtt5_clients_0x8b(spawn: Spawner) -> None:
+    """Section 3.14.2.1: Server shutting down."""
+    port = free_port()
+    proc = spawn.broker(port)
+    c = client(port)
+    proc.signal(signal.SIGTERM)
+    assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.SERVER_SHUTTING_DOWN
+    assert proc.wait(10) == 0
