@@ -8,7 +8,7 @@ import secrets
 import socket
 import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,8 @@ class ClientSettings:
     tls_ca: str | None = None
     """CA bundle to verify the broker's certificate (default: the system's)."""
     log_level: str = "INFO"
+    protocol: int = 5
+    """5 (MQTT 5.0, falling back to 3.1.1 once if the broker refuses it) or 4 (MQTT 3.1.1)."""
 
     def __post_init__(self) -> None:
         """Reject topic pairs that would make the echo feed itself."""
@@ -127,7 +129,25 @@ def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
         default=None,
         help="CA certificate file that signed the broker's certificate (implies --tls)",
     )
+    add(
+        parser,
+        environ,
+        "--protocol",
+        convert=protocol,
+        default=5,
+        help="MQTT version: 5 (falls back to 3.1.1 once if the broker refuses it) or 3.1.1",
+    )
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
+
+
+def protocol(text: str) -> int:
+    """Parse an MQTT version: 5 (or 5.0) gives 5, 3.1.1 (or 4) gives 4, the protocol level."""
+    value = text.strip()
+    if value in ("5", "5.0"):
+        return 5
+    if value in ("3.1.1", "311", "4"):
+        return 4
+    raise ValueError(f"MQTT version must be 5 or 3.1.1, got {text!r}")
 
 
 def client_id(given: str | None, role: str, environ: Mapping[str, str]) -> str:
@@ -167,6 +187,7 @@ def client_settings(
             tls=args.tls or args.tls_ca is not None,
             tls_ca=args.tls_ca,
             log_level=args.log_level,
+            protocol=args.protocol,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -197,6 +218,11 @@ class Client(aiomqtt.Client):
       would hold the 100 ms reconnect loop for 5 s per attempt.
     """
 
+    protocol_level = 4
+    """4 (MQTT 3.1.1) or 5, as made by make_client."""
+    disconnect_reason: int | None = None
+    """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""
+
     def _on_disconnect(
         self,
         client: mqtt.Client,
@@ -205,6 +231,7 @@ class Client(aiomqtt.Client):
         reason_code: ReasonCode,
         properties: Properties | None = None,
     ) -> None:
+        self.disconnect_reason = getattr(reason_code, "value", None)
         if not self._connected.done():
             self._connected.set_exception(
                 aiomqtt.MqttError(f"connection closed before CONNACK ({reason_code})")
@@ -220,11 +247,14 @@ class Client(aiomqtt.Client):
                 )
 
 
-def make_client(settings: ClientSettings) -> aiomqtt.Client:
+def make_client(settings: ClientSettings, protocol: int | None = None) -> Client:
     """Create the one aiomqtt client a process reuses across reconnects.
 
-    Exits 70 with one line if aiomqtt no longer has the internals :class:`Client` relies on.
+    ``protocol`` overrides the settings' MQTT version (the 3.1.1 fallback). Exits 70 with one
+    line if aiomqtt no longer has the internals :class:`Client` relies on.
     """
+    level = settings.protocol if protocol is None else protocol
+    v5 = level == 5
     client = Client(
         settings.host,
         settings.port,
@@ -235,8 +265,11 @@ def make_client(settings: ClientSettings) -> aiomqtt.Client:
         # How long to wait for CONNACK and for acknowledgements before giving up on the link.
         timeout=5,
         socket_options=NODELAY,
-        protocol=aiomqtt.ProtocolVersion.V311,
-        clean_session=True,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        # A fresh session every time: clean session (3.1.1); clean start, and a session that
+        # ends with the connection (5: the session expiry interval defaults to 0).
+        clean_session=None if v5 else True,
+        clean_start=True if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
         # paho's defaults (20 in flight) and aiomqtt's (10 pending calls) throttle QoS 1/2 echo.
         max_inflight_messages=1000,
         tls_context=ssl.create_default_context(cafile=settings.tls_ca) if settings.tls else None,
@@ -248,4 +281,21 @@ def make_client(settings: ClientSettings) -> aiomqtt.Client:
             "this version is not supported (pyproject.toml pins the ones that are).\n"
         )
         sys.exit(EXIT_SOFTWARE)
+    client.protocol_level = level
     return client
+
+
+def fallback(settings: ClientSettings) -> Callable[[], aiomqtt.Client] | None:
+    """Return the maker of the 3.1.1 client that replaces a refused MQTT 5 one (None: 3.1.1)."""
+    if settings.protocol != 5:
+        return None
+    return lambda: make_client(settings, 4)
+
+
+def refuses_mqtt5(exc: aiomqtt.MqttError) -> bool:
+    """Tell whether a connect failed because the broker does not speak MQTT 5.
+
+    That is CONNACK 0x84, or 3.1.1's 0x01, which paho reads as 0x84.
+    """
+    code = getattr(exc, "rc", None)
+    return isinstance(exc, aiomqtt.MqttCodeError) and getattr(code, "value", code) == 0x84

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiomqtt
 import paho.mqtt.client as mqtt
 
+from common.client import refuses_mqtt5
+
 logger = logging.getLogger(__name__)
 
 Session = Callable[[aiomqtt.Client], Awaitable[None]]
@@ -48,6 +50,9 @@ FLAP_BACKOFF_MAX = 10.0
 SUBACK_TIMEOUT = 5.0
 """Seconds a subscription may wait for its SUBACK before the link counts as failed."""
 
+SESSION_TAKEN_OVER = 0x8E
+"""The MQTT 5 DISCONNECT reason when another client connected with this one's id."""
+
 SUBACK_FAILURE = 0x80
 """The SUBACK return code for a refused subscription (MQTT 3.1.1 section 3.9.3)."""
 
@@ -67,14 +72,18 @@ class Link:
         clock: Callable[[], float] = time.monotonic,
         role: str = "",
         quiet: bool = False,
+        fallback: Callable[[], aiomqtt.Client] | None = None,
     ) -> None:
         """Wrap ``client``; ``interval`` is the pause between attempts (0 in tests).
 
         ``topics`` are (filter, QoS) pairs subscribed on every connection before the link counts
         as up. ``role`` names a secondary connection in its log lines, e.g. ``"watcher"``;
         ``quiet`` logs its events at DEBUG, for a connection whose outages the main one reports.
+        ``fallback`` makes the MQTT 3.1.1 client that replaces an MQTT 5 one, once, when the
+        broker does not speak MQTT 5.
         """
         self.client = client
+        self._fallback = fallback
         self.topics = tuple(topics)
         self.suback_timeout = suback_timeout
         self._prefix = f"{role}: " if role else ""
@@ -148,6 +157,14 @@ class Link:
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     return
+                if self._fallback is not None and refuses_mqtt5(exc):
+                    self.client, self._fallback = self._fallback(), None
+                    logger.log(
+                        self._warning,
+                        "%s%s does not speak MQTT 5 (%s): falling back to MQTT 3.1.1.",
+                        self._prefix, self.address, exc,
+                    )  # fmt: skip
+                    continue
                 self._down(exc)
             else:
                 # A session only returns when its message stream ended without an error.
@@ -232,6 +249,10 @@ class Link:
         self._waiting = None
         # paho's messages end with a full stop; ours add one.
         self._last_error = str(exc).rstrip(".")
+        if getattr(self.client, "disconnect_reason", None) == SESSION_TAKEN_OVER:
+            self._last_error = (
+                f"session taken over: another client connected as {self.client.identifier!r}"
+            )
         retry_ms = round(self.interval * 1000)
         if self.connected.is_set():
             # An established connection broke: always reported, exactly once.

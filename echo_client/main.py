@@ -10,9 +10,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from common import cli, logs
-from common.client import ClientSettings, add_client_options, client_settings, make_client
+from common.client import (
+    ClientSettings,
+    add_client_options,
+    client_settings,
+    fallback,
+    make_client,
+)
 from common.constants import EXIT_OK
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
@@ -29,13 +37,24 @@ class EchoSettings:
 
     client: ClientSettings
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    share: str | None = None
+    """A shared subscription group to echo as a member of (MQTT 5 section 4.8.2)."""
+
+    @property
+    def subscription(self) -> str:
+        """The filter subscribed to: the ping topic, or its shared form."""
+        ping = self.client.ping_topic
+        return f"$share/{self.share}/{ping}" if self.share else ping
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSettings:
     """Parse flags, falling back to ``MQTT_*`` variables; exit 64 on a malformed value."""
     parser = cli.Parser(
         prog="echo_client",
-        description="Republish every message on the ping topic, byte for byte, to the pong topic.",
+        description=(
+            "Republish every message on the ping topic, byte for byte, to the pong topic (or to "
+            "an MQTT 5 request's response topic, with its correlation data)."
+        ),
     )
     add_client_options(parser, environ)
     cli.add_option(
@@ -46,10 +65,28 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSetting
         default=DEFAULT_MAX_PAYLOAD,
         help="payloads larger than this many bytes are logged and skipped",
     )
+    cli.add_option(
+        parser,
+        environ,
+        "--share",
+        convert=share_group,
+        default=None,
+        help="subscribe as a member of this shared subscription group ($share/GROUP/<ping "
+        "topic>): several echo clients then split the pings, each answered once",
+    )
     args = parser.parse_args(argv)
     return EchoSettings(
-        client=client_settings(parser, args, "echo_client", environ), max_payload=args.max_payload
+        client=client_settings(parser, args, "echo_client", environ),
+        max_payload=args.max_payload,
+        share=args.share,
     )
+
+
+def share_group(text: str) -> str:
+    """Parse a shared subscription group name: not empty, no '/', '+' or '#'."""
+    if not text or any(c in text for c in "/+#"):
+        raise ValueError(f"a share group is a non-empty name without '/', '+' or '#': {text!r}")
+    return text
 
 
 class Echo:
@@ -91,19 +128,44 @@ class Echo:
                         self.settings.max_payload,
                     )
                     continue
-                logger.info("Publishing %s on %s.", show(payload), pong)
+                topic, properties = self._answer(message, ping, pong)
+                logger.info("Publishing %s on %s.", show(payload), topic)
                 if qos == 0:
-                    await self._publish(client, payload)
+                    await self._publish(client, topic, payload, properties)
                 else:
-                    task = asyncio.create_task(self._publish(client, payload), name="echo-publish")
+                    task = asyncio.create_task(
+                        self._publish(client, topic, payload, properties), name="echo-publish"
+                    )
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
         finally:
             for task in in_flight:
                 task.cancel()
 
-    async def _publish(self, client: aiomqtt.Client, payload: bytes) -> None:
-        await client.publish(self.settings.client.pong_topic, payload, qos=self.settings.client.qos)
+    @staticmethod
+    def _answer(message: aiomqtt.Message, ping: str, pong: str) -> tuple[str, Properties | None]:
+        """Decide where to echo, and with what.
+
+        An MQTT 5 request's response topic and correlation data (section 4.10), else the pong
+        topic.
+        """
+        asked = getattr(message.properties, "ResponseTopic", None)
+        if not asked:
+            return pong, None
+        if aiomqtt.Topic(asked).matches(ping):
+            # Answering on the ping topic would echo our own answer for ever.
+            logger.warning("Ignoring response topic %s: it is the ping topic.", asked)
+            return pong, None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        correlation = getattr(message.properties, "CorrelationData", None)
+        if correlation is not None:
+            properties.CorrelationData = correlation
+        return asked, properties
+
+    async def _publish(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, properties: Properties | None
+    ) -> None:
+        await client.publish(topic, payload, qos=self.settings.client.qos, properties=properties)
         self.echoed += 1
         self.bytes += len(payload)
 
@@ -115,9 +177,10 @@ async def amain(settings: EchoSettings) -> int:
     address = f"{settings.client.host}:{settings.client.port}"
     link = Link(
         make_client(settings.client),
+        fallback=fallback(settings.client),
         address=address,
         interval=settings.client.reconnect_interval,
-        topics=[(settings.client.ping_topic, settings.client.qos)],
+        topics=[(settings.subscription, settings.client.qos)],
     )
     echo = Echo(settings)
     async with asyncio.TaskGroup() as tg:

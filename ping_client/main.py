@@ -19,9 +19,11 @@ from dataclasses import replace
 from typing import Final
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from common import logs
-from common.client import make_client
+from common.client import fallback, make_client
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
 from common.show import show
@@ -57,6 +59,7 @@ class Probe:
         self.target = f"{settings.client.host}:{settings.client.port}"
         self.link = Link(
             make_client(settings.client),
+            fallback=fallback(settings.client),
             address=self.target,
             interval=settings.client.reconnect_interval,
             topics=[(settings.client.pong_topic, settings.client.qos)],
@@ -68,8 +71,10 @@ class Probe:
         # the measured path carries only pings and pongs: on the same connection, a copy of
         # each ping arriving just before its pong can hold the pong back on a broker without
         # TCP_NODELAY (mosquitto's default) for up to one interval.
+        watching = replace(settings.client, client_id=settings.client.client_id + "-watch")
         self.watcher = Link(
-            make_client(replace(settings.client, client_id=settings.client.client_id + "-watch")),
+            make_client(watching),
+            fallback=fallback(watching),
             address=self.target,
             interval=settings.client.reconnect_interval,
             topics=[(settings.client.ping_topic, 0)],
@@ -271,10 +276,20 @@ class Probe:
         tg.create_task(self._publish(payload), name=f"publish-{ping.seq}")
 
     async def _publish(self, payload: bytes) -> None:
+        client = self.link.client
+        properties = None
+        if getattr(client, "protocol_level", 4) == 5:
+            # MQTT 5 request/response (section 4.10): where to answer, which request this is,
+            # and no echo after the ping has timed out (it would only count as late).
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.ResponseTopic = self.client_settings.pong_topic
+            properties.CorrelationData = payload
+            properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
         try:
-            await self.link.client.publish(
-                self.client_settings.ping_topic, payload, qos=self.client_settings.qos
-            )
+            await client.publish(
+                self.client_settings.ping_topic, payload, qos=self.client_settings.qos,
+                properties=properties,
+            )  # fmt: skip
         except aiomqtt.MqttError as exc:
             # The Link reports the broken connection; the ping will time out as lost.
             logger.debug("Publish of %s failed: %s", show(payload), exc)

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 
 CONNACK_OK = b"\x20\x02\x00\x00"
+CONNACK_OK_V5 = b"\x20\x03\x00\x00\x00"
+"""MQTT 5's: the same, and an empty property list. The broker answers in the client's version."""
 PUBLISH_256_MB = b"\x30\xff\xff\xff\x7f"
 """A PUBLISH header declaring the largest remaining length MQTT allows (256 MB)."""
 GARBAGE = bytes(range(0xF0, 0x100)) * 4
@@ -56,39 +58,49 @@ def _hold(sock: socket.socket, stop: threading.Event) -> None:
             continue
 
 
-def _answer_and_hold(answer: bytes) -> Behaviour:
-    """A behaviour: read CONNECT, send ``answer``, then hold the connection open, mute."""
+def read_connect(sock: socket.socket) -> int:
+    """Read the client's CONNECT; return its protocol level (4: MQTT 3.1.1, 5: MQTT 5)."""
+    _, body = read_packet(sock)
+    return body[6] if len(body) > 6 else 4  # after the protocol name, "MQTT"
+
+
+def connack(level: int) -> bytes:
+    """An accepting CONNACK in the client's version."""
+    return CONNACK_OK_V5 if level == 5 else CONNACK_OK
+
+
+def _answer_and_hold(after: bytes, *, connack_first: bool = True) -> Behaviour:
+    """A behaviour: read CONNECT, send CONNACK (unless not) and ``after``, then hold, mute."""
 
     def behave(sock: socket.socket, stop: threading.Event) -> None:
-        read_packet(sock)
-        sock.sendall(answer)
+        level = read_connect(sock)
+        sock.sendall((connack(level) if connack_first else b"") + after)
         _hold(sock, stop)
 
     return behave
 
 
-silent_after_connack = _answer_and_hold(CONNACK_OK)
+silent_after_connack = _answer_and_hold(b"")
 """CONNACK, then nothing: no SUBACK, no PINGRESP, no PUBACK."""
-garbage_after_connack = _answer_and_hold(CONNACK_OK + GARBAGE)
+garbage_after_connack = _answer_and_hold(GARBAGE)
 """CONNACK, then bytes that are no MQTT packet."""
-garbage_instead_of_connack = _answer_and_hold(GARBAGE)
+garbage_instead_of_connack = _answer_and_hold(GARBAGE, connack_first=False)
 """Bytes that are no MQTT packet, where CONNACK should be."""
 
 
 def close_after_connack(sock: socket.socket, _stop: threading.Event) -> None:
     """CONNACK, then hang up."""
-    read_packet(sock)
-    sock.sendall(CONNACK_OK)
+    sock.sendall(connack(read_connect(sock)))
 
 
-huge_packet_after_connack = _answer_and_hold(CONNACK_OK + PUBLISH_256_MB + b"\x00\x05/pong")
+huge_packet_after_connack = _answer_and_hold(PUBLISH_256_MB + b"\x00\x05/pong")
 """CONNACK, then a PUBLISH declaring 256 MB whose body never comes."""
 
 
 def drip(sock: socket.socket, stop: threading.Event) -> None:
     """A valid CONNACK and SUBACKs, one byte per second."""
-    read_packet(sock)
-    pending = bytearray(CONNACK_OK)
+    level = read_connect(sock)
+    pending = bytearray(connack(level))
     sock.settimeout(0.05)
     next_byte = time.monotonic() + 1.0
     buffer = b""
@@ -108,7 +120,8 @@ def drip(sock: socket.socket, stop: threading.Event) -> None:
         while len(buffer) >= 2 and len(buffer) >= 2 + buffer[1] and buffer[1] < 0x80:
             kind, body, buffer = buffer[0] >> 4, buffer[2 : 2 + buffer[1]], buffer[2 + buffer[1] :]
             if kind == 8:
-                pending += b"\x90\x03" + body[:2] + b"\x00"
+                pending += (b"\x90\x04" + body[:2] + b"\x00\x00" if level == 5
+                            else b"\x90\x03" + body[:2] + b"\x00")  # fmt: skip
 
 
 BEHAVIOURS: dict[str, Behaviour] = {

@@ -328,12 +328,12 @@ from broker import engine
 registered = engine.Engine.subscribe
 
 
-async def late(self, session, topic_filter, qos):
+async def late(self, session, topic_filter, *args):
     # The fault: a busy broker registers the pong subscription half a second late (its SUBACK
     # goes out only after the registration).
     if topic_filter == "/pong":
         await asyncio.sleep(0.5)
-    return await registered(self, session, topic_filter, qos)
+    return await registered(self, session, topic_filter, *args)
 
 
 engine.Engine.subscribe = late

@@ -1,0 +1,129 @@
+"""Our clients speak MQTT 5 by default: request/response, shared echo, and the 3.1.1 fallback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.support import PYTHON, REPO, Spawner, base_env, wait_until
+from tests.test_interop import tool
+
+BARE_AMQTT = """
+import asyncio, logging, sys
+from amqtt.broker import Broker
+logging.basicConfig(level=logging.CRITICAL)
+async def main(port):
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                                 {"allow_anonymous": True}}})
+    await broker.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def test_the_clients_fall_back_to_311_once_against_a_311_only_broker(
+    spawn: Spawner, port: int, tmp_path: Path
+) -> None:
+    """Bare amqtt 0.12.1 speaks only MQTT 3.1.1: it answers an MQTT 5 CONNECT with 3.1.1's
+    CONNACK 0x01. The clients say so once and carry on in 3.1.1."""
+    script = tmp_path / "bare_amqtt.py"
+    script.write_text(BARE_AMQTT)
+    bare = subprocess.Popen([PYTHON, str(script), str(port)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)  # fmt: skip
+    try:
+        assert bare.stdout is not None
+        assert bare.stdout.readline().strip() == "ready"
+        echo = spawn.start("echo_client", "--port", str(port), name="echo")
+        echo.wait_for(r"Subscribed to /ping\.")
+        result = spawn.run("ping_client", "--port", str(port), "--count", "3", "--interval", "0.1")
+    finally:
+        bare.terminate()
+        bare.wait(10)
+        if bare.stdout is not None:
+            bare.stdout.close()
+    assert result.returncode == 0, result.stderr
+    fallback = (
+        r"does not speak MQTT 5 \(.*Unsupported protocol version\): falling back to MQTT 3\.1\.1\."
+    )
+    assert echo.count(fallback) == 1
+    assert len([line for line in result.stderr.splitlines() if "falling back" in line]) == 1
+
+
+def test_a_ping_is_an_mqtt5_request(spawn: Spawner, port: int) -> None:
+    """Section 4.10: response topic (the pong topic), correlation data (the payload: unique per
+    ping), and a message expiry of --timeout, so that no echo comes after the ping is lost."""
+    broker = spawn.broker(port)
+    seen: list[paho.MQTTMessage] = []
+    spy = paho.Client(CallbackAPIVersion.VERSION2, client_id="spy", protocol=paho.MQTTv5)
+    spy.on_message = lambda _c, _u, message: seen.append(message)
+    spy.connect("127.0.0.1", port)
+    spy.loop_start()
+    try:
+        spy.subscribe("/ping")
+        broker.wait_for(r"Client spy connected")
+        spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to")
+        result = spawn.run("ping_client", "--port", str(port), "--count", "2", "--interval",
+                           "0.1", "--timeout", "3")  # fmt: skip
+        wait_until(lambda: len(seen) >= 2, 5, "the pings")
+    finally:
+        spy.loop_stop()
+        spy.disconnect()
+    assert result.returncode == 0, result.stderr
+    for message in seen[:2]:
+        names = ("ResponseTopic", "CorrelationData", "MessageExpiryInterval")
+        asked = {name: getattr(message.properties, name, None) for name in names}
+        assert asked == {"ResponseTopic": "/pong", "CorrelationData": message.payload,
+                         "MessageExpiryInterval": 3}  # fmt: skip
+
+
+def test_the_echo_answers_any_mqtt5_requester(spawn: Spawner, port: int) -> None:
+    """mosquitto_rr -V 5 asks on /ping with its own response topic; the echo answers there."""
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping")
+    rr = subprocess.run(
+        [tool("mosquitto_rr"), "-V", "5", "-p", str(port), "-t", "/ping", "-e", "/reply/me",
+         "-m", "hello", "-W", "10"],
+        capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert (rr.returncode, rr.stdout.strip()) == (0, "hello"), rr.stderr
+
+
+def test_shared_echo_clients_split_the_pings_each_answered_once(spawn: Spawner, port: int) -> None:
+    """--share GROUP: $share/GROUP/<ping topic> (MQTT 5 section 4.8.2)."""
+    spawn.broker(port)
+    echoes = [
+        spawn.start("echo_client", "--port", str(port), "--share", "pool", name=f"echo{i}")
+        for i in (1, 2)
+    ]
+    for echo in echoes:
+        echo.wait_for(r"Subscribed to \$share/pool//ping\.")
+    result = spawn.run("ping_client", "--port", str(port), "--count", "20", "--interval", "0.02")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "20 sent, 20 received, 0 lost, 0 late, 0 duplicate" in result.stdout
+    counts = [echo.count(r"echo_client: Got b'") for echo in echoes]
+    assert sum(counts) == 20
+    assert min(counts) > 0, counts
+
+
+def test_the_clients_can_speak_311(spawn: Spawner, port: int) -> None:
+    broker = spawn.broker(port)
+    env = base_env(MQTT_PROTOCOL="3.1.1")
+    spawn.start("echo_client", "--port", str(port), env=env, name="echo").wait_for("Subscribed")
+    result = spawn.run("ping_client", "--port", str(port), "--count", "2", "--interval", "0.1",
+                       env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert broker.count(r"connected from .* \(MQTT 3\.1\.1\)") == 3  # echo, ping, its watcher
+    assert broker.count(r"\(MQTT 5\.0\)") == 0
+
+
+def test_a_session_taken_over_says_so(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    first = spawn.start("echo_client", "--port", str(port), "--client-id", "twin", name="first")
+    first.wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), "--client-id", "twin", name="second")
+    first.wait_for(r"session taken over: another client connected as 'twin'")
