@@ -87,19 +87,22 @@ def with_brokers(kinds: list[str], rounds: int, measure: Callable[[Broker], dict
     return out
 
 
-def rtt(qos: int, count: int, *, flood: bool = False) -> Callable[[Broker], dict[str, float]]:
+def rtt(
+    qos: int, count: int, *, flood: bool = False, protocol: str = "5"
+) -> Callable[[Broker], dict[str, float]]:
     """Whole-stack RTT: our echo_client and ping_client, one ping in flight.
 
     Spaced 10 ms apart, or back to back (``flood``): spacing lets every process go idle between
     pings, which dilutes the broker's share of the round trip.
     """
     spacing = ("--flood",) if flood else ("--interval", "0.01")
+    common = ("--qos", str(qos), "--protocol", protocol)
 
     def measure(broker: Broker) -> dict[str, float]:
-        echo = start_program("echo_client", broker.port, "--qos", str(qos))
+        echo = start_program("echo_client", broker.port, *common)
         try:
-            ping(broker.port, 5, 0.01, "--qos", str(qos))  # warm-up, and echo subscribed
-            summary = ping(broker.port, count, 0.01, "--qos", str(qos), *spacing)
+            ping(broker.port, 5, 0.01, *common)  # warm-up, and echo subscribed
+            summary = ping(broker.port, count, 0.01, *common, *spacing)
         finally:
             echo.terminate()
             echo.wait(10)
@@ -312,12 +315,17 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
         sys.stderr.write("  (mosquitto-clients not installed: C-client row skipped)\n")
 
     sys.stderr.write("RTT, whole stack (our echo_client and ping_client), back to back\n")
-    for qos in (0, 1):
-        res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count * 5, flood=True))
-        for p in ("p50", "p99"):
-            add_paired(f"back to back, QoS {qos} RTT {p}", res, p, "ms")
+    ours_p50: dict[tuple[str, int], float] = {}
+    for protocol in ("3.1.1", "5"):
+        for qos in (0, 1):
+            res = with_brokers(["ours", "mosquitto"], rounds,
+                               rtt(qos, count * 5, flood=True, protocol=protocol))  # fmt: skip
+            ours_p50[protocol, qos] = median([r["p50"] for r in res["ours"]])
+            for p in ("p50", "p99"):
+                add_paired(f"back to back, MQTT {protocol}, QoS {qos} RTT {p}", res, p, "ms")
+    extra["v5_over_311_p50"] = {q: ours_p50["5", q] / ours_p50["3.1.1", q] for q in (0, 1)}
 
-    sys.stderr.write("RTT, whole stack, pings 10 ms apart\n")
+    sys.stderr.write("RTT, whole stack, pings 10 ms apart (MQTT 5)\n")
     for qos in (0, 1):
         res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count))
         for p in ("p50", "p90", "p99"):
@@ -399,6 +407,11 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
         f"Capacity of bare amqtt 0.12.1 in the same run: {extra['capacity_bare_amqtt']:.0f} "
         f"round trips/s; ours is {extra['capacity_vs_bare_amqtt']:.2f}x that. Its CPU per round "
         f"trip: {extra['cpu_us_bare_amqtt']:.1f} us."
+    )
+    v5 = extra["v5_over_311_p50"]
+    lines.append(
+        f"Our MQTT 5 path beside our 3.1.1 path, back to back, p50: {v5[0]:.2f}x at QoS 0, "
+        f"{v5[1]:.2f}x at QoS 1."
     )
     if "capacity_mqttools" in extra:
         lines.append(

@@ -726,7 +726,15 @@ class Connection(asyncio.Protocol):
                     )  # fmt: skip
                 session.inflight_in[packet_id] = Incoming(packet_id, topic, 2, payload,
                                                           packet.retain, props)  # fmt: skip
-            self.send(encode_ack(PUBREC, packet_id))
+            plain, shared = self.hub.state.matches(topic)
+            if plain or shared:
+                self.send(encode_ack(PUBREC, packet_id))
+            else:  # section 3.5.2.1: 0x10, and the flow goes on
+                self.send(
+                    mqtt5.PubRecPacket(
+                        packet_id, reason_code=mqtt5.PubRecReasonCode.NO_MATCHING_SUBSCRIBERS
+                    ).write()
+                )
             return
         matched = self._route(session, topic, payload, qos, retain=packet.retain, props=props)
         if qos == 1:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support import PYTHON, REPO, Spawner, base_env, wait_until
+from tests.support import PYTHON, REPO, Spawner, base_env, port_accepts, wait_until
 from tests.test_interop import tool
 
 BARE_AMQTT = """
@@ -127,3 +128,24 @@ def test_a_session_taken_over_says_so(spawn: Spawner, port: int) -> None:
     first.wait_for(r"Subscribed to /ping\.")
     spawn.start("echo_client", "--port", str(port), "--client-id", "twin", name="second")
     first.wait_for(r"session taken over: another client connected as 'twin'")
+
+
+def test_our_clients_speak_mqtt5_with_mosquitto(spawn: Spawner, port: int, tmp_path: Path) -> None:
+    """Our clients against the reference broker: MQTT 5, pings answered."""
+    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    assert Path(path).exists(), "mosquitto is not installed: apt-get install mosquitto"
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_type all\n")
+    mosquitto = subprocess.Popen([path, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: port_accepts(port), 10, "mosquitto")
+        echo = spawn.start("echo_client", "--port", str(port), name="echo")
+        echo.wait_for(r"Subscribed to /ping\.")
+        result = spawn.run("ping_client", "--port", str(port), "--count", "3", "--interval", "0.1")
+    finally:
+        mosquitto.terminate()
+        _, log = mosquitto.communicate(timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert "falling back" not in echo.err() + result.stderr
+    assert log.count("p5") >= 3  # mosquitto logs each client's protocol: "p5" is MQTT 5

@@ -216,12 +216,17 @@ def test_properties_are_forwarded_as_published(port: int) -> None:
     assert 28 <= got.message_expiry_interval <= 30
 
 
-def test_puback_says_when_nobody_subscribed(port: int) -> None:
-    """Section 3.4.2.1: 0x10 No matching subscribers."""
+def test_puback_and_pubrec_say_when_nobody_subscribed(port: int) -> None:
+    """Sections 3.4.2.1 and 3.5.2.1: 0x10 No matching subscribers; a QoS 2 flow goes on."""
     c = client(port)
     c.send(mqtt5.PublishPacket(uid("nobody"), b"x", qos=Q1, packet_id=1))
     puback = c.expect(mqtt5.PubAckPacket)
     assert puback.reason_code == mqtt5.PubAckReasonCode.NO_MATCHING_SUBSCRIBERS  # type: ignore[attr-defined]
+    c.send(mqtt5.PublishPacket(uid("nobody"), b"x", qos=Q2, packet_id=2))
+    pubrec = c.expect(mqtt5.PubRecPacket)
+    assert pubrec.reason_code == mqtt5.PubRecReasonCode.NO_MATCHING_SUBSCRIBERS  # type: ignore[attr-defined]
+    c.send(mqtt5.PubRelPacket(2))
+    assert c.expect(mqtt5.PubCompPacket).reason_code == 0  # type: ignore[attr-defined]
 
 
 def test_a_payload_marked_utf8_that_is_not_gets_0x99(port: int) -> None:
