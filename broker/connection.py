@@ -164,6 +164,7 @@ class Hub:
         """
         plain, shared = self.state.matches(topic)
         online = self.online
+        frame5: bytes | None = None
         for match in plain:
             session, granted, no_local, keep_retain, ids = match
             if no_local and session.client_id == origin:
@@ -180,6 +181,17 @@ class Hub:
                 if frame is None:
                     frame = encode_publish(topic, payload)
                 connection.send_qos0(frame)
+            elif (
+                delivered == 0
+                and not connection.backlog
+                and not ids
+                and not (keep_retain and retain)
+            ):
+                # MQTT 5, QoS 0, nothing per subscriber: encoded once for all of them.
+                if frame5 is None:
+                    frame5 = v5.encode_publish(topic, payload, 0, None, retain=False, dup=False,
+                                               props=props)  # fmt: skip
+                connection.send_qos0(frame5)
             else:  # QoS 1/2, MQTT 5, or QoS 0 behind waiting messages [MQTT-4.6.0-6]
                 connection.deliver(topic, payload, delivered, retain=keep_retain and retain,
                                    props=props, ids=ids)  # fmt: skip
@@ -952,11 +964,13 @@ class Connection(asyncio.Protocol):
         # For an id we never used, PUBREL too, as mosquitto answers (and MQTT 5 does, 0x92).
         self.send(encode_ack(PUBREL, packet_id))
 
-    def send_qos0(self, frame: bytes) -> None:  # an MQTT 3.1.1 connection's
+    def send_qos0(self, frame: bytes) -> None:
         """Send an encoded QoS 0 PUBLISH, unless the client lags too far (then drop it)."""
         transport = self.transport
         if transport is None:
             return
+        if self._max_out is not None and len(frame) > self._max_out:
+            return  # MQTT 5 [MQTT-3.1.2-25]: dropped, as if delivered
         if transport.get_write_buffer_size() > QOS0_BUFFER_LIMIT:
             # An unbounded buffer for a client that reads nothing would not be allowed; at
             # most once allows dropping. Said once per thousand, not per message.

@@ -13,6 +13,7 @@ Pure: bytes in, packets or ProtocolViolation out.
 from __future__ import annotations
 
 import math
+import struct
 import time
 from dataclasses import dataclass
 from typing import Final, cast
@@ -36,6 +37,8 @@ from broker.protocol import (
     _binary,
     _check_filter,
     _string,
+    _topic_name,
+    remaining_length,
     topic_name,
 )
 
@@ -122,9 +125,11 @@ def _check_strings(frame: Frame) -> None:
         if flags & 0x80:
             _, offset = _string(body, offset, "user name")
     elif kind == PUBLISH:
-        topic, offset = _string(body, 0, "PUBLISH topic")
-        if topic:  # empty with a topic alias
-            topic_name(topic)
+        if len(body) < 2:
+            raise ProtocolViolation("PUBLISH topic: truncated length", "MQTT-1.5.3")
+        offset = 2 + (body[0] << 8 | body[1])
+        if offset > 2:  # not empty: an empty topic comes with a topic alias
+            _topic_name(body[:offset])  # checked once per distinct topic
         if frame.flags & 0b0110:
             offset += 2
         _properties(body, offset, name)
@@ -205,6 +210,16 @@ def encode_publish(
     props: Props | None, subscription_ids: list[int] | None = None,
 ) -> bytes:  # fmt: skip
     """Encode a PUBLISH for an MQTT 5 client, its properties forwarded (expiry: what is left)."""
+    if props is None and not subscription_ids:
+        # No properties: the 3.1.1 encoding with an empty property list after the topic (and
+        # the packet id), without a trip through the codec.
+        raw_topic = topic.encode()
+        head = struct.pack("!H", len(raw_topic)) + raw_topic
+        if qos:
+            head += struct.pack("!H", packet_id or 0)
+        first = 0x30 | (0x08 if dup else 0) | qos << 1 | (0x01 if retain else 0)
+        length = remaining_length(len(head) + 1 + len(payload))
+        return bytes((first,)) + length + head + b"\x00" + payload
     p = props or EMPTY
     return mqtt5.PublishPacket(
         topic, payload, qos=mqtt5.QoS(qos), retain=retain, packet_id=packet_id if qos else None,

@@ -140,7 +140,8 @@ def test_the_broker_raises_its_open_files_limit_to_serve_more_clients(
             preexec_fn=low_soft_limit,  # noqa: PLW1509 - before exec, no threads to fear
         )  # fmt: skip
     try:
-        wait_until(lambda: f"raised the limit from 256 to {hard}" in log.read_text(), 10, "raise")
+        wait_until(lambda: "Listening on" in log.read_text(), 10, "the broker listening")
+        assert f"raised the limit from 256 to {hard}" in log.read_text()
         clients = [connected(port, f"many-{i}") for i in range(300)]
         assert clients[-1].barrier() == []
     finally:
