@@ -54,6 +54,7 @@ from broker.protocol import (
     encode_suback,
 )
 from broker.settings import Limits
+from broker.systopics import Counters
 from broker.v5 import Props
 
 logger = logging.getLogger("broker")
@@ -107,6 +108,8 @@ class Hub:
         self._dropping: dict[str, int] = {}
         """Client id -> messages dropped for it since its queue was last empty."""
         self._all_closed: asyncio.Event | None = None
+        self.counters = Counters()
+        """What $SYS reports (broker/systopics.py)."""
         self._turns: dict[str, int] = {}
         """Shared subscription group -> how many messages it has had (whose turn it is)."""
         self._expiry: dict[str, asyncio.TimerHandle] = {}
@@ -244,6 +247,7 @@ class Hub:
                 client_id, self.limits.max_queued,
             )  # fmt: skip
         self._dropping[client_id] = dropped + 1
+        self.counters.dropped += 1
 
     def drained(self, client_id: str) -> None:
         """Note that a client's queue is empty: end its episode of drops, if any."""
@@ -291,6 +295,7 @@ class Hub:
                 session, present = stored, True
         engine.keep(session)
         self.online[client_id] = connection
+        self.counters.maximum = max(self.counters.maximum, len(self.online))
         connection.session = session
         engine.connected(session)
         return present
@@ -714,6 +719,7 @@ class Connection(asyncio.Protocol):
         return topic
 
     def _on_publish_v5(self, session: Session, packet: mqtt5.PublishPacket) -> None:
+        self.hub.counters.received += 1
         topic = self._topic_of(packet)
         qos, packet_id, payload = int(packet.qos), packet.packet_id or 0, packet.payload
         if packet.payload_format_indicator == 1 and not _utf8(payload):
@@ -814,6 +820,7 @@ class Connection(asyncio.Protocol):
     # --- publishing -------------------------------------------------------------------------
 
     def _on_publish(self, session: Session, publish: Publish) -> None:
+        self.hub.counters.received += 1
         packet_id = publish.packet_id or 0
         if publish.qos == 2:
             # Kept until PUBREL, then delivered once however often it is resent [MQTT-4.3.3-2].
@@ -902,6 +909,7 @@ class Connection(asyncio.Protocol):
         qos = message.qos or 0
         payload = bytes(message.data)
         if not self.v5:
+            self.hub.counters.sent += 1
             self.send(encode_publish(message.topic, payload, qos, packet_id or 0,
                                      retain=bool(message.retain), dup=dup))  # fmt: skip
             return
@@ -913,9 +921,11 @@ class Connection(asyncio.Protocol):
         if self._max_out is not None and len(data) > self._max_out:
             # MQTT 5 [MQTT-3.1.2-25]: never more than the client accepts; dropped as delivered.
             logger.debug("Client %s: a %d-byte PUBLISH is over its maximum.", self.name, len(data))
+            self.hub.counters.dropped += 1
             if packet_id is not None and self.session is not None:
                 self.session.inflight_out.pop(packet_id, None)
             return
+        self.hub.counters.sent += 1
         self.send(data)
 
     def _pump(self, session: Session) -> None:
@@ -970,20 +980,24 @@ class Connection(asyncio.Protocol):
         if transport is None:
             return
         if self._max_out is not None and len(frame) > self._max_out:
+            self.hub.counters.dropped += 1
             return  # MQTT 5 [MQTT-3.1.2-25]: dropped, as if delivered
         if transport.get_write_buffer_size() > QOS0_BUFFER_LIMIT:
             # An unbounded buffer for a client that reads nothing would not be allowed; at
             # most once allows dropping. Said once per thousand, not per message.
             self._dropped_qos0 += 1
+            self.hub.counters.dropped += 1
             if self._dropped_qos0 % 1000 == 1:
                 logger.warning(
                     "Client %s is not reading: dropped %d QoS 0 messages so far.",
                     self.name, self._dropped_qos0,
                 )  # fmt: skip
             return
-        if self.hub.batching:
+        hub = self.hub
+        hub.counters.sent += 1
+        if hub.batching:
             if not self._out:
-                self.hub.mark(self)
+                hub.mark(self)
             self._out.append(frame)
         elif not transport.is_closing():
             transport.write(frame)

@@ -368,6 +368,11 @@ class Engine:
         self._events: set[asyncio.Future[None]] = set()
 
     @property
+    def amqtt_version(self) -> str:
+        """The version of amqtt in use."""
+        return str(getattr(amqtt, "__version__", "?"))
+
+    @property
     def broker(self) -> _Broker:
         """The running amqtt broker."""
         if self._broker is None:
@@ -546,6 +551,10 @@ class Engine:
         broker = self.broker
         subscriptions = broker._subscriptions.values()
         return len(broker._sessions), sum(len(s) for s in subscriptions)
+
+    def retained_count(self) -> int:
+        """How many retained messages amqtt keeps."""
+        return len(self.broker._retained_messages)
 
     # --- retained messages ----------------------------------------------------------------------
 

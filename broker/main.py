@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+from broker import systopics
 from broker.connection import Hub
 from broker.engine import Engine, EngineMismatch
 from broker.server import BindError, Listener, bind, tls_context
@@ -82,6 +83,9 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
         for listener in listeners.values():
             listener.sock.close()
         raise
+    if settings.sys_interval:
+        version = f"mqtt-pingpong broker (amqtt {engine.amqtt_version})"
+        hub.spawn(systopics.publish_forever(hub, settings.sys_interval, version), "$SYS")
     try:
         yield Running(hub, engine, listeners)
     finally:

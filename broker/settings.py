@@ -41,6 +41,8 @@ class BrokerSettings:
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    sys_interval: float = 10.0
+    """Seconds between $SYS updates; 0 turns them off."""
     event_loop: str = "auto"
     """``auto`` (uvloop where installed), ``uvloop`` or ``asyncio``."""
 
@@ -204,6 +206,14 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     add(
         parser,
         environ,
+        "--sys-interval",
+        convert=cli.seconds,
+        default=10.0,
+        help="publish the broker's figures to $SYS/broker/... this often, in seconds (0: off)",
+    )
+    add(
+        parser,
+        environ,
         "--event-loop",
         convert=event_loop,
         default="auto",
@@ -233,4 +243,5 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         event_loop=args.event_loop,
+        sys_interval=args.sys_interval,
     )
