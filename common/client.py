@@ -14,6 +14,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -52,6 +53,10 @@ class ClientSettings:
     log_level: str = "INFO"
     protocol: int = 5
     """5 (MQTT 5.0, falling back to 3.1.1 once if the broker refuses it) or 4 (MQTT 3.1.1)."""
+    persistent: bool = False
+    """Keep the session (and what is queued in it) across reconnects and restarts."""
+    session_expiry: int = 3600
+    """MQTT 5: how long the broker keeps a persistent session after the connection ends."""
 
     def __post_init__(self) -> None:
         """Reject topic pairs that would make the echo feed itself."""
@@ -132,12 +137,37 @@ def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
     add(
         parser,
         environ,
+        "--session",
+        convert=session_kind,
+        default="clean",
+        help="clean: a fresh session each connection; persistent: the broker keeps it (and "
+        "queues QoS 1/2 messages) while the client is away; client ids become stable",
+    )
+    add(
+        parser,
+        environ,
+        "--session-expiry",
+        convert=cli.positive_int,
+        default=3600,
+        help="MQTT 5, --session persistent: seconds the broker keeps the session after a loss",
+    )
+    add(
+        parser,
+        environ,
         "--protocol",
         convert=protocol,
         default=5,
         help="MQTT version: 5 (falls back to 3.1.1 once if the broker refuses it) or 3.1.1",
     )
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
+
+
+def session_kind(text: str) -> str:
+    """Parse a session kind: clean or persistent."""
+    value = text.strip().lower()
+    if value not in ("clean", "persistent"):
+        raise ValueError(f"session must be clean or persistent, got {text!r}")
+    return value
 
 
 def protocol(text: str) -> int:
@@ -150,15 +180,20 @@ def protocol(text: str) -> int:
     raise ValueError(f"MQTT version must be 5 or 3.1.1, got {text!r}")
 
 
-def client_id(given: str | None, role: str, environ: Mapping[str, str]) -> str:
+def client_id(
+    given: str | None, role: str, environ: Mapping[str, str], *, stable: bool = False
+) -> str:
     """Return the MQTT client id: ``role`` and a random suffix, or the given one.
+
+    ``stable`` (a persistent session) makes the default ``role`` and the host name, so that a
+    restarted process finds its session again.
 
     Under supervisord (which names each program in ``SUPERVISOR_PROCESS_NAME``) a given id gets
     the program's name appended: supervisord hands one ``MQTT_CLIENT_ID`` to every program, and
     two clients with one id would take the connection from each other for ever.
     """
     if not given:
-        return f"{role}-{secrets.token_hex(4)}"
+        return f"{role}-{socket.gethostname()}" if stable else f"{role}-{secrets.token_hex(4)}"
     program = environ.get("SUPERVISOR_PROCESS_NAME")
     return f"{given}-{program}" if program else given
 
@@ -181,13 +216,15 @@ def client_settings(
             qos=args.qos,
             reconnect_interval=args.reconnect_interval,
             keepalive=args.keepalive,
-            client_id=client_id(args.client_id, role, environ),
+            client_id=client_id(args.client_id, role, environ, stable=args.session == "persistent"),
             username=args.username,
             password=args.password,
             tls=args.tls or args.tls_ca is not None,
             tls_ca=args.tls_ca,
             log_level=args.log_level,
             protocol=args.protocol,
+            persistent=args.session == "persistent",
+            session_expiry=args.session_expiry,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -266,10 +303,11 @@ def make_client(settings: ClientSettings, protocol: int | None = None) -> Client
         timeout=5,
         socket_options=NODELAY,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-        # A fresh session every time: clean session (3.1.1); clean start, and a session that
-        # ends with the connection (5: the session expiry interval defaults to 0).
-        clean_session=None if v5 else True,
-        clean_start=True if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        # Clean: a fresh session every time (3.1.1's clean session; 5's clean start, and a
+        # session that ends with the connection, expiry 0). Persistent: the broker keeps it.
+        clean_session=None if v5 else not settings.persistent,
+        clean_start=(not settings.persistent) if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=session_properties(settings) if v5 else None,
         # paho's defaults (20 in flight) and aiomqtt's (10 pending calls) throttle QoS 1/2 echo.
         max_inflight_messages=1000,
         tls_context=ssl.create_default_context(cafile=settings.tls_ca) if settings.tls else None,
@@ -283,6 +321,15 @@ def make_client(settings: ClientSettings, protocol: int | None = None) -> Client
         sys.exit(EXIT_SOFTWARE)
     client.protocol_level = level
     return client
+
+
+def session_properties(settings: ClientSettings) -> Properties | None:
+    """MQTT 5 CONNECT properties: the session expiry of a persistent session."""
+    if not settings.persistent:
+        return None
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = settings.session_expiry
+    return properties
 
 
 def fallback(settings: ClientSettings) -> Callable[[], aiomqtt.Client] | None:

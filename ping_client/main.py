@@ -71,7 +71,9 @@ class Probe:
         # the measured path carries only pings and pongs: on the same connection, a copy of
         # each ping arriving just before its pong can hold the pong back on a broker without
         # TCP_NODELAY (mosquitto's default) for up to one interval.
-        watching = replace(settings.client, client_id=settings.client.client_id + "-watch")
+        watching = replace(
+            settings.client, client_id=settings.client.client_id + "-watch", persistent=False
+        )
         self.watcher = Link(
             make_client(watching),
             fallback=fallback(watching),
@@ -284,7 +286,9 @@ class Probe:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.ResponseTopic = self.client_settings.pong_topic
             properties.CorrelationData = payload
-            properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
+            if not self.client_settings.persistent:
+                # A persistent session keeps pings queued through an outage: no expiry then.
+                properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
         try:
             await client.publish(
                 self.client_settings.ping_topic, payload, qos=self.client_settings.qos,

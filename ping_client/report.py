@@ -83,6 +83,11 @@ class Summary:
         return max(self.in_flight, missing)
 
     @property
+    def never_answered(self) -> int:
+        """Pings given their full timeout that no echo ever answered (late ones were)."""
+        return max(0, self.lost - self.late)
+
+    @property
     def loss_percent(self) -> float:
         """Lost pings as a share of those that were given their full timeout."""
         settled = self.sent - self.in_flight
@@ -96,6 +101,7 @@ class Summary:
             "received": self.received,
             "lost": self.lost,
             "late": self.late,
+            "never_answered": self.never_answered,
             "duplicates": self.duplicates,
             "unexpected": self.unexpected,
             "in_flight": self.in_flight,
@@ -142,6 +148,8 @@ class Summary:
             + ("" if self.connected else ", never connected")
         )
         extras = []
+        if self.late:
+            extras.append(f"{self.late} answered late, {self.never_answered} never answered")
         if self.deadline is not None:
             extras.append(f"deadline {self.deadline:g} s reached, {self.unanswered} unanswered")
         elif self.in_flight:

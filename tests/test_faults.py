@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.mqtt_raw import RawClient
 from tests.support import (
+    Spawner,
     logged_pongs,
     pid_alive,
     program_log,
@@ -187,3 +190,37 @@ def test_broker_that_cannot_bind_ends_fatal_and_the_others_keep_running(
             assert re.search(r"^echo_client\s+RUNNING", status, re.MULTILINE), status
             assert re.search(r"^ping_client\s+RUNNING", status, re.MULTILINE), status
             assert "gave up: broker entered FATAL state" in program_log(tmp_path, "supervisord")
+
+
+def test_persistent_qos1_loses_nothing_while_the_echo_client_is_killed(
+    tmp_path: Path, port: int, spawn: Spawner
+) -> None:
+    """--session persistent at QoS 1: pings sent while echo_client is down wait in its session
+    at the broker, and are answered when supervisord has restarted it; none twice."""
+    persistent = ['MQTT_QOS="1"', 'MQTT_SESSION="persistent"']
+    with supervised(tmp_path, port, persistent) as conf:
+        assert "stopped" in supervisorctl(conf, "stop", "ping_client")  # ours is run below
+        wait_until(lambda: "Subscribed to /ping." in program_log(tmp_path, "echo_client"), 20,
+                   "the echo client")  # fmt: skip
+        ping = spawn.start(
+            "ping_client", "--port", str(port), "--qos", "1", "--session", "persistent",
+            "--count", "60", "--interval", "0.1", "--timeout", "15", "--json",
+            "--stats-interval", "0", name="ping",
+        )  # fmt: skip
+
+        def pongs_reach(wanted: int) -> Callable[[], bool]:
+            return lambda: ping.out().count('"event":"pong"') >= wanted
+
+        def gone(pid: int) -> Callable[[], bool]:
+            return lambda: not pid_alive(pid)
+
+        for kill in range(1, 4):
+            wait_until(pongs_reach(10 * kill), 30, "pongs before the next kill")
+            old = pid_of(conf, "echo_client")
+            os.kill(old, signal.SIGKILL)
+            wait_until(gone(old), 5, "the echo client to die")
+        assert ping.wait(60) == 0, ping.err()[-2000:]
+    summary = json.loads(ping.out().splitlines()[-1])
+    assert summary["event"] == "summary"
+    assert (summary["sent"], summary["received"], summary["never_answered"]) == (60, 60, 0)
+    assert summary["late"] == 0
