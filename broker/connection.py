@@ -82,7 +82,6 @@ SESSION_TAKEN_OVER = 0x8E
 PROTOCOL_ERROR = 0x82
 RECEIVE_MAXIMUM_EXCEEDED = 0x93
 TOPIC_ALIAS_INVALID = 0x94
-PACKET_TOO_LARGE = 0x95
 PAYLOAD_FORMAT_INVALID = 0x99
 NEVER_EXPIRES = 0xFFFFFFFF
 TOPIC_ALIAS_MAXIMUM = 32
@@ -469,8 +468,7 @@ class Connection(asyncio.Protocol):
                     logger.warning("Closed %s: %s.", self.peer, exc)
                 else:
                     logger.warning("Client %s closed: %s.", self.name, exc)
-                code = PACKET_TOO_LARGE if "exceeds the" in exc.reason else exc.code
-                self.close(will=True, reason=code)
+                self.close(will=True, reason=exc.code)
                 return
             except Exception as exc:  # noqa: BLE001 - one packet's bug ends one connection
                 self._internal_error(exc)

@@ -68,6 +68,7 @@ class Framer:
             self._fail(
                 f"packet of {end - start} bytes exceeds the {self.max_packet_size}-byte maximum",
                 "MQTT-1.5.4 / server limit",
+                code=0x95,  # MQTT 5: packet too large
             )
         if size < end:
             return None
@@ -77,7 +78,7 @@ class Framer:
             data = bytes(data[start:end])
         return Frame(first >> 4, first & 0x0F, data, index - start)
 
-    def _fail(self, reason: str, statement: str) -> NoReturn:
-        self._error = ProtocolViolation(reason, statement)
+    def _fail(self, reason: str, statement: str, code: int = 0x81) -> NoReturn:
+        self._error = ProtocolViolation(reason, statement, code)
         self._data, self._pos = b"", 0
         raise self._error

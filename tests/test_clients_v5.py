@@ -9,22 +9,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.harness import BARE_AMQTT
 from tests.support import PYTHON, REPO, Spawner, base_env, port_accepts, wait_until
 from tests.test_interop import tool
-
-BARE_AMQTT = """
-import asyncio, logging, sys
-from amqtt.broker import Broker
-logging.basicConfig(level=logging.CRITICAL)
-async def main(port):
-    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                                 {"allow_anonymous": True}}})
-    await broker.start()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-asyncio.run(main(int(sys.argv[1])))
-"""
 
 
 def test_the_clients_fall_back_to_311_once_against_a_311_only_broker(
@@ -33,20 +20,16 @@ def test_the_clients_fall_back_to_311_once_against_a_311_only_broker(
     """Bare amqtt 0.12.1 speaks only MQTT 3.1.1: it answers an MQTT 5 CONNECT with 3.1.1's
     CONNACK 0x01. The clients say so once and carry on in 3.1.1."""
     script = tmp_path / "bare_amqtt.py"
-    script.write_text(BARE_AMQTT)
-    bare = subprocess.Popen([PYTHON, str(script), str(port)], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO)  # fmt: skip
+    script.write_text(BARE_AMQTT)  # the benchmark's bare amqtt broker
+    bare = subprocess.Popen([PYTHON, str(script), str(port)], cwd=REPO)
     try:
-        assert bare.stdout is not None
-        assert bare.stdout.readline().strip() == "ready"
+        wait_until(lambda: port_accepts(port), 20, "bare amqtt listening")
         echo = spawn.start("echo_client", "--port", str(port), name="echo")
         echo.wait_for(r"Subscribed to /ping\.")
         result = spawn.run("ping_client", "--port", str(port), "--count", "3", "--interval", "0.1")
     finally:
         bare.terminate()
         bare.wait(10)
-        if bare.stdout is not None:
-            bare.stdout.close()
     assert result.returncode == 0, result.stderr
     fallback = (
         r"does not speak MQTT 5 \(.*Unsupported protocol version\): falling back to MQTT 3\.1\.1\."

@@ -411,3 +411,10 @@ def test_a_shutdown_tells_mqtt5_clients_0x8b(spawn: Spawner) -> None:
     proc.signal(signal.SIGTERM)
     assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.SERVER_SHUTTING_DOWN
     assert proc.wait(10) == 0
+
+
+def test_a_packet_over_the_maximum_is_told_0x95(port: int) -> None:
+    """[MQTT-3.2.2-15] and section 3.14.2.1: refused from its header, before its body."""
+    c = client(port)
+    c.raw.send(b"\x30" + m.remaining_length(268_435_455))
+    assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.PACKET_TOO_LARGE
