@@ -94,6 +94,7 @@ class Probe:
         self._silent = False
         self._decimals = 6 if settings.flood else decimals_for(settings.interval)
         self._answered = asyncio.Event()
+        self._publishing: set[asyncio.Task[None]] = set()
 
     # --- connection -----------------------------------------------------------------------
 
@@ -275,7 +276,9 @@ class Probe:
             seq=ping.seq,
             payload=text(payload),
         )
-        tg.create_task(self._publish(payload), name=f"publish-{ping.seq}")
+        task = tg.create_task(self._publish(payload), name=f"publish-{ping.seq}")
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, payload: bytes) -> None:
         client = self.link.client
@@ -394,7 +397,9 @@ class Probe:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             self.link.stop()
             self.watcher.stop()
-            for task in workers + ends:
+            # Publishes still waiting for their PUBACK would wait out aiomqtt's timeout (5 s)
+            # once the connection is closed: past the shutdown bound.
+            for task in [*workers, *ends, *self._publishing]:
                 task.cancel()
         return self.summary()
 

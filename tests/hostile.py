@@ -124,6 +124,27 @@ def drip(sock: socket.socket, stop: threading.Event) -> None:
                             else b"\x90\x03" + body[:2] + b"\x00")  # fmt: skip
 
 
+def never_puback(sock: socket.socket, stop: threading.Event) -> None:
+    """CONNACK and SUBACKs at once; a PUBLISH is never acknowledged (nor forwarded)."""
+    level = read_connect(sock)
+    sock.sendall(connack(level))
+    sock.settimeout(0.05)
+    buffer = b""
+    while not stop.is_set():
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return
+        buffer += chunk
+        while len(buffer) >= 2 and len(buffer) >= 2 + buffer[1] and buffer[1] < 0x80:
+            kind, body, buffer = buffer[0] >> 4, buffer[2 : 2 + buffer[1]], buffer[2 + buffer[1] :]
+            if kind == 8:
+                sock.sendall(b"\x90\x04" + body[:2] + b"\x00\x00" if level == 5
+                             else b"\x90\x03" + body[:2] + b"\x00")  # fmt: skip
+
+
 BEHAVIOURS: dict[str, Behaviour] = {
     "silent after CONNACK": silent_after_connack,
     "garbage after CONNACK": garbage_after_connack,

@@ -16,7 +16,7 @@ from functools import partial
 
 import pytest
 
-from tests.hostile import BEHAVIOURS, HostileBroker, hostile_broker
+from tests.hostile import BEHAVIOURS, HostileBroker, hostile_broker, never_puback
 from tests.support import Spawner, free_port, wait_until
 
 CONNECT_TIMEOUT = 3.0
@@ -160,3 +160,17 @@ def test_echo_client_stays_calm_against_every_broken_broker(spawn: Spawner) -> N
             assert "Traceback" not in err
             assert err.count("Cannot connect") == 1, err
             assert "Echoed 0 messages" in err
+
+
+def test_a_stop_does_not_wait_for_pubacks_that_never_come(spawn: Spawner, port: int) -> None:
+    """QoS 1 pings whose PUBACKs never arrive (a broker gone quiet, or one that closed first)
+    must not hold SIGTERM past the shutdown bound: aiomqtt would wait 5 s for each."""
+    with hostile_broker(port, never_puback):
+        ping = spawn.start("ping_client", "--port", str(port), "--qos", "1", "--interval",
+                           "0.05", name="ping")  # fmt: skip
+        wait_until(lambda: ping.count("Publishing b'") >= 5, 10, "pings going out")
+        started = time.monotonic()
+        ping.signal(signal.SIGTERM)
+        code = ping.wait(10)
+    assert code in (0, 1), ping.err()[-1500:]
+    assert time.monotonic() - started < 3.0
