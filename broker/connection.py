@@ -116,9 +116,9 @@ class Hub:
         self._wills: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
         """Client id -> the timer of its delayed MQTT 5 will."""
 
-    def connection(self, *, tls: bool = False) -> Connection:
+    def connection(self) -> Connection:
         """Make the protocol for a new connection (the server's protocol factory)."""
-        return Connection(self, tls=tls)
+        return Connection(self)
 
     # --- writes: gathered during a callback, one write per connection at its end ---------------
 
@@ -129,6 +129,12 @@ class Hub:
             dirty, self._dirty = self._dirty, []
             for connection in dirty:
                 connection.flush()
+
+    def closed(self, connection: Connection) -> None:
+        """Forget a connection that has ended (and wake a shutdown waiting for the last)."""
+        self.connections.discard(connection)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
 
     def mark(self, connection: Connection) -> None:
         """Note that ``connection`` has writes to flush."""
@@ -356,10 +362,9 @@ class Hub:
 class Connection(asyncio.Protocol):
     """One client's connection: framing, checks, keepalive, its flows and its writes."""
 
-    def __init__(self, hub: Hub, *, tls: bool = False) -> None:
+    def __init__(self, hub: Hub) -> None:
         """Serve one connection for ``hub``."""
         self.hub = hub
-        self.tls = tls
         self.limits = hub.limits
         self.framer = Framer(hub.limits.max_packet_size)
         self.transport: asyncio.Transport | None = None
@@ -436,11 +441,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - asyncio's
         """Release everything the connection held; publish the will unless it said goodbye."""
         self._end(will=not self._goodbye)
-        hub = self.hub
         if self._counted:
-            hub.connections.discard(self)
-            if not hub.connections and hub._all_closed is not None:
-                hub._all_closed.set()
+            self.hub.closed(self)
         self.transport = None
 
     def pause_writing(self) -> None:

@@ -10,7 +10,6 @@ import resource
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 from broker import systopics
 from broker.connection import Hub
@@ -62,7 +61,7 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     async def start_listener(name: str) -> asyncio.Server:
         listener = listeners[name]
         server = await asyncio.get_running_loop().create_server(
-            partial(hub.connection, tls=listener.tls is not None),
+            hub.connection,
             sock=listener.sock,
             ssl=listener.tls,
             ssl_handshake_timeout=settings.limits.connect_timeout if listener.tls else None,
