@@ -159,6 +159,7 @@ class Hub:
     def publish(
         self, topic: str, payload: bytes, qos: int | None, frame: bytes | None = None, *,
         retain: bool = False, props: Props | None = None, origin: str | None = None,
+        frame5: bytes | None = None,
     ) -> bool:  # fmt: skip
         """Deliver a message to every subscriber now, or keep it for them (synchronous).
 
@@ -166,13 +167,13 @@ class Hub:
         granted QoS) [MQTT-3.8.4-6, section 3.3.5]; a client whose filters overlap gets one copy
         at the highest granted QoS [MQTT-3.3.5-1]. ``qos`` None (a plugin's broadcast) delivers
         at each granted QoS. ``frame``, when given, is the message already encoded as a 3.1.1
-        QoS 0 PUBLISH with RETAIN 0. ``retain`` is the published RETAIN, kept for MQTT 5
+        QoS 0 PUBLISH with RETAIN 0, and ``frame5`` as an MQTT 5 one for the subscribers that
+        need nothing of their own. ``retain`` is the published RETAIN, kept for MQTT 5
         subscriptions that ask for it; ``origin`` is the publisher's client id, for their No
         Local option.
         """
         plain, shared = self.state.matches(topic)
         online = self.online
-        frame5: bytes | None = None
         for match in plain:
             session, granted, no_local, keep_retain, ids = match
             if no_local and session.client_id == origin:
@@ -488,7 +489,7 @@ class Connection(asyncio.Protocol):
             self._on_connect(frame)
             return
         if self.v5:
-            self._handle_v5(session, v5.read(frame))
+            self._handle_v5(session, v5.read(frame), frame)
             return
         if kind == PUBLISH:  # the hot path first
             self._on_publish(session, protocol.check_publish(frame))
@@ -652,10 +653,10 @@ class Connection(asyncio.Protocol):
             topic_alias_max=TOPIC_ALIAS_MAXIMUM,
         ).write()
 
-    def _handle_v5(self, session: Session, packet: v5.Packet) -> None:  # noqa: PLR0912
+    def _handle_v5(self, session: Session, packet: v5.Packet, frame: Frame) -> None:  # noqa: PLR0912
         match packet:
             case mqtt5.PublishPacket():
-                self._on_publish_v5(session, packet)
+                self._on_publish_v5(session, packet, frame)
             case mqtt5.PubAckPacket():
                 self._on_ack(session, packet.packet_id, qos=1)
             case mqtt5.PubRecPacket():
@@ -718,7 +719,7 @@ class Connection(asyncio.Protocol):
                                     code=PROTOCOL_ERROR)  # fmt: skip
         return topic
 
-    def _on_publish_v5(self, session: Session, packet: mqtt5.PublishPacket) -> None:
+    def _on_publish_v5(self, session: Session, packet: mqtt5.PublishPacket, frame: Frame) -> None:
         self.hub.counters.received += 1
         topic = self._topic_of(packet)
         qos, packet_id, payload = int(packet.qos), packet.packet_id or 0, packet.payload
@@ -754,7 +755,14 @@ class Connection(asyncio.Protocol):
                     ).write()
                 )
             return
-        matched = self._route(session, topic, payload, qos, retain=packet.retain, props=props)
+        # A QoS 0 PUBLISH without RETAIN, topic alias or expiry is, as received, what an MQTT 5
+        # subscriber with no subscription identifier gets: forwarded in the bytes it came in.
+        same = (
+            frame.raw if qos == 0 and not packet.retain and packet.topic_alias is None
+            and packet.message_expiry_interval is None else None
+        )  # fmt: skip
+        matched = self._route(session, topic, payload, qos, retain=packet.retain, props=props,
+                              frame5=same)  # fmt: skip
         if qos == 1:
             if matched:
                 self.send(encode_ack(PUBACK, packet_id))
@@ -864,7 +872,7 @@ class Connection(asyncio.Protocol):
 
     def _route(
         self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool,
-        frame: bytes | None = None, props: Props | None = None,
+        frame: bytes | None = None, props: Props | None = None, frame5: bytes | None = None,
     ) -> bool:  # fmt: skip
         """Publish a client's message; return whether any subscriber matched."""
         if topic.startswith("$SYS"):
@@ -872,7 +880,7 @@ class Connection(asyncio.Protocol):
             logger.warning("Client %s published to %s: dropped.", session.client_id, topic)
             return False
         matched = self.hub.publish(topic, payload, qos, frame, retain=retain, props=props,
-                                   origin=session.client_id)  # fmt: skip
+                                   origin=session.client_id, frame5=frame5)  # fmt: skip
         if retain:
             # [MQTT-3.3.1-5]: kept for future subscribers; an empty payload clears it [-10].
             self._start(self.hub.state.retain(session, topic, payload, qos), "retain")
