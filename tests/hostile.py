@@ -97,52 +97,58 @@ huge_packet_after_connack = _answer_and_hold(PUBLISH_256_MB + b"\x00\x05/pong")
 """CONNACK, then a PUBLISH declaring 256 MB whose body never comes."""
 
 
-def drip(sock: socket.socket, stop: threading.Event) -> None:
-    """A valid CONNACK and SUBACKs, one byte per second."""
+def subacks(buffer: bytes, level: int) -> tuple[bytes, bytes]:
+    """Answer every whole SUBSCRIBE in ``buffer`` with a SUBACK granting QoS 0 (in the client's
+    version); return the answers and what is left of the buffer."""
+    answers = b""
+    while len(buffer) >= 2 and len(buffer) >= 2 + buffer[1] and buffer[1] < 0x80:
+        kind, body, buffer = buffer[0] >> 4, buffer[2 : 2 + buffer[1]], buffer[2 + buffer[1] :]
+        if kind == 8:
+            answers += (b"\x90\x04" + body[:2] + b"\x00\x00" if level == 5
+                        else b"\x90\x03" + body[:2] + b"\x00")  # fmt: skip
+    return answers, buffer
+
+
+def _serve_subscriptions(
+    sock: socket.socket, stop: threading.Event, send: Callable[[bytes], None],
+    tick: Callable[[], None] = lambda: None,
+) -> None:  # fmt: skip
+    """Read until the client leaves, handing each SUBSCRIBE's SUBACK to ``send``."""
     level = read_connect(sock)
-    pending = bytearray(connack(level))
+    send(connack(level))
     sock.settimeout(0.05)
-    next_byte = time.monotonic() + 1.0
     buffer = b""
     while not stop.is_set():
+        tick()
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return
+        answers, buffer = subacks(buffer + chunk, level)
+        if answers:
+            send(answers)
+
+
+def drip(sock: socket.socket, stop: threading.Event) -> None:
+    """A valid CONNACK and SUBACKs, one byte per second."""
+    pending = bytearray()
+    next_byte = time.monotonic() + 1.0
+
+    def tick() -> None:
+        nonlocal next_byte
         if pending and time.monotonic() >= next_byte:
             sock.sendall(bytes(pending[:1]))
             del pending[:1]
             next_byte += 1.0
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        if not chunk:
-            return
-        buffer += chunk
-        # Answer each SUBSCRIBE with a SUBACK granting QoS 0, dripped like the rest.
-        while len(buffer) >= 2 and len(buffer) >= 2 + buffer[1] and buffer[1] < 0x80:
-            kind, body, buffer = buffer[0] >> 4, buffer[2 : 2 + buffer[1]], buffer[2 + buffer[1] :]
-            if kind == 8:
-                pending += (b"\x90\x04" + body[:2] + b"\x00\x00" if level == 5
-                            else b"\x90\x03" + body[:2] + b"\x00")  # fmt: skip
+
+    _serve_subscriptions(sock, stop, pending.extend, tick)
 
 
 def never_puback(sock: socket.socket, stop: threading.Event) -> None:
     """CONNACK and SUBACKs at once; a PUBLISH is never acknowledged (nor forwarded)."""
-    level = read_connect(sock)
-    sock.sendall(connack(level))
-    sock.settimeout(0.05)
-    buffer = b""
-    while not stop.is_set():
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        if not chunk:
-            return
-        buffer += chunk
-        while len(buffer) >= 2 and len(buffer) >= 2 + buffer[1] and buffer[1] < 0x80:
-            kind, body, buffer = buffer[0] >> 4, buffer[2 : 2 + buffer[1]], buffer[2 + buffer[1] :]
-            if kind == 8:
-                sock.sendall(b"\x90\x04" + body[:2] + b"\x00\x00" if level == 5
-                             else b"\x90\x03" + body[:2] + b"\x00")  # fmt: skip
+    _serve_subscriptions(sock, stop, sock.sendall)
 
 
 BEHAVIOURS: dict[str, Behaviour] = {
