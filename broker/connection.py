@@ -68,15 +68,13 @@ QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 UNACCEPTABLE_PROTOCOL_VERSION = 0x01
 IDENTIFIER_REJECTED = 0x02
 NOT_AUTHORIZED = 0x05
-# MQTT 5 reason codes the server sends (section 2.4).
-NO_MATCHING_SUBSCRIBERS = 0x10
+# MQTT 5 reason codes the server sends as integers (section 2.4); the mqtt5 codec's enums are
+# used where a packet class takes one (they are not ints: DisconnectReasonCode(enum) fails).
 NO_SUBSCRIPTION_EXISTED = 0x11
-PACKET_ID_NOT_FOUND = 0x92
 IMPLEMENTATION_SPECIFIC_ERROR = 0x83
 BAD_USER_NAME_OR_PASSWORD_V5 = 0x86
 NOT_AUTHORIZED_V5 = 0x87
 SERVER_SHUTTING_DOWN = 0x8B
-BAD_AUTHENTICATION_METHOD = 0x8C
 KEEP_ALIVE_TIMEOUT = 0x8D
 SESSION_TAKEN_OVER = 0x8E
 PROTOCOL_ERROR = 0x82

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
+from bench.harness import LeanClient
 from broker.main import Running, running
 from broker.settings import BrokerSettings, Limits
 from tests import mqtt_raw as m
@@ -19,20 +20,16 @@ from tests import mqtt_raw as m
 SETTINGS = BrokerSettings(port=0, limits=Limits(max_inflight=4, max_queued=30))
 
 
-class Client:
-    """A raw MQTT client on asyncio streams."""
+class Client(LeanClient):
+    """The benchmark's lean client, kept for the test's cleanup, with what these tests need."""
 
     opened: ClassVar[list[Client]] = []
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Wrap an open connection."""
-        self.reader, self.writer = reader, writer
-        Client.opened.append(self)
-
     @classmethod
-    async def connect(cls, port: int, client_id: str, *, clean: bool = True) -> Client:
+    async def open(cls, port: int, client_id: str, *, clean: bool = True) -> Client:
         """Connect and wait for an accepting CONNACK."""
         client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        Client.opened.append(client)
         client.writer.write(m.connect(client_id, clean=clean))
         kind, body = await client.read()
         assert (kind, body[1]) == (m.CONNACK, 0)
@@ -40,13 +37,8 @@ class Client:
 
     async def read(self) -> tuple[int, bytes]:
         """One packet: its type and body."""
-        head = await self.reader.readexactly(2)
-        length, shift, byte = head[1] & 0x7F, 7, head[1]
-        while byte & 0x80:
-            byte = (await self.reader.readexactly(1))[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-        return head[0] >> 4, await self.reader.readexactly(length)
+        first, body = await self.read_packet()
+        return first >> 4, body
 
     async def expect(self, kind: int) -> bytes:
         """Read until a packet of ``kind``; return its body."""
@@ -54,11 +46,6 @@ class Client:
             got, body = await asyncio.wait_for(self.read(), 5)
             if got == kind:
                 return body
-
-    async def subscribe(self, topic_filter: str, qos: int) -> None:
-        """Subscribe and wait for the SUBACK."""
-        self.writer.write(m.subscribe(1, (topic_filter, qos)))
-        await self.expect(m.SUBACK)
 
     async def barrier(self) -> None:
         """PINGREQ, and wait for PINGRESP: everything sent before it has been handled."""
@@ -86,9 +73,9 @@ def in_process(test: Callable[[Running, int], Awaitable[None]]) -> None:
 
 def test_a_stuck_subscriber_costs_at_most_its_window_and_its_queue() -> None:
     async def test(broker: Running, port: int) -> None:
-        stuck = await Client.connect(port, "stuck")
+        stuck = await Client.open(port, "stuck")
         await stuck.subscribe("t/#", 1)
-        publisher = await Client.connect(port, "publisher")
+        publisher = await Client.open(port, "publisher")
         publisher.writer.write(b"".join(m.publish("t/x", bytes(100), qos=1, packet_id=i)
                                         for i in range(1, 501)))  # fmt: skip
         for _ in range(500):
@@ -105,13 +92,13 @@ def test_clients_that_are_gone_leave_nothing_behind() -> None:
     async def test(broker: Running, port: int) -> None:
         before = broker.engine.counts()
         for i in range(50):
-            client = await Client.connect(port, f"passing-{i}")
+            client = await Client.open(port, f"passing-{i}")
             await client.subscribe(f"t/{i}/#", i % 3)
             if i % 2:
                 client.writer.write(m.DISCONNECT_PACKET)
             client.writer.close()
             await client.writer.wait_closed()
-        watcher = await Client.connect(port, "watcher")
+        watcher = await Client.open(port, "watcher")
         for _ in range(100):  # until the broker has seen every connection end
             if len(broker.hub.online) == 1:
                 break
@@ -124,16 +111,16 @@ def test_clients_that_are_gone_leave_nothing_behind() -> None:
 
 def test_a_persistent_session_keeps_its_queue_in_order_across_reconnects() -> None:
     async def test(broker: Running, port: int) -> None:
-        sub = await Client.connect(port, "keeper", clean=False)
+        sub = await Client.open(port, "keeper", clean=False)
         await sub.subscribe("k/#", 1)
         sub.writer.write(m.DISCONNECT_PACKET)
         sub.writer.close()
-        publisher = await Client.connect(port, "k-publisher")
+        publisher = await Client.open(port, "k-publisher")
         publisher.writer.write(b"".join(m.publish("k/x", b"%d" % i, qos=1, packet_id=i + 1)
                                         for i in range(10)))  # fmt: skip
         for _ in range(10):
             await publisher.expect(m.PUBACK)
-        back = await Client.connect(port, "keeper", clean=False)
+        back = await Client.open(port, "keeper", clean=False)
         got = []
         for _ in range(10):
             body = await back.expect(m.PUBLISH)
