@@ -234,6 +234,7 @@ INTERNALS = {
     "_connected": asyncio.Future,
     "_disconnected": asyncio.Future,
     "_pending_subscribes": dict,
+    "_client": mqtt.Client,
 }
 """aiomqtt's private attributes that :class:`Client` relies on; checked when a client is made."""
 
@@ -253,12 +254,31 @@ class Client(aiomqtt.Client):
     - A lost connection fails every subscription still waiting for its SUBACK at once. aiomqtt
       leaves them waiting out the whole timeout, so a broker that hangs up right after CONNACK
       would hold the 100 ms reconnect loop for 5 s per attempt.
+    - Manual acknowledgement (paho's ``manual_ack``), which aiomqtt 2.5 does not expose
+      (empicano/aiomqtt#345): see :meth:`ack`.
     """
 
     protocol_level = 4
     """4 (MQTT 3.1.1) or 5, as made by make_client."""
     disconnect_reason: int | None = None
     """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""
+
+    def acknowledge_manually(self) -> None:
+        """Leave the PUBACK (QoS 1) or PUBCOMP (QoS 2) of each received message to :meth:`ack`.
+
+        By default paho acknowledges a message as soon as it is queued for the application,
+        before the application has seen it: a process that dies then has lost a message the
+        broker counts as delivered.
+        """
+        self._client.manual_ack_set(True)
+
+    def ack(self, message: aiomqtt.Message) -> None:
+        """Acknowledge ``message`` (nothing to do at QoS 0).
+
+        Acknowledge in the order the messages came [MQTT-4.6.0-2].
+        """
+        if message.qos:
+            self._client.ack(message.mid, message.qos)
 
     def _on_disconnect(
         self,
@@ -284,11 +304,14 @@ class Client(aiomqtt.Client):
                 )
 
 
-def make_client(settings: ClientSettings, protocol: int | None = None) -> Client:
+def make_client(
+    settings: ClientSettings, protocol: int | None = None, *, manual_ack: bool = False
+) -> Client:
     """Create the one aiomqtt client a process reuses across reconnects.
 
-    ``protocol`` overrides the settings' MQTT version (the 3.1.1 fallback). Exits 70 with one
-    line if aiomqtt no longer has the internals :class:`Client` relies on.
+    ``protocol`` overrides the settings' MQTT version (the 3.1.1 fallback). With ``manual_ack``
+    received messages wait for :meth:`Client.ack`. Exits 70 with one line if aiomqtt no longer
+    has the internals :class:`Client` relies on.
     """
     level = settings.protocol if protocol is None else protocol
     v5 = level == 5
@@ -320,6 +343,8 @@ def make_client(settings: ClientSettings, protocol: int | None = None) -> Client
         )
         sys.exit(EXIT_SOFTWARE)
     client.protocol_level = level
+    if manual_ack:
+        client.acknowledge_manually()
     return client
 
 
@@ -332,11 +357,13 @@ def session_properties(settings: ClientSettings) -> Properties | None:
     return properties
 
 
-def fallback(settings: ClientSettings) -> Callable[[], aiomqtt.Client] | None:
+def fallback(
+    settings: ClientSettings, *, manual_ack: bool = False
+) -> Callable[[], aiomqtt.Client] | None:
     """Return the maker of the 3.1.1 client that replaces a refused MQTT 5 one (None: 3.1.1)."""
     if settings.protocol != 5:
         return None
-    return lambda: make_client(settings, 4)
+    return lambda: make_client(settings, 4, manual_ack=manual_ack)
 
 
 def refuses_mqtt5(exc: aiomqtt.MqttError) -> bool:

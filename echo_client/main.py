@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from paho.mqtt.properties import Properties
 
 from common import cli, logs
 from common.client import (
+    Client,
     ClientSettings,
     add_client_options,
     client_settings,
@@ -89,6 +91,50 @@ def share_group(text: str) -> str:
     return text
 
 
+class Ownership:
+    """Acknowledges each ping once its echo is acknowledged, in the order the pings came.
+
+    The client is made with manual acknowledgement. Had paho acknowledged a ping on receipt, an
+    echo client killed before its echo reached the broker would lose that ping for good; held
+    until then, the ping stays in the broker's session (``--session persistent``) and comes
+    again. Acknowledgements keep the order of the pings [MQTT-4.6.0-2], so one whose echo is
+    not acknowledged yet holds back those after it. One connection's pings only: the link's
+    next connection starts afresh, and the broker resends what was not acknowledged.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        """Acknowledge through ``client`` (a :class:`common.client.Client`, or nothing)."""
+        self._ack = client.ack if isinstance(client, Client) else None
+        self._waiting: deque[tuple[aiomqtt.Message, asyncio.Task[None] | None]] = deque()
+
+    def settled(self, message: aiomqtt.Message) -> None:
+        """``message`` needs nothing more: acknowledge it in its turn."""
+        self.when_done(message, None)
+
+    def when_done(self, message: aiomqtt.Message, echo: asyncio.Task[None] | None) -> None:
+        """Acknowledge ``message`` in its turn, once ``echo`` (its echo's publish) succeeds."""
+        if self._ack is None or not message.qos:
+            return
+        self._waiting.append((message, echo))
+        if echo is None:
+            self._release()
+        else:
+            echo.add_done_callback(lambda _: self._release())
+
+    def _release(self) -> None:
+        waiting = self._waiting
+        while waiting:
+            message, echo = waiting[0]
+            if echo is not None and (
+                not echo.done() or echo.cancelled() or echo.exception() is not None
+            ):
+                # Not done yet, or failed: the link is breaking, and the broker resends it.
+                return
+            waiting.popleft()
+            assert self._ack is not None  # noqa: S101 - only messages to acknowledge wait
+            self._ack(message)
+
+
 class Echo:
     """Counts what it echoes; one instance lives across reconnects."""
 
@@ -106,41 +152,61 @@ class Echo:
             self.settings.client.pong_topic,
             self.settings.client.qos,
         )
+        owner = Ownership(client)
         # QoS 1/2 echoes are not awaited one by one (that would wait a PUBACK per message);
-        # they run as tasks kept here, and are cancelled when the link breaks.
-        in_flight: set[asyncio.Task[None]] = set()
+        # they run as tasks of this group, cancelled when the link breaks. One that fails (no
+        # PUBACK in time) breaks the link: the broker then sends again every ping whose echo
+        # was not acknowledged, since those pings were not acknowledged either.
         try:
-            async for message in client.messages:
-                payload = message.payload if isinstance(message.payload, bytes) else b""
-                if not message.topic.matches(ping):
-                    # Never echo anything but ping traffic (a stale subscription, a retained
-                    # message on another topic): that is how echo loops start.
-                    logger.warning(
-                        "Ignoring %s on %s: not the ping topic.", show(payload), message.topic.value
-                    )
-                    continue
-                logger.info("Got %s on %s.", show(payload), message.topic.value)
-                if len(payload) > self.settings.max_payload:
-                    self.skipped += 1
-                    logger.warning(
-                        "Skipping %d-byte payload: over the %d-byte limit.",
-                        len(payload),
-                        self.settings.max_payload,
-                    )
-                    continue
-                topic, properties = self._answer(message, ping, pong)
-                logger.info("Publishing %s on %s.", show(payload), topic)
-                if qos == 0:
-                    await self._publish(client, topic, payload, properties)
-                else:
-                    task = asyncio.create_task(
-                        self._publish(client, topic, payload, properties), name="echo-publish"
-                    )
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-        finally:
-            for task in in_flight:
-                task.cancel()
+            async with asyncio.TaskGroup() as echoes:
+                async for message in client.messages:
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    if not message.topic.matches(ping):
+                        # Never echo anything but ping traffic (a stale subscription, a
+                        # retained message on another topic): that is how echo loops start.
+                        logger.warning(
+                            "Ignoring %s on %s: not the ping topic.",
+                            show(payload),
+                            message.topic.value,
+                        )
+                        owner.settled(message)
+                        continue
+                    logger.info("Got %s on %s.", show(payload), message.topic.value)
+                    if len(payload) > self.settings.max_payload:
+                        self.skipped += 1
+                        logger.warning(
+                            "Skipping %d-byte payload: over the %d-byte limit.",
+                            len(payload),
+                            self.settings.max_payload,
+                        )
+                        owner.settled(message)
+                        continue
+                    topic, properties = self._answer(message, ping, pong)
+                    logger.info("Publishing %s on %s.", show(payload), topic)
+                    if qos == 0:
+                        await self._publish(client, topic, payload, properties)
+                        owner.settled(message)
+                    else:
+                        echo = self._publish(client, topic, payload, properties)
+                        owner.when_done(message, echoes.create_task(echo, name="echo-publish"))
+        except* aiomqtt.MqttError as failed:
+            raise failed.exceptions[0] from None
+
+    async def _publish(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, properties: Properties | None
+    ) -> None:
+        try:
+            await client.publish(
+                topic, payload, qos=self.settings.client.qos, properties=properties
+            )
+        except aiomqtt.MqttError as exc:
+            if str(exc) != "Operation timed out":  # aiomqtt's words for its own timeout
+                raise
+            raise aiomqtt.MqttError(
+                f"no acknowledgement for the echo of {show(payload)} within {client.timeout:g} s"
+            ) from None
+        self.echoed += 1
+        self.bytes += len(payload)
 
     @staticmethod
     def _answer(message: aiomqtt.Message, ping: str, pong: str) -> tuple[str, Properties | None]:
@@ -162,13 +228,6 @@ class Echo:
             properties.CorrelationData = correlation
         return asked, properties
 
-    async def _publish(
-        self, client: aiomqtt.Client, topic: str, payload: bytes, properties: Properties | None
-    ) -> None:
-        await client.publish(topic, payload, qos=self.settings.client.qos, properties=properties)
-        self.echoed += 1
-        self.bytes += len(payload)
-
 
 async def amain(settings: EchoSettings) -> int:
     """Echo until SIGTERM/SIGINT, then log a summary; return the exit status."""
@@ -176,8 +235,8 @@ async def amain(settings: EchoSettings) -> int:
     install_stop_handlers(stop, hard_limit=CLIENT_SHUTDOWN_LIMIT)
     address = f"{settings.client.host}:{settings.client.port}"
     link = Link(
-        make_client(settings.client),
-        fallback=fallback(settings.client),
+        make_client(settings.client, manual_ack=True),
+        fallback=fallback(settings.client, manual_ack=True),
         address=address,
         interval=settings.client.reconnect_interval,
         topics=[(settings.subscription, settings.client.qos)],

@@ -20,12 +20,14 @@ CONNACK_OK_V5 = b"\x20\x03\x00\x00\x00"
 PUBLISH_256_MB = b"\x30\xff\xff\xff\x7f"
 """A PUBLISH header declaring the largest remaining length MQTT allows (256 MB)."""
 GARBAGE = bytes(range(0xF0, 0x100)) * 4
+PUBLISH = 3
 
 Behaviour = Callable[[socket.socket, threading.Event], None]
 
 
 def read_packet(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one MQTT packet; return (type, body). Raises ConnectionError when the peer closes."""
+    """Read one MQTT packet; return (first byte, body). Raises ConnectionError when the peer
+    closes."""
     head = _read_exactly(sock, 1)[0]
     length, multiplier = 0, 1
     while True:
@@ -34,7 +36,7 @@ def read_packet(sock: socket.socket) -> tuple[int, bytes]:
         multiplier *= 128
         if not byte & 0x80:
             break
-    return head >> 4, _read_exactly(sock, length)
+    return head, _read_exactly(sock, length)
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -149,6 +151,51 @@ def drip(sock: socket.socket, stop: threading.Event) -> None:
 def never_puback(sock: socket.socket, stop: threading.Event) -> None:
     """CONNACK and SUBACKs at once; a PUBLISH is never acknowledged (nor forwarded)."""
     _serve_subscriptions(sock, stop, sock.sendall)
+
+
+class Swallower:
+    """A proxy to a real broker that forwards everything but the client's PUBLISH packets.
+
+    Those it counts in ``swallowed`` and drops, as a network would that loses them along with
+    the connection: the client believes it published, the broker never hears of it.
+    """
+
+    def __init__(self, upstream: int) -> None:
+        """Proxy to the broker on 127.0.0.1:``upstream``."""
+        self.upstream = upstream
+        self.swallowed: list[bytes] = []
+
+    def __call__(self, sock: socket.socket, stop: threading.Event) -> None:
+        """Serve one client connection (a :data:`Behaviour`)."""
+        with socket.create_connection(("127.0.0.1", self.upstream)) as broker:
+            back = threading.Thread(target=self._pump, args=(broker, sock), daemon=True)
+            back.start()
+            try:
+                while not stop.is_set():
+                    head, body = read_packet(sock)
+                    if head >> 4 == PUBLISH:
+                        self.swallowed.append(body)
+                        continue
+                    broker.sendall(bytes([head]) + _remaining_length(len(body)) + body)
+            finally:
+                broker.shutdown(socket.SHUT_RDWR)
+                back.join(5)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+            sink.shutdown(socket.SHUT_RDWR)
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 BEHAVIOURS: dict[str, Behaviour] = {

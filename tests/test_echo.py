@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from tests.support import MqttProbe, Spawner
+from tests.hostile import Swallower, hostile_broker
+from tests.support import MqttProbe, Spawner, free_port, wait_until
 
 
 @pytest.fixture
@@ -86,3 +87,35 @@ def test_ping_client_count_gets_every_echo(spawn: Spawner, port: int) -> None:
     assert "3 sent, 3 received, 0 lost" in result.stdout
     assert result.stderr.count("Publishing b'") == 3
     assert len([line for line in result.stderr.splitlines() if "client: Got b'" in line]) == 3
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_ping_is_acknowledged_only_once_its_echo_is(
+    spawn: Spawner, port: int, protocol: str
+) -> None:
+    """At QoS 1 the echo client takes ownership of a ping only when the broker has its echo.
+
+    The first echo client's PUBLISH of the echo is swallowed on the way to the broker, and the
+    client is then SIGKILLed. Had it acknowledged the ping on receipt (paho's default), the
+    broker would hold nothing for it and the ping would be lost. It did not, so its restarted
+    self gets the ping again from its persistent session, and echoes it.
+    """
+    spawn.broker(port)
+    proxy_port = free_port()
+    probe = MqttProbe(port)
+    probe.subscribe("/pong", qos=1)
+    echo_args = ("--qos", "1", "--session", "persistent", "--client-id", "echo-owner",
+                 "--protocol", protocol)  # fmt: skip
+    swallower = Swallower(port)
+    with hostile_broker(proxy_port, swallower):
+        first = spawn.start("echo_client", "--port", str(proxy_port), *echo_args, name="echo1")
+        first.wait_for(r"Subscribed to /ping\.")
+        probe.publish("/ping", b"1744796556", qos=1)
+        wait_until(lambda: swallower.swallowed, 10, "the echo's PUBLISH, swallowed")
+        first.kill()
+    assert probe.drain() == []
+    second = spawn.start("echo_client", "--port", str(port), *echo_args, name="echo2")
+    assert probe.expect(10) == ("/pong", b"1744796556")
+    second.wait_for(r"Got b'1744796556' on /ping\.")
+    assert probe.drain() == []
+    probe.close()
