@@ -230,6 +230,10 @@ def client_settings(
         parser.error(str(exc))
 
 
+class ClosedBeforeConnack(aiomqtt.MqttError):
+    """The broker ended the connection before it answered the CONNECT."""
+
+
 INTERNALS = {
     "_connected": asyncio.Future,
     "_disconnected": asyncio.Future,
@@ -291,8 +295,10 @@ class Client(aiomqtt.Client):
         self.disconnect_reason = getattr(reason_code, "value", None)
         if not self._connected.done():
             self._connected.set_exception(
-                aiomqtt.MqttError(f"connection closed before CONNACK ({reason_code})")
+                ClosedBeforeConnack(f"connection closed before CONNACK ({reason_code})")
             )
+            # Seen, like the disconnect error below: nobody awaits it if the wait was cancelled.
+            self._connected.exception()
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
         if self._disconnected.done() and not self._disconnected.cancelled():
@@ -364,6 +370,14 @@ def fallback(
     if settings.protocol != 5:
         return None
     return lambda: make_client(settings, 4, manual_ack=manual_ack)
+
+
+def closed_before_connack(exc: aiomqtt.MqttError) -> bool:
+    """Tell whether the broker hung up on a CONNECT without answering it.
+
+    A broker that speaks only 3.1.1 may do that to an MQTT 5 CONNECT (RabbitMQ 3.10 does).
+    """
+    return isinstance(exc, ClosedBeforeConnack)
 
 
 def refuses_mqtt5(exc: aiomqtt.MqttError) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiomqtt
 import paho.mqtt.client as mqtt
 
-from common.client import refuses_mqtt5
+from common.client import closed_before_connack, refuses_mqtt5
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ class Link:
         """
         self.client = client
         self._fallback = fallback
+        self._trial: tuple[aiomqtt.Client, aiomqtt.MqttError] | None = None
+        """While a 3.1.1 client is tried: the MQTT 5 client, and how its attempt failed."""
+        self._tried_311 = False
         self.topics = tuple(topics)
         self.suback_timeout = suback_timeout
         self._prefix = f"{role}: " if role else ""
@@ -150,6 +153,7 @@ class Link:
             try:
                 self._waiting = ("CONNACK", self._clock())
                 async with self.client:
+                    self._settle_protocol()
                     self._greet()
                     await self._subscribe()
                     self._up()
@@ -157,19 +161,46 @@ class Link:
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     return
-                if self._fallback is not None and refuses_mqtt5(exc):
-                    self.client, self._fallback = self._fallback(), None
-                    logger.log(
-                        self._warning,
-                        "%s%s does not speak MQTT 5 (%s): falling back to MQTT 3.1.1.",
-                        self._prefix, self.address, exc,
-                    )  # fmt: skip
-                    continue
+                if self._fallback is not None and self._trial is None:
+                    if refuses_mqtt5(exc):
+                        self.client, self._fallback = self._fallback(), None
+                        logger.log(
+                            self._warning,
+                            "%s%s does not speak MQTT 5 (%s): falling back to MQTT 3.1.1.",
+                            self._prefix, self.address, exc,
+                        )  # fmt: skip
+                        continue
+                    if closed_before_connack(exc) and not self._tried_311:
+                        # Some 3.1.1-only brokers (RabbitMQ 3.x) hang up on an MQTT 5 CONNECT
+                        # without a CONNACK: try 3.1.1 at once, in the same attempt; once per
+                        # outage, should the broker hang up on everyone.
+                        self._tried_311 = True
+                        self._trial = (self.client, exc)
+                        self.client = self._fallback()
+                        self.attempts -= 1
+                        continue
+                if self._trial is not None:
+                    # 3.1.1 did no better: the broker hangs up on everyone. Report the MQTT 5
+                    # attempt, and stay with MQTT 5.
+                    self.client, exc = self._trial
+                    self._trial = None
                 self._down(exc)
             else:
                 # A session only returns when its message stream ended without an error.
                 self._down(aiomqtt.MqttError("session ended"))
             await asyncio.sleep(self._pause())
+
+    def _settle_protocol(self) -> None:
+        """After a CONNACK: if it answered the 3.1.1 trial, stay with 3.1.1 for good."""
+        if self._trial is None:
+            return
+        self._trial, self._fallback = None, None
+        logger.log(
+            self._warning,
+            "%s%s hung up on an MQTT 5 CONNECT without a CONNACK, and accepts MQTT 3.1.1:"
+            " falling back to MQTT 3.1.1.",
+            self._prefix, self.address,
+        )  # fmt: skip
 
     def _pause(self) -> float:
         """Return the pause before the next attempt: longer while the link keeps flapping."""
@@ -215,6 +246,7 @@ class Link:
 
     def _up(self) -> None:
         now = self._clock()
+        self._tried_311 = False
         if not self.ever_connected.is_set():
             self.ever_connected.set()
             outage = 0.0

@@ -153,30 +153,40 @@ def never_puback(sock: socket.socket, stop: threading.Event) -> None:
     _serve_subscriptions(sock, stop, sock.sendall)
 
 
-class Swallower:
-    """A proxy to a real broker that forwards everything but the client's PUBLISH packets.
+class Proxy:
+    """A proxy to a real broker that breaks it in one of two ways.
 
-    Those it counts in ``swallowed`` and drops, as a network would that loses them along with
-    the connection: the client believes it published, the broker never hears of it.
+    - ``swallow``: the client's PUBLISH packets are counted in ``swallowed`` and dropped, as a
+      network would that loses them along with the connection: the client believes it
+      published, the broker never hears of it.
+    - ``mqtt311_only``: an MQTT 5 CONNECT is answered by hanging up, without a CONNACK, as
+      RabbitMQ 3.10 does; MQTT 3.1.1 passes.
     """
 
-    def __init__(self, upstream: int) -> None:
+    def __init__(self, upstream: int, *, swallow: bool = False, mqtt311_only: bool = False) -> None:
         """Proxy to the broker on 127.0.0.1:``upstream``."""
         self.upstream = upstream
+        self.swallow = swallow
+        self.mqtt311_only = mqtt311_only
         self.swallowed: list[bytes] = []
+        self.hung_up = 0
 
     def __call__(self, sock: socket.socket, stop: threading.Event) -> None:
         """Serve one client connection (a :data:`Behaviour`)."""
+        head, body = read_packet(sock)
+        if self.mqtt311_only and body[6:7] == b"\x05":  # the protocol level, after "MQTT"
+            self.hung_up += 1
+            return
         with socket.create_connection(("127.0.0.1", self.upstream)) as broker:
             back = threading.Thread(target=self._pump, args=(broker, sock), daemon=True)
             back.start()
             try:
                 while not stop.is_set():
-                    head, body = read_packet(sock)
-                    if head >> 4 == PUBLISH:
+                    if head >> 4 == PUBLISH and self.swallow:
                         self.swallowed.append(body)
-                        continue
-                    broker.sendall(bytes([head]) + _remaining_length(len(body)) + body)
+                    else:
+                        broker.sendall(bytes([head]) + _remaining_length(len(body)) + body)
+                    head, body = read_packet(sock)
             finally:
                 broker.shutdown(socket.SHUT_RDWR)
                 back.join(5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,16 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.harness import BARE_AMQTT
-from tests.support import PYTHON, REPO, Spawner, base_env, port_accepts, wait_until
+from tests.hostile import Proxy, hostile_broker
+from tests.support import (
+    PYTHON,
+    REPO,
+    Spawner,
+    base_env,
+    free_port,
+    port_accepts,
+    wait_until,
+)
 from tests.test_interop import tool
 
 
@@ -132,3 +142,47 @@ def test_our_clients_speak_mqtt5_with_mosquitto(spawn: Spawner, port: int, tmp_p
     assert result.returncode == 0, result.stderr
     assert "falling back" not in echo.err() + result.stderr
     assert log.count("p5") >= 3  # mosquitto logs each client's protocol: "p5" is MQTT 5
+
+
+def test_the_clients_fall_back_to_311_when_the_broker_hangs_up_on_mqtt5(
+    spawn: Spawner, port: int
+) -> None:
+    """RabbitMQ 3.10 (MQTT 3.1.1 only) closes the connection on an MQTT 5 CONNECT without a
+    CONNACK. The clients try 3.1.1 at once, say so once, and carry on in 3.1.1."""
+    spawn.broker(port)
+    proxy_port = free_port()
+    proxy = Proxy(port, mqtt311_only=True)
+    with hostile_broker(proxy_port, proxy):
+        echo = spawn.start("echo_client", "--port", str(proxy_port), name="echo")
+        echo.wait_for(r"Subscribed to /ping\.")
+        result = spawn.run("ping_client", "--port", str(proxy_port), "--count", "3",
+                           "--interval", "0.1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3 received, 0 lost" in result.stdout
+    fallback = (
+        r"hung up on an MQTT 5 CONNECT without a CONNACK, and accepts MQTT 3\.1\.1: "
+        r"falling back to MQTT 3\.1\.1\."
+    )
+    assert echo.count(fallback) == 1
+    assert re.search(fallback, result.stderr), result.stderr
+    for log in (echo.err(), result.stderr):
+        assert "Cannot connect" not in log  # the trial is part of the first attempt
+    assert proxy.hung_up == 3  # the echo client's link, the ping client's link and watcher
+
+
+def test_a_broker_that_hangs_up_on_everyone_keeps_the_clients_on_mqtt5(
+    spawn: Spawner, port: int
+) -> None:
+    """Hanging up on MQTT 5 says nothing if 3.1.1 fares no better: the clients report the MQTT
+    5 attempt, try 3.1.1 once per outage, and speak 5 when the broker is back."""
+    proxy = Proxy(0, mqtt311_only=True)  # hangs up on 5; on 3.1.1 it has no broker to reach
+    with hostile_broker(port, proxy) as hostile:
+        echo = spawn.start("echo_client", "--port", str(port), name="echo")
+        echo.wait_for(r"Cannot connect to 127\.0\.0\.1:\d+: connection closed before CONNACK")
+        wait_until(lambda: hostile.connections >= 6, 10, "more attempts")
+    assert proxy.hung_up >= 3
+    assert proxy.hung_up >= hostile.connections - 1  # one 3.1.1 trial, then MQTT 5 only
+    broker = spawn.broker(port)
+    echo.wait_for(r"Subscribed to /ping\.", 10)
+    assert "falling back" not in echo.err()
+    broker.wait_for(r"Client echo_client-\w+ connected from .* \(MQTT 5\.0\)\.")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.hostile import Swallower, hostile_broker
+from tests.hostile import Proxy, hostile_broker
 from tests.support import MqttProbe, Spawner, free_port, wait_until
 
 
@@ -106,7 +106,7 @@ def test_a_ping_is_acknowledged_only_once_its_echo_is(
     probe.subscribe("/pong", qos=1)
     echo_args = ("--qos", "1", "--session", "persistent", "--client-id", "echo-owner",
                  "--protocol", protocol)  # fmt: skip
-    swallower = Swallower(port)
+    swallower = Proxy(port, swallow=True)
     with hostile_broker(proxy_port, swallower):
         first = spawn.start("echo_client", "--port", str(proxy_port), *echo_args, name="echo1")
         first.wait_for(r"Subscribed to /ping\.")
