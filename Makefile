@@ -3,6 +3,7 @@
 #               Ctrl-C stops everything.
 #   make test   set up .venv, then ruff, mypy and pytest.
 #   make test-pythons   pytest once per supported Python (3.11, 3.12, 3.13), each in .venv-X.Y.
+#   make cluster  the two clients across a two-node RabbitMQ cluster; Ctrl-C stops everything.
 
 PYTHON ?= python3
 # := so that only the command line (make test-pythons passes VENV=.venv-3.12) overrides it: make
@@ -12,10 +13,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONF   := supervisord.conf
 
-.PHONY: help venv bytecode run start stop status logs test test-pythons lint typecheck pytest bench bench-full soak add-user clean
+.PHONY: help venv bytecode run start stop status logs cluster test test-pythons lint typecheck pytest bench bench-full bench-cluster soak add-user clean
 
 help:
-	@echo "make run | start | stop | status | logs | test | test-pythons | bench | soak | add-user NAME=x | clean"
+	@echo "make run | start | stop | status | logs | cluster | test | test-pythons | bench | soak | add-user NAME=x | clean"
 
 venv: $(STAMP)
 
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml
 # start: about 10 % of the broker's start-up. Up-to-date files are skipped; a stale file is
 # never used (Python checks each source's mtime and size).
 bytecode: $(STAMP)
-	@$(BIN)/python -m compileall -q broker common ping_client echo_client
+	@$(BIN)/python -m compileall -q broker common ping_client echo_client cluster
 
 run: bytecode
 	@bash tools/run.sh
@@ -49,6 +50,15 @@ logs:
 	@mkdir -p logs
 	@touch logs/broker.log logs/echo_client.log logs/ping_client.log
 	tail -n 20 -F logs/broker.log logs/echo_client.log logs/ping_client.log
+
+# ping_client on node 1 and echo_client on node 2 of a fresh two-node RabbitMQ cluster, under
+# supervisord (apt-get install rabbitmq-server). Streams the clients' logs and the join; the
+# nodes' own logs are in logs/cluster/. Ctrl-C stops everything. See docs/cluster.md.
+CLUSTER_LOGS := logs/cluster/join.log logs/cluster/echo_client.log logs/cluster/ping_client.log
+cluster: bytecode
+	@$(BIN)/python -m cluster write >/dev/null
+	@CONF=run/cluster/supervisord.conf PIDFILE=run/cluster/supervisord.pid \
+		LOGS="$(CLUSTER_LOGS)" bash tools/run.sh
 
 # make add-user NAME=alice  (asks for the password; writes passwords.txt, mode 0600)
 add-user: $(STAMP)
@@ -78,6 +88,10 @@ bench: bytecode
 bench-full: bytecode
 	$(BIN)/python -m bench.run --full
 
+# The round trip across a two-node RabbitMQ cluster, beside one node, ours and mosquitto.
+bench-cluster: bytecode
+	$(BIN)/python -m bench.cluster
+
 # Fault, flood, load and fuzz figures for the README's Reliability table (about 2 minutes).
 soak: bytecode
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
@@ -86,3 +100,4 @@ clean: stop
 	rm -rf .venv .venv-3.* build *.egg-info .mypy_cache .ruff_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -f logs/*.log* run/*.pid run/*.sock
+	rm -rf logs/cluster run/cluster

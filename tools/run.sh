@@ -8,21 +8,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=.venv/bin
-CONF=supervisord.conf
-PIDFILE=run/supervisord.pid
-LOGS=(logs/broker.log logs/echo_client.log logs/ping_client.log)
+# make cluster runs this script on its own configuration (CONF, PIDFILE and LOGS set).
+CONF=${CONF:-supervisord.conf}
+PIDFILE=${PIDFILE:-run/supervisord.pid}
+read -r -a LOGS <<< "${LOGS:-logs/broker.log logs/echo_client.log logs/ping_client.log}"
 
 running() {
   [[ -f $PIDFILE ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
 }
 
 start() {
-  mkdir -p logs run
+  mkdir -p logs run "$(dirname "${LOGS[0]}")"
   if running; then
     echo "supervisord is already running (pid $(cat "$PIDFILE")); attaching to its logs."
     return
   fi
-  rm -f run/sv.sock
+  rm -f "$(dirname "$PIDFILE")/sv.sock"
   "$BIN/supervisord" -c "$CONF"
   # supervisord daemonizes: its pidfile appears a moment after the command returns.
   for _ in $(seq 1 100); do
@@ -30,10 +31,10 @@ start() {
     sleep 0.1
   done
   if ! running; then
-    echo "supervisord did not start; see logs/supervisord.log" >&2
+    echo "supervisord did not start; see $(dirname "${LOGS[0]}")/supervisord.log" >&2
     exit 1
   fi
-  echo "Started supervisord (pid $(cat "$PIDFILE")). Logs are in logs/."
+  echo "Started supervisord (pid $(cat "$PIDFILE")). Logs are in $(dirname "${LOGS[0]}")/."
 }
 
 stop() {
@@ -81,7 +82,7 @@ trap on_exit INT TERM HUP PIPE EXIT
 tail -n 0 -F "${LOGS[@]}" 2>/dev/null | {
   name=""
   while IFS= read -r line; do
-    if [[ $line =~ ^==\>\ logs/(.*)\.log\ \<==$ ]]; then
+    if [[ $line =~ ^==\>\ .*/([^/]*)\.log\ \<==$ ]]; then
       name=${BASH_REMATCH[1]}
     elif [[ -n $line ]]; then
       printf '%-12s| %s\n' "$name" "$line" 2>/dev/null || exit 0
