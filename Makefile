@@ -11,12 +11,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The optional extra that draws pictures (matplotlib), for make report and make bench only.
+REPORT_STAMP := $(VENV)/.report-stamp
 CONF   := supervisord.conf
+# The extras installed with the package. CI adds `report` (matplotlib) so that the test of the
+# pictures draws one; `make run` and `make test` stay without it.
+EXTRAS ?= dev
 
-.PHONY: help venv bytecode run start stop status logs cluster test test-pythons lint typecheck pytest bench bench-full bench-cluster soak add-user clean
+.PHONY: help venv bytecode run start stop status logs cluster report test test-pythons lint typecheck pytest bench bench-full bench-cluster soak add-user clean
 
 help:
-	@echo "make run | start | stop | status | logs | cluster | test | test-pythons | bench | soak | add-user NAME=x | clean"
+	@echo "make run | start | stop | status | logs | cluster | report | test | test-pythons | bench | soak | add-user NAME=x | clean"
 
 venv: $(STAMP)
 
@@ -24,8 +29,12 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mqtt-pingpong needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
+
+$(REPORT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,report]'
+	@touch $(REPORT_STAMP)
 
 # Compile the programs' bytecode ahead of time. Python skips writing it where
 # PYTHONDONTWRITEBYTECODE is set (as on our CI machines), and then compiles every module at every
@@ -81,11 +90,18 @@ test: lint typecheck pytest
 test-pythons:
 	@SKIP="$(SKIP)" bash tools/test-pythons.sh $(PYTHONS)
 
-# Benchmarks against mosquitto (apt-get install mosquitto). Not tests: they measure.
-bench: bytecode
+# A picture of a run: RTT over time (losses marked, outages shaded) and the RTT histogram.
+# make report                                    logs/ping_client.log -> logs/ping_client.png
+# make report REPORT_ARGS="run.jsonl -o run.png"  ping_client --json output, or another log
+report: $(REPORT_STAMP)
+	$(BIN)/python -m ping_client.report $(REPORT_ARGS)
+
+# Benchmarks against mosquitto (apt-get install mosquitto). Not tests: they measure. They also
+# draw bench/results.png.
+bench: bytecode $(REPORT_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-bench-full: bytecode
+bench-full: bytecode $(REPORT_STAMP)
 	$(BIN)/python -m bench.run --full
 
 # The round trip across a two-node RabbitMQ cluster, beside one node, ours and mosquitto.

@@ -193,7 +193,8 @@ def ping(port: int, count: int, interval: float, *extra: str) -> dict[str, Any]:
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     if not lines or lines[-1]["event"] != "summary":
         raise RuntimeError(f"ping_client failed: {result.stderr[-500:]}")
-    return dict(lines[-1])
+    # Every answered ping's RTT, in ms, for the pictures.
+    return {**lines[-1], "rtts": [e["rtt_ms"] for e in lines if e["event"] == "pong"]}
 
 
 def cpu_seconds(pid: int) -> float:

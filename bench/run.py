@@ -29,7 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import isolation, scale
+from bench import isolation, picture, scale
 from bench.harness import (
     MQTT_VERSION,
     PYTHON,
@@ -88,12 +88,14 @@ def with_brokers(kinds: list[str], rounds: int, measure: Callable[[Broker], dict
 
 
 def rtt(
-    qos: int, count: int, *, flood: bool = False, protocol: str = "5"
-) -> Callable[[Broker], dict[str, float]]:
+    qos: int, count: int, *, flood: bool = False, protocol: str = "5",
+    samples: dict[str, list[float]] | None = None,
+) -> Callable[[Broker], dict[str, float]]:  # fmt: skip
     """Whole-stack RTT: our echo_client and ping_client, one ping in flight.
 
     Spaced 10 ms apart, or back to back (``flood``): spacing lets every process go idle between
-    pings, which dilutes the broker's share of the round trip.
+    pings, which dilutes the broker's share of the round trip. Every RTT goes to
+    ``samples[broker kind]`` too, for the picture.
     """
     spacing = ("--flood",) if flood else ("--interval", "0.01")
     common = ("--qos", str(qos), "--protocol", protocol)
@@ -106,6 +108,8 @@ def rtt(
         finally:
             echo.terminate()
             echo.wait(10)
+        if samples is not None:
+            samples.setdefault(broker.kind, []).extend(summary["rtts"])
         r = summary["rtt_ms"]
         return {"p50": r["p50"], "p90": r["p90"], "p99": r["p99"]}
 
@@ -326,8 +330,9 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
     extra["v5_over_311_p50"] = {q: ours_p50["5", q] / ours_p50["3.1.1", q] for q in (0, 1)}
 
     sys.stderr.write("RTT, whole stack, pings 10 ms apart (MQTT 5)\n")
+    samples: dict[int, dict[str, list[float]]] = {0: {}, 1: {}}
     for qos in (0, 1):
-        res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count))
+        res = with_brokers(["ours", "mosquitto"], rounds, rtt(qos, count, samples=samples[qos]))
         for p in ("p50", "p90", "p99"):
             add_paired(f"QoS {qos} RTT {p}", res, p, "ms")
 
@@ -432,6 +437,7 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
         **extra, "restart_samples_s": {"ours": ours_r, "mosquitto": theirs_r},
         "sigterm_samples_s": {"ours": ours_t, "mosquitto": theirs_t}, "scale": scale_result,
     }, indent=2) + "\n")  # fmt: skip
+    sys.stderr.write(picture.draw(rows, samples) + "\n")
 
 
 if __name__ == "__main__":

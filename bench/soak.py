@@ -28,6 +28,7 @@ from bench.harness import (
     PYTHON,
     REPO,
     LeanClient,
+    echo_ready,
     env,
     free_port,
     ping,
@@ -219,6 +220,43 @@ def outage(seconds: float) -> dict[str, Any]:
             "rss_growth_mb": {n: rss_after[n] - rss_before[n] for n in procs}}  # fmt: skip
 
 
+def persistent(kind: str, kills: int = 5, count: int = 300) -> dict[str, Any]:
+    """Zero-loss mode: QoS 1, persistent sessions, echo_client SIGKILLed ``kills`` times.
+
+    10 pings/s for ``count`` pings; each killed echo client is started again at once (what
+    supervisord does). Every ping must be answered exactly once in the end.
+    """
+    echo_args = ("--qos", "1", "--session", "persistent", "--client-id", "soak-echo")
+    with workspace() as tmp:
+        broker = start_broker(kind, tmp)
+        echo = start_program("echo_client", broker.port, *echo_args)
+        try:
+            asyncio.run(echo_ready(broker.port))
+            probe = subprocess.Popen(
+                [PYTHON, "-m", "ping_client", "--port", str(broker.port), "--qos", "1",
+                 "--session", "persistent", "--client-id", "soak-ping", "--count", str(count),
+                 "--interval", "0.1", "--timeout", "15", "--json", "--stats-interval", "0"],
+                env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                text=True,
+            )  # fmt: skip
+            for _ in range(kills):
+                time.sleep(count * 0.1 / (kills + 1))
+                echo.kill()
+                echo.wait(5)
+                echo = start_program("echo_client", broker.port, *echo_args)
+            out, _ = probe.communicate(timeout=count * 0.1 + 60)
+        finally:
+            echo.terminate()
+            echo.wait(10)
+            broker.stop()
+    summary = json.loads(out.splitlines()[-1])
+    return {
+        "kind": kind, "kills": kills,
+        **{k: summary[k] for k in ("sent", "received", "late", "never_answered", "duplicates")},
+        "p99_ms": summary["rtt_ms"]["p99"], "max_ms": summary["rtt_ms"]["max"],
+    }  # fmt: skip
+
+
 def main() -> None:
     """Run the soak scenarios and print the table."""
     parser = argparse.ArgumentParser(prog="bench.soak", description=__doc__)
@@ -251,6 +289,8 @@ def main() -> None:
     results["devices"] = devices(10_000)
     sys.stderr.write("isolation, ours beside mosquitto\n")
     results["isolation"] = isolation.run()
+    sys.stderr.write("zero-loss mode: echo_client SIGKILLed 5 times, ours beside mosquitto\n")
+    results["persistent"] = [persistent(kind) for kind in ("ours", "mosquitto")]
     if args.outage:
         sys.stderr.write("60 s outage\n")
         results["outage"] = outage(60)
@@ -285,6 +325,15 @@ def table(r: dict[str, Any]) -> str:
                  f"{d['idle']['p50']:.2f}/{d['idle']['p99']:.2f} ms before, "
                  f"{d['during']['lost']} lost"))  # fmt: skip
     rows += isolation.rows(r["isolation"])
+    if "persistent" in r:
+        runs = r["persistent"]
+        rows.append((
+            f"QoS 1, `--session persistent`, echo_client SIGKILLed {runs[0]['kills']} times "
+            f"(restarted at once), {runs[0]['sent']} pings at 10/s",
+            "; ".join(f"{x['kind']}: {x['received']}/{x['sent']} answered, {x['late']} late, "
+                      f"{x['never_answered']} never answered, {x['duplicates']} duplicate, "
+                      f"RTT max {x['max_ms']:.0f} ms" for x in runs),
+        ))  # fmt: skip
     if "outage" in r:
         o = r["outage"]
         growth = ", ".join(f"{k} {v:+.1f} MiB" for k, v in o["rss_growth_mb"].items())

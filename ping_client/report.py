@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
+from common.constants import EXIT_UNAVAILABLE
 from ping_client.probe import RttStats, Tracker, rtt_stats
 
 logger = logging.getLogger("ping_client")
+
+EXIT_DATAERR = 65
+"""sysexits.h: the input was not a run."""
+EXIT_NOINPUT = 66
+"""sysexits.h: the input could not be read."""
 
 
 def ms(seconds: float) -> float:
@@ -194,3 +204,46 @@ def summarize(
         count=count,
         deadline=deadline,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ping_client.report [SOURCE] [-o PNG]``: draw a run (needs matplotlib)."""
+    parser = argparse.ArgumentParser(
+        prog="ping_client.report",
+        description="Draw a run as a PNG: RTT over time, with lost pings marked and outages "
+        "shaded, and the RTT histogram with p50, p90 and p99. Needs matplotlib "
+        "(pip install -e '.[report]'; make report installs it).",
+    )
+    parser.add_argument(
+        "source", nargs="?", type=Path, default=Path("logs/ping_client.log"),
+        help="ping_client --json output, or a ping_client log file (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="the PNG to write (default: SOURCE with .png)")  # fmt: skip
+    parser.add_argument("--title", default=None, help="the picture's title")
+    parser.add_argument(
+        "--every-run", action="store_true",
+        help="a log file: draw every run it holds, not only the last one",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    output = args.output or args.source.with_suffix(".png")
+    try:
+        from ping_client import plot  # noqa: PLC0415 - the extra is needed only here
+
+        run = plot.load(args.source, every_run=args.every_run)
+        if not (run.rtts or run.lost or run.late):
+            parser.exit(EXIT_DATAERR, f"ping_client.report: error: {args.source}: no pings in it\n")
+        plot.draw(run, output, args.title or f"ping_client: {args.source.name}")
+    except OSError as exc:
+        parser.exit(EXIT_NOINPUT, f"ping_client.report: error: {exc.filename}: {exc.strerror}\n")
+    except ImportError:
+        parser.exit(
+            EXIT_UNAVAILABLE,
+            "ping_client.report: error: matplotlib is not installed: "
+            "pip install -e '.[report]' (make report does)\n",
+        )
+    sys.stdout.write(f"{output}\n")
+
+
+if __name__ == "__main__":
+    main()

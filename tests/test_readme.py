@@ -21,6 +21,8 @@ DOCS = [Path("README.md"), *sorted(p.relative_to(REPO) for p in (REPO / "docs").
 PROGRAMS = ("broker", "ping_client", "echo_client")
 # Modules the docs may run that are not one of the three programs (`make` runs these too).
 OTHER_MODULES = ("broker.users", "bench.run", "bench.soak", "bench.cluster", "cluster")
+# Tools whose flags the docs show, checked against their --help like the programs'.
+TOOLS = ("ping_client.report",)
 
 
 def commands(text: str) -> list[str]:
@@ -72,8 +74,8 @@ def test_every_command_shown_exists(doc: Path) -> None:
             checked += 1
         elif "-m" in parts and parts[0].endswith("python"):
             module = parts[parts.index("-m") + 1]
-            assert module in PROGRAMS + OTHER_MODULES, f"{doc}: `{command}`: no module {module}"
-            if module in PROGRAMS:
+            assert module in PROGRAMS + OTHER_MODULES + TOOLS, f"{doc}: `{command}`: no {module}"
+            if module in PROGRAMS + TOOLS:
                 usage = help_text(module)
                 for flag in (p.split("=")[0] for p in parts if p.startswith("--")):
                     assert flag in usage, f"{doc}: `{command}`: {module} has no {flag}"

@@ -1,0 +1,187 @@
+"""Pictures of a run: RTT over time (losses marked, outages shaded) and the RTT histogram.
+
+Reads a run's JSON events (``ping_client --json``) or a ping_client log file, and draws with
+matplotlib, an optional extra (``pip install -e '.[report]'``; ``make report`` installs it).
+Reading is pure and needs no matplotlib; only :func:`draw` imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ping_client.probe import percentile
+
+WIDTH, HEIGHT, DPI = 10.0, 7.0, 100
+"""The picture: 1000 x 700 pixels."""
+
+_STAMP = r"(?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \w+\s+\S+: "
+_LINES = {
+    "pong": re.compile(_STAMP + r"Got .* on \S+: seq \d+, rtt (?P<rtt>[\d.]+) ms\.$"),
+    "late": re.compile(_STAMP + r"Late echo .* on \S+: seq \d+ after (?P<rtt>[\d.]+) ms"),
+    "lost": re.compile(_STAMP + r"Lost .* on \S+: seq \d+, no echo within (?P<timeout>[\d.e+]+) s"),
+    "down": re.compile(_STAMP + r"(Lost connection to|Cannot connect to) "),
+    "up": re.compile(_STAMP + r"(Reconnected to|Connected to) "),
+}
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ")
+_SUMMARY = re.compile(r"--- \S+ ping statistics ---$")
+
+
+@dataclass
+class Run:
+    """What a picture shows, in seconds since the run's first event."""
+
+    rtts: list[tuple[float, float]] = field(default_factory=list)
+    """(time the ping was sent, RTT in ms) of every answered ping."""
+    late: list[tuple[float, float]] = field(default_factory=list)
+    lost: list[float] = field(default_factory=list)
+    """When each lost ping was sent."""
+    outages: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) of every time without a connection."""
+    start: float = 0.0
+    """The run's first event, in seconds since the epoch."""
+
+    def percentiles(self) -> dict[str, float]:
+        """p50, p90 and p99 of the RTTs, in ms (empty without answers)."""
+        values = sorted(rtt for _, rtt in self.rtts)
+        if not values:
+            return {}
+        return {f"p{p}": percentile(values, p) for p in (50, 90, 99)}
+
+
+def load(path: Path, *, every_run: bool = False) -> Run:
+    """Read a run from JSON events or from a log file, whichever ``path`` holds.
+
+    A log file (``logs/ping_client.log``) holds every run supervisord started; the last one is
+    read, unless ``every_run``.
+    """
+    lines = path.read_text(errors="replace").splitlines()
+    if any(line.startswith('{"event"') for line in lines[:50]):
+        return from_events([json.loads(line) for line in lines if line.startswith("{")])
+    return from_log(lines if every_run else last_run(lines))
+
+
+def last_run(lines: list[str]) -> list[str]:
+    """Return the last run of a log: each run ends with its ``--- … statistics ---``."""
+    ends = [i for i, line in enumerate(lines) if _SUMMARY.match(line)]
+    if ends and not any(_LINES["pong"].match(line) or _LINES["lost"].match(line)
+                        for line in lines[ends[-1] :]):  # fmt: skip
+        ends.pop()  # the log ends with the last run's summary: that run is the one
+    if not ends:
+        return lines
+    start = ends[-1] + 1
+    while start < len(lines) and not TIMESTAMP.match(lines[start]):
+        start += 1  # the rest of that summary: "60 sent, …", "rtt min/avg/max …"
+    return lines[start:]
+
+
+def from_events(events: list[dict[str, Any]]) -> Run:
+    """Build a run from ``ping_client --json`` events."""
+    run = Run()
+    if not events:
+        return run
+    t0 = run.start = float(events[0]["time"])
+    sent: dict[int, float] = {}
+    down: float | None = None
+    for event in events:
+        kind, t = event.get("event"), float(event.get("time", t0)) - t0
+        if kind == "ping":
+            sent[event["seq"]] = t
+        elif kind in ("pong", "late"):
+            at = sent.get(event["seq"], t - event["rtt_ms"] / 1000)
+            (run.rtts if kind == "pong" else run.late).append((at, event["rtt_ms"]))
+        elif kind == "lost":
+            run.lost.append(sent.get(event["seq"], t))
+        elif kind == "disconnected" and down is None:
+            down = t
+        elif kind == "connected" and down is not None:
+            run.outages.append((down, t))
+            down = None
+    if down is not None:
+        run.outages.append((down, float(events[-1]["time"]) - t0))
+    return run
+
+
+def from_log(lines: list[str]) -> Run:
+    """Build a run from a ping_client log (``logs/ping_client.log``), several runs included."""
+    run = Run()
+    down: float | None = None
+    last = 0.0
+    for line in lines:
+        for kind, pattern in _LINES.items():
+            match = pattern.match(line)
+            if match is None:
+                continue
+            # Local time, as logged.
+            stamp = datetime.strptime(match["t"], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            if not run.start:
+                run.start = stamp
+            t = last = stamp - run.start
+            if kind in ("pong", "late"):
+                rtt = float(match["rtt"])
+                (run.rtts if kind == "pong" else run.late).append((t - rtt / 1000, rtt))
+            elif kind == "lost":
+                run.lost.append(t - float(match["timeout"]))
+            elif kind == "down" and down is None:
+                down = t
+            elif kind == "up" and down is not None:
+                run.outages.append((down, t))
+                down = None
+            break
+    if down is not None:
+        run.outages.append((down, last))
+    return run
+
+
+def draw(run: Run, out: Path, title: str) -> None:
+    """Draw ``run`` as a PNG of 1000 x 700 pixels at ``out``."""
+    import matplotlib  # noqa: PLC0415 - an optional extra, imported only to draw
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    fig, (timeline, histogram) = plt.subplots(
+        2, 1, figsize=(WIDTH, HEIGHT), dpi=DPI, height_ratios=(3, 2)
+    )
+    fig.suptitle(title)
+    for i, (start, end) in enumerate(run.outages):
+        timeline.axvspan(start, end, color="0.85", label="no connection" if i == 0 else None)
+    if run.rtts:
+        xs, ys = zip(*run.rtts, strict=True)
+        timeline.plot(xs, ys, ".", markersize=3, color="tab:blue", label="RTT")
+    if run.late:
+        xs, ys = zip(*run.late, strict=True)
+        timeline.plot(xs, ys, "^", markersize=5, color="tab:orange", label="late (counted lost)")
+    if run.lost:
+        # Lost pings have no RTT: marked along the bottom, at the time they were sent.
+        timeline.plot(run.lost, [0] * len(run.lost), "x", color="tab:red", clip_on=False,
+                      label=f"lost ({len(run.lost)})")  # fmt: skip
+    timeline.set_xlabel("seconds since the first event")
+    timeline.set_ylabel("RTT (ms)")
+    timeline.set_ylim(bottom=0)
+    timeline.grid(alpha=0.3)
+    timeline.legend(loc="upper right", fontsize="small")
+
+    values = [rtt for _, rtt in run.rtts]
+    if values:
+        histogram.hist(values, bins=min(60, max(10, len(values) // 5)), color="tab:blue",
+                       alpha=0.8)  # fmt: skip
+        for (name, value), style in zip(
+            run.percentiles().items(), ("-", "--", ":"), strict=True
+        ):  # fmt: skip
+            histogram.axvline(value, color="black", linestyle=style,
+                              label=f"{name} {value:.3f} ms")  # fmt: skip
+        histogram.legend(loc="upper right", fontsize="small")
+    else:
+        histogram.text(0.5, 0.5, "no answered pings", ha="center", transform=histogram.transAxes)
+    histogram.set_xlabel("RTT (ms)")
+    histogram.set_ylabel("pings")
+    histogram.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)

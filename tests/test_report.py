@@ -1,0 +1,116 @@
+"""`python -m ping_client.report`: a picture of a real run, and what it is drawn from."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from ping_client import plot
+from tests.support import Spawner, free_port
+
+DRAWS = importlib.util.find_spec("matplotlib") is not None
+REQUIRED = "report" in os.environ.get("EXTRAS", "")
+"""CI installs the extra (EXTRAS=dev,report): there the picture must be drawn."""
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture(scope="module")
+def outage_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real run with the broker SIGKILLed in the middle: its JSON events and its log."""
+    tmp = tmp_path_factory.mktemp("run")
+    spawn = Spawner(tmp)
+    try:
+        port = free_port()
+        broker = spawn.broker(port)
+        spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to")
+        ping = spawn.start("ping_client", "--port", str(port), "--count", "60", "--interval",
+                           "0.05", "--timeout", "0.5", "--json", "--stats-interval", "0",
+                           name="ping")  # fmt: skip
+        ping.wait_for(r"seq 15, rtt", 10)
+        broker.kill()
+        ping.wait_for(r"Lost connection to", 5)
+        spawn.broker(port)
+        assert ping.wait(30) in (0, 1), ping.err()  # 1: some pings were lost to the outage
+    finally:
+        spawn.cleanup()
+    events, log = tmp / "run.jsonl", tmp / "ping_client.log"
+    events.write_text(ping.out())
+    log.write_text(ping.err())
+    return events, log
+
+
+def test_a_run_is_read_from_its_events_and_from_its_log(outage_run: tuple[Path, Path]) -> None:
+    events, log = outage_run
+    from_events, from_log = plot.load(events), plot.load(log)
+    for run in (from_events, from_log):
+        assert len(run.rtts) >= 15
+        assert len(run.rtts) + len(run.late) + len(run.lost) == 60
+        assert len(run.outages) == 1
+        start, end = run.outages[0]
+        assert 0 < start < end
+        # The pings lost were sent around the outage; answered ones before and after it.
+        assert all(start - 1 < t < end + 1 for t in run.lost)
+        assert min(t for t, _ in run.rtts) < start < max(t for t, _ in run.rtts)
+        assert set(run.percentiles()) == {"p50", "p90", "p99"}
+    assert len(from_events.rtts) == len(from_log.rtts)
+    assert len(from_events.lost) == len(from_log.lost)
+
+
+def test_a_log_of_several_runs_is_drawn_from_its_last(outage_run: tuple[Path, Path]) -> None:
+    _, log = outage_run
+    lines = log.read_text().splitlines()
+    assert not plot.TIMESTAMP.match(lines[-1])  # the summary ends the log
+    assert any(line.startswith("--- 127.0.0.1:") for line in lines)
+    twice = [*lines, *lines[: len(lines) // 2]]  # a second run, under way
+    assert plot.last_run(twice) == lines[: len(lines) // 2]
+    assert plot.last_run([*lines, *lines]) == lines  # the second run ended: it is the last
+
+
+@pytest.mark.skipif(not DRAWS and not REQUIRED, reason="the report extra is not installed")
+def test_the_report_draws_a_png_of_the_run(
+    outage_run: tuple[Path, Path], spawn: Spawner, tmp_path: Path
+) -> None:
+    events, _ = outage_run
+    out = tmp_path / "run.png"
+    result = spawn.run("ping_client.report", str(events), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert png_size(out) == (1000, 700)
+    assert out.stat().st_size > 20_000  # drawn, not a blank canvas
+
+
+@pytest.mark.skipif(DRAWS, reason="the report extra is installed")
+def test_without_the_extra_the_report_says_how_to_get_it(
+    outage_run: tuple[Path, Path], spawn: Spawner, tmp_path: Path
+) -> None:
+    events, _ = outage_run
+    result = spawn.run("ping_client.report", str(events), "-o", str(tmp_path / "run.png"))
+    assert result.returncode == 69
+    assert result.stderr == (
+        "ping_client.report: error: matplotlib is not installed: "
+        "pip install -e '.[report]' (make report does)\n"
+    )
+
+
+def test_bad_input_is_one_line(spawn: Spawner, tmp_path: Path) -> None:
+    missing = spawn.run("ping_client.report", str(tmp_path / "nothing.log"))
+    assert missing.returncode == 66
+    assert (
+        missing.stderr
+        == f"ping_client.report: error: {tmp_path / 'nothing.log'}: No such file or directory\n"
+    )
+    empty = tmp_path / "empty.log"
+    empty.write_text("hello\n")
+    result = spawn.run("ping_client.report", str(empty))
+    assert result.returncode == 65
+    assert result.stderr == f"ping_client.report: error: {empty}: no pings in it\n"
