@@ -272,7 +272,8 @@ class Hub:
         if previous is not None:
             # [MQTT-3.1.4-2]: the server disconnects the existing client first.
             logger.info("Client %s connected again: closing its previous connection.", client_id)
-            previous.close(will=True, reason=SESSION_TAKEN_OVER)
+            why = f"session taken over by a connection from {connection.peer}"
+            previous.close(will=True, reason=SESSION_TAKEN_OVER, why=why)
         expiry = self._expiry.pop(client_id, None)
         if expiry is not None:
             expiry.cancel()
@@ -349,7 +350,7 @@ class Hub:
         for timer in [*self._expiry.values(), *(t for t, _ in self._wills.values())]:
             timer.cancel()
         for connection in list(self.connections):
-            connection.close(will=False, reason=SERVER_SHUTTING_DOWN)
+            connection.close(will=False, reason=SERVER_SHUTTING_DOWN, why="server shutting down")
         if self.connections:
             self._all_closed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -360,6 +361,10 @@ class Hub:
 
 class Connection(asyncio.Protocol):
     """One client's connection: framing, checks, keepalive, its flows and its writes."""
+
+    _server_keep_alive: int | None = None
+    """MQTT 5: the keep alive the broker told the client to use instead of its own (a class
+    default: set on the few connections that need one)."""
 
     def __init__(self, hub: Hub) -> None:
         """Serve one connection for ``hub``."""
@@ -469,7 +474,7 @@ class Connection(asyncio.Protocol):
                     logger.warning("Closed %s: %s.", self.peer, exc)
                 else:
                     logger.warning("Client %s closed: %s.", self.name, exc)
-                self.close(will=True, reason=exc.code)
+                self.close(will=True, reason=exc.code, why=str(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - one packet's bug ends one connection
                 self._internal_error(exc)
@@ -628,10 +633,14 @@ class Connection(asyncio.Protocol):
             self._will_props = Props.of(will, time.monotonic())
             self._will_delay = will.will_delay_interval
         password = packet.password
+        keep_alive, cap = packet.keep_alive, self.limits.max_keepalive
+        if keep_alive == 0 or keep_alive > cap:
+            # MQTT 5 section 3.2.2.3.14: the client must use the server keep alive instead.
+            keep_alive = self._server_keep_alive = cap
         connect = Connect(
             client_id=packet.client_id,
             clean_session=packet.clean_start,
-            keep_alive=packet.keep_alive,
+            keep_alive=keep_alive,
             will=None if will is None else Will(
                 will.topic, will.payload or b"", int(will.qos), will.retain
             ),
@@ -649,6 +658,7 @@ class Connection(asyncio.Protocol):
             receive_max=min(limits.max_queued, 65535),
             max_packet_size=limits.max_packet_size,
             topic_alias_max=TOPIC_ALIAS_MAXIMUM,
+            server_keep_alive=self._server_keep_alive,
         ).write()
 
     def _handle_v5(self, session: Session, packet: v5.Packet, frame: Frame) -> None:  # noqa: PLR0912
@@ -821,7 +831,8 @@ class Connection(asyncio.Protocol):
         logger.warning(
             "Client %s closed: silent for more than %g s [MQTT-3.1.2-24].", self.name, self._limit
         )
-        self.close(will=True, reason=KEEP_ALIVE_TIMEOUT)
+        self.close(will=True, reason=KEEP_ALIVE_TIMEOUT,
+                   why=f"silent for more than {self._limit:g} s [MQTT-3.1.2-24]")  # fmt: skip
 
     # --- publishing -------------------------------------------------------------------------
 
@@ -1060,7 +1071,7 @@ class Connection(asyncio.Protocol):
             "Client %s closed: internal error %r.", self.name, exc,
             exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
         )  # fmt: skip
-        self.close(will=True, reason=IMPLEMENTATION_SPECIFIC_ERROR)
+        self.close(will=True, reason=IMPLEMENTATION_SPECIFIC_ERROR, why="internal error")
 
     # --- writing and closing ----------------------------------------------------------------
 
@@ -1086,13 +1097,14 @@ class Connection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
-    def close(self, *, will: bool, reason: int | None = None) -> None:
+    def close(self, *, will: bool, reason: int | None = None, why: str | None = None) -> None:
         """End the connection: what is gathered goes out first, then the socket closes.
 
-        An MQTT 5 client is told ``reason`` in a DISCONNECT first.
+        An MQTT 5 client is told ``reason`` in a DISCONNECT first, with ``why`` (the line the
+        broker logs) as its reason string.
         """
         if reason is not None and self.v5 and self.session is not None and not self._ended:
-            self.send(v5.disconnect(reason))
+            self.send(v5.disconnect(reason, why, self._max_out))
         self._end(will=will)
         self.flush()
         if self.transport is not None:

@@ -24,6 +24,9 @@ class Limits:
     """Unacknowledged QoS 1/2 messages per client; the rest wait in its session, in order."""
     max_queued: int = 1000
     """QoS 1/2 messages waiting per session (offline, or behind the window); more are dropped."""
+    max_keepalive: int = 65535
+    """MQTT 5: a client asking for more (or for none, 0) is told this in CONNACK's server keep
+    alive, and held to it. As mosquitto's max_keepalive: 3.1.1 clients are left as they ask."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,14 @@ def event_loop(text: str) -> str:
     value = text.strip().lower()
     if value not in EVENT_LOOPS:
         raise ValueError(f"must be one of {', '.join(EVENT_LOOPS)}, got {text!r}")
+    return value
+
+
+def keepalive_limit(text: str) -> int:
+    """Parse a keep alive cap: whole seconds, 1 to 65535 (MQTT's two-byte field)."""
+    value = cli.positive_int(text)
+    if value > 65535:
+        raise ValueError(f"must be <= 65535 (a two-byte field), got {value}")
     return value
 
 
@@ -154,6 +165,15 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         convert=cli.positive_int,
         default=1000,
         help="QoS 1/2 messages kept per client while it is offline or behind; more are dropped",
+    )
+    add(
+        parser,
+        environ,
+        "--max-keepalive",
+        convert=keepalive_limit,
+        default=65535,
+        help="MQTT 5: the longest keep alive a client may ask for, in seconds; one asking for "
+        "more, or for none, is told this one (server keep alive)",
     )
     add(
         parser,
@@ -237,6 +257,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
             deny_subscribe=args.deny_subscribe,
             max_inflight=args.max_inflight,
             max_queued=args.max_queued,
+            max_keepalive=args.max_keepalive,
         ),
         password_file=args.password_file,
         tls_port=args.tls_port,

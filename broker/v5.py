@@ -230,6 +230,16 @@ def encode_publish(
     ).write()  # fmt: skip
 
 
-def disconnect(reason: int) -> bytes:
-    """Encode a DISCONNECT from the server with ``reason``."""
-    return mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode(reason)).write()
+def disconnect(reason: int, text: str | None = None, max_size: int | None = None) -> bytes:
+    """Encode a DISCONNECT from the server with ``reason``, and ``text`` as its reason string.
+
+    The reason string is left out where it would make the packet larger than the client
+    accepts (``max_size``) [MQTT-3.14.2-3]. A DISCONNECT may carry one even when the client
+    asked for no problem information [MQTT-3.1.2-29].
+    """
+    code = mqtt5.DisconnectReasonCode(reason)
+    if text:
+        data = mqtt5.DisconnectPacket(reason_code=code, reason_str=text).write()
+        if max_size is None or len(data) <= max_size:
+            return data
+    return mqtt5.DisconnectPacket(reason_code=code).write()

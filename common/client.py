@@ -266,6 +266,8 @@ class Client(aiomqtt.Client):
     """4 (MQTT 3.1.1) or 5, as made by make_client."""
     disconnect_reason: int | None = None
     """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""
+    disconnect_text: str | None = None
+    """The reason string of the broker's MQTT 5 DISCONNECT, if it gave one."""
 
     def acknowledge_manually(self) -> None:
         """Leave the PUBACK (QoS 1) or PUBCOMP (QoS 2) of each received message to :meth:`ack`.
@@ -293,6 +295,7 @@ class Client(aiomqtt.Client):
         properties: Properties | None = None,
     ) -> None:
         self.disconnect_reason = getattr(reason_code, "value", None)
+        self.disconnect_text = getattr(properties, "ReasonString", None)
         if not self._connected.done():
             self._connected.set_exception(
                 ClosedBeforeConnack(f"connection closed before CONNACK ({reason_code})")

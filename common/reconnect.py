@@ -150,6 +150,9 @@ class Link:
         """
         while not self._stopping:
             self.attempts += 1
+            for stale in ("disconnect_reason", "disconnect_text"):  # of an earlier connection
+                if hasattr(self.client, stale):
+                    setattr(self.client, stale, None)
             try:
                 self._waiting = ("CONNACK", self._clock())
                 async with self.client:
@@ -281,10 +284,14 @@ class Link:
         self._waiting = None
         # paho's messages end with a full stop; ours add one.
         self._last_error = str(exc).rstrip(".")
+        said = getattr(self.client, "disconnect_text", None)
         if getattr(self.client, "disconnect_reason", None) == SESSION_TAKEN_OVER:
             self._last_error = (
                 f"session taken over: another client connected as {self.client.identifier!r}"
             )
+        elif said:
+            # An MQTT 5 broker's reason string says more than paho's name for the reason code.
+            self._last_error = f"{self._last_error} (the broker said: {said})"
         retry_ms = round(self.interval * 1000)
         if self.connected.is_set():
             # An established connection broke: always reported, exactly once.

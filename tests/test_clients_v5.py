@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -186,3 +187,17 @@ def test_a_broker_that_hangs_up_on_everyone_keeps_the_clients_on_mqtt5(
     echo.wait_for(r"Subscribed to /ping\.", 10)
     assert "falling back" not in echo.err()
     broker.wait_for(r"Client echo_client-\w+ connected from .* \(MQTT 5\.0\)\.")
+
+
+def test_the_clients_log_the_reason_the_broker_gave(spawn: Spawner, port: int) -> None:
+    """An MQTT 5 DISCONNECT's reason string (section 3.14.2.2.2) goes into the client's one
+    line about the lost connection: here, the broker shutting down on SIGTERM."""
+    broker = spawn.broker(port)
+    echo = spawn.start("echo_client", "--port", str(port), name="echo")
+    echo.wait_for(r"Subscribed to /ping\.")
+    broker.signal(signal.SIGTERM)
+    assert broker.wait(10) == 0
+    echo.wait_for(
+        r"Lost connection to 127\.0\.0\.1:\d+: .*\(the broker said: server shutting down\)\. "
+        r"Retrying every 100 ms\."
+    )

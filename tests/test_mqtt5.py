@@ -6,6 +6,7 @@ Each test names the section or statement of the MQTT 5.0 specification it checks
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ import pytest
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import Closed, RawClient
-from tests.support import Proc, Spawner, free_port
+from tests.support import Proc, Spawner, free_port, wait_until
 
 _ids = itertools.count()
 Q0, Q1, Q2 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE
@@ -89,13 +90,17 @@ class V5:
         return got
 
     def disconnect_reason(self, timeout: float = 5.0) -> int:
-        """Wait for the broker's DISCONNECT and the close; return its reason code."""
+        """Wait for the broker's DISCONNECT and the close; return its reason code.
+
+        The DISCONNECT itself is kept as ``self.disconnect``.
+        """
         reason = None
         try:
             while True:
                 packet = self.read(timeout)
                 if isinstance(packet, mqtt5.DisconnectPacket):
                     reason = int(packet.reason_code)
+                    self.disconnect = packet
         except Closed:
             pass
         assert reason is not None, "closed without DISCONNECT"
@@ -148,12 +153,47 @@ def test_a_take_over_tells_the_old_connection_0x8e(port: int) -> None:
     first = client(port, cid)
     client(port, cid)
     assert first.disconnect_reason() == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER
+    # Section 3.14.2.2.2: a reason string, for people diagnosing.
+    assert first.disconnect.reason_str is not None
+    assert re.fullmatch(r"session taken over by a connection from 127\.0\.0\.1:\d+",
+                        first.disconnect.reason_str)  # fmt: skip
 
 
 def test_a_silent_client_is_told_0x8d(port: int) -> None:
     """[MQTT-3.1.2-22]: keep alive timeout, 1.5 x the keep alive."""
     c = client(port, keep_alive=1)
     assert c.disconnect_reason(8) == mqtt5.DisconnectReasonCode.KEEP_ALIVE_TIMEOUT
+    assert c.disconnect.reason_str == "silent for more than 1.5 s [MQTT-3.1.2-24]"
+
+
+def test_a_keep_alive_over_the_cap_is_replaced_by_the_server_keep_alive(spawn: Spawner) -> None:
+    """Section 3.2.2.3.14: a client asking for more than --max-keepalive, or for none, is told
+    the broker's in CONNACK and held to it; one within it is left alone, as 3.1.1 clients are
+    (as mosquitto's max_keepalive)."""
+    port = free_port()
+    spawn.broker(port, "--max-keepalive", "2")
+    within = V5(port).connect(uid("within"), keep_alive=1)
+    assert within.server_keep_alive is None
+    old = RawClient(port)
+    assert old.connect(uid("v311"), keepalive=0) == (False, 0)
+    capped = [V5(port), V5(port)]
+    for c, asked in zip(capped, (0, 60), strict=True):
+        assert c.connect(uid("capped"), keep_alive=asked).server_keep_alive == 2
+    for c in capped:
+        # Silent: closed after 1.5 x the server keep alive, not the 90 s one asked for.
+        assert c.disconnect_reason(8) == mqtt5.DisconnectReasonCode.KEEP_ALIVE_TIMEOUT
+        assert c.disconnect.reason_str == "silent for more than 3 s [MQTT-3.1.2-24]"
+    # 3.1.1: no keep alive asked, none imposed; silent as long as the others, still served.
+    assert not old.closed_within(0.5)
+    assert old.barrier() == []
+
+
+def test_a_reason_string_never_makes_a_packet_larger_than_the_client_accepts(port: int) -> None:
+    """[MQTT-3.14.2-3]: the reason string is left out when the packet would exceed the client's
+    maximum packet size; the reason code still tells."""
+    c = client(port, keep_alive=1, max_packet_size=16)
+    assert c.disconnect_reason(8) == mqtt5.DisconnectReasonCode.KEEP_ALIVE_TIMEOUT
+    assert c.disconnect.reason_str is None
 
 
 def test_a_malformed_packet_is_told_0x81_and_the_broker_stays_well(
@@ -166,6 +206,10 @@ def test_a_malformed_packet_is_told_0x81_and_the_broker_stays_well(
     good = mqtt5.PublishPacket("t", b"x", user_properties=[("key", "vv")]).write()
     c.raw.send(good.replace(b"vv", b"\xff\xfe"))
     assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.MALFORMED_PACKET
+    # The reason string is the broker's log line, for the client's side of the story.
+    why = c.disconnect.reason_str
+    assert why
+    wait_until(lambda: f"closed: {why}." in proc.err(), 5, "the broker's log line")
     assert client(port).barrier() == []
     assert "Traceback" not in proc.err()
     assert "PanicException" not in proc.err()

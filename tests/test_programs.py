@@ -180,3 +180,20 @@ def test_our_shutdown_bounds_act_before_supervisords() -> None:
     }
     for program, bound in bounds.items():
         assert conf.getfloat(f"program:{program}", "stopwaitsecs") >= bound + 1.0, program
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--max-keepalive", "70000"], {}, "must be <= 65535 (a two-byte field), got 70000"),
+        ([], {"MQTT_MAX_KEEPALIVE": "0"}, "MQTT_MAX_KEEPALIVE='0': must be >= 1, got 0"),
+    ],
+    ids=["flag", "env"],
+)
+def test_broker_rejects_a_keepalive_cap_out_of_range(
+    spawn: Spawner, args: list[str], env: dict[str, str], needle: str
+) -> None:
+    result = spawn.run("broker", *args, env=base_env(**env), timeout=10)
+    assert result.returncode == 64
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert needle in result.stderr, result.stderr
