@@ -126,9 +126,10 @@ class Link:
         if self._waiting is not None:
             what, since = self._waiting
             waited = self._clock() - since
-            # Between quick failures (a refused connection) the last error says more than the
-            # attempt under way for a few milliseconds.
-            if what == "CONNACK" and self._last_error is not None and waited < 1.0:
+            # Between quick failures (a refused connection, garbage after CONNACK) the last
+            # error says more than the attempt under way for a few milliseconds, whichever
+            # answer (CONNACK or SUBACK) it waits for.
+            if self._last_error is not None and waited < 1.0:
                 return self._last_error
             return f"no {what} after {waited:.3g} s"
         return self._last_error or "no CONNACK yet"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import socket
 import threading
 
+from common.client import ClientSettings, make_client
+from common.reconnect import Link
 from tests.support import Proc, Spawner, wait_until
 
 
@@ -121,3 +124,21 @@ def test_a_crash_looping_broker_is_not_taken_for_a_shared_id(spawn: Spawner, por
         echo.wait_for(rf"(Lost connection(.|\n)*){{{cycle}}}")
     assert echo.count("Is another client using the id") == 0, echo.err()
     assert echo.count("Retrying in") == 0, echo.err()
+
+
+def test_between_quick_failures_the_verdict_is_the_last_error() -> None:
+    """A deadline that falls a few milliseconds into the next attempt names what failed the
+    last one, not the answer the new attempt has barely started to wait for (CI saw `no
+    SUBACK for /pong after 0.000141 s` for a broker that sends garbage after CONNACK)."""
+
+    async def check() -> None:  # aiomqtt makes its client inside a running loop
+        link = Link(make_client(ClientSettings()), address="127.0.0.1:1", interval=0.1,
+                    clock=lambda: 100.0)  # fmt: skip
+        link._last_error = "connection closed before SUBACK (Protocol error)"
+        for stage in ("CONNACK", "SUBACK for /pong"):
+            link._waiting = (stage, 100.0 - 0.0002)
+            assert link.problem() == "connection closed before SUBACK (Protocol error)"
+        link._waiting = ("SUBACK for /pong", 100.0 - 3)
+        assert link.problem() == "no SUBACK for /pong after 3 s"
+
+    asyncio.run(check())
