@@ -763,11 +763,13 @@ class Connection(asyncio.Protocol):
                     ).write()
                 )
             return
-        # A QoS 0 PUBLISH without RETAIN, topic alias or expiry is, as received, what an MQTT 5
+        # A QoS 0 PUBLISH without RETAIN or topic alias is, as received, what an MQTT 5
         # subscriber with no subscription identifier gets: forwarded in the bytes it came in.
+        # Its message expiry too: it is routed in this same callback, so the time left, rounded
+        # up to whole seconds [MQTT-3.3.2-6], is still the interval it came with.
         same = (
             frame.raw if qos == 0 and not packet.retain and packet.topic_alias is None
-            and packet.message_expiry_interval is None else None
+            else None
         )  # fmt: skip
         matched = self._route(session, topic, payload, qos, retain=packet.retain, props=props,
                               frame5=same)  # fmt: skip

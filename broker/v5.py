@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 import struct
 import time
-from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, NamedTuple, cast
 
 import mqtt5
 
 from broker.protocol import (
+    _FORBIDDEN,
     AUTH,
     CONNECT,
     DISCONNECT,
@@ -125,14 +125,7 @@ def _check_strings(frame: Frame) -> None:
         if flags & 0x80:
             _, offset = _string(body, offset, "user name")
     elif kind == PUBLISH:
-        if len(body) < 2:
-            raise ProtocolViolation("PUBLISH topic: truncated length", "MQTT-1.5.3")
-        offset = 2 + (body[0] << 8 | body[1])
-        if offset > 2:  # not empty: an empty topic comes with a topic alias
-            _topic_name(body[:offset])  # checked once per distinct topic
-        if frame.flags & 0b0110:
-            offset += 2
-        _properties(body, offset, name)
+        _check_publish_frame(frame)
     elif kind in (SUBSCRIBE, UNSUBSCRIBE):
         offset = _properties(body, 2, name)
         while offset < len(body):
@@ -145,6 +138,25 @@ def _check_strings(frame: Frame) -> None:
         _properties(body, 3, name)
     elif kind in (DISCONNECT, AUTH) and len(body) > 1:
         _properties(body, 1, name)
+
+
+def _check_publish_frame(frame: Frame) -> None:
+    body = frame.body
+    if len(body) < 2:
+        raise ProtocolViolation("PUBLISH topic: truncated length", "MQTT-1.5.3")
+    offset = 2 + (body[0] << 8 | body[1])
+    if offset > 2:  # not empty: an empty topic comes with a topic alias
+        _topic_name(body[:offset])  # checked once per distinct topic
+    if frame.flags & 0b0110:
+        offset += 2
+    # The hot path: a property list of ASCII bytes only holds no invalid UTF-8, so the codec
+    # cannot panic on it; what is left to check is a control character in one of its strings,
+    # done on the decoded packet (:func:`_check_publish_strings`).
+    if offset < len(body) and body[offset] < 0x80:
+        end = offset + 1 + body[offset]
+        if end <= len(body) and body[offset + 1 : end].isascii():
+            return
+    _properties(body, offset, "PUBLISH")
 
 
 def read(frame: Frame) -> Packet:
@@ -162,11 +174,30 @@ def read(frame: Frame) -> Packet:
         raise ProtocolViolation(f"malformed {frame.name}", "MQTT-1.3 (v5)") from None
     if used != len(frame.raw):
         raise ProtocolViolation(f"{frame.name} has bytes after its end", "MQTT-1.3 (v5)")
+    if isinstance(packet, mqtt5.PublishPacket):
+        _check_publish_strings(packet)
     return cast("Packet", packet)
 
 
-@dataclass(frozen=True, slots=True)
-class Props:
+def _check_publish_strings(packet: mqtt5.PublishPacket) -> None:
+    """Check a PUBLISH's property strings for what valid UTF-8 may still hold (section 1.5.4)."""
+    for what, text in (("content type", packet.content_type),
+                       ("response topic", packet.response_topic)):  # fmt: skip
+        if text is not None and _FORBIDDEN.search(text):
+            _string(struct.pack("!H", len(text.encode())) + text.encode(), 0, f"PUBLISH {what}")
+    response = packet.response_topic
+    if response is not None and ("+" in response or "#" in response or not response):
+        # [MQTT-3.3.2-14]: the response topic is a topic name, and names have no wildcards.
+        raise ProtocolViolation(f"response topic {response!r} is not a topic name",
+                                "MQTT-3.3.2-14", code=0x82)  # fmt: skip
+    for key, value in packet.user_properties:
+        for text in (key, value):
+            if _FORBIDDEN.search(text):
+                _string(struct.pack("!H", len(text.encode())) + text.encode(), 0,
+                        "PUBLISH user property")  # fmt: skip
+
+
+class Props(NamedTuple):
     """The MQTT 5 properties a message carries from its publisher to its subscribers."""
 
     payload_format_indicator: int = 0
@@ -181,15 +212,14 @@ class Props:
     def of(cls, publish: mqtt5.PublishPacket | mqtt5.Will, now: float) -> Props | None:
         """Return the properties of a received PUBLISH (or will), or None when it has none."""
         expiry = publish.message_expiry_interval
-        props = cls(
-            publish.payload_format_indicator,
-            publish.content_type,
-            publish.response_topic,
-            publish.correlation_data,
-            tuple(publish.user_properties),
-            None if expiry is None else now + expiry,
-        )
-        return None if props == EMPTY else props
+        indicator, content_type = publish.payload_format_indicator, publish.content_type
+        response_topic, correlation = publish.response_topic, publish.correlation_data
+        users = publish.user_properties
+        if (expiry is None and not indicator and content_type is None and response_topic is None
+                and correlation is None and not users):  # fmt: skip
+            return None  # the common case, without building anything
+        return cls(indicator, content_type, response_topic, correlation, tuple(users),
+                   None if expiry is None else now + expiry)  # fmt: skip
 
     def remaining(self, now: float) -> int | None:
         """Seconds of expiry left (rounded up), None when it never expires."""

@@ -462,3 +462,33 @@ def test_a_packet_over_the_maximum_is_told_0x95(port: int) -> None:
     c = client(port)
     c.raw.send(b"\x30" + m.remaining_length(268_435_455))
     assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.PACKET_TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    ("properties", "reason"),
+    [
+        ({"response_topic": "/reply/+"}, mqtt5.DisconnectReasonCode.PROTOCOL_ERROR),
+        ({"response_topic": "/re\x01ply"}, mqtt5.DisconnectReasonCode.MALFORMED_PACKET),
+        ({"content_type": "text/\x7f"}, mqtt5.DisconnectReasonCode.MALFORMED_PACKET),
+        ({"user_properties": [("k", "v\x1b[31m")]}, mqtt5.DisconnectReasonCode.MALFORMED_PACKET),
+    ],
+    ids=[
+        "wildcard-response-topic",
+        "control-in-response-topic",
+        "del-in-content-type",
+        "escape-in-user-property",
+    ],
+)
+def test_property_strings_of_a_publish_are_checked(
+    port: int, properties: dict[str, object], reason: int
+) -> None:
+    """[MQTT-3.3.2-14]: a response topic is a topic name; section 1.5.4: control characters in
+    any string close the connection, as in 3.1.1, also on the codec's fast path (ASCII)."""
+    c = client(port)
+    if properties.get("response_topic") == "/reply/+":
+        # mqtt5 refuses to encode it: a valid one, then the wildcard in its place.
+        c.raw.send(mqtt5.PublishPacket("t", b"x", response_topic="/reply/x").write()
+                   .replace(b"/reply/x", b"/reply/+"))  # fmt: skip
+    else:
+        c.send(mqtt5.PublishPacket("t", b"x", **properties))  # type: ignore[arg-type]
+    assert c.disconnect_reason() == reason
