@@ -492,7 +492,7 @@ class Connection(asyncio.Protocol):
             self._on_connect(frame)
             return
         if self.v5:
-            self._handle_v5(session, v5.read(frame), frame)
+            self._handle_v5_frame(session, frame)
             return
         if kind == PUBLISH:  # the hot path first
             self._on_publish(session, protocol.check_publish(frame))
@@ -661,6 +661,18 @@ class Connection(asyncio.Protocol):
             server_keep_alive=self._server_keep_alive,
         ).write()
 
+    def _handle_v5_frame(self, session: Session, frame: Frame) -> None:
+        if frame.packet_type == PUBLISH:
+            plain = v5.plain_publish(frame)
+            if plain is not None:
+                # The hot path: no properties, nothing for the codec to build.
+                self.hub.counters.received += 1
+                self._accept_v5(session, plain.topic, plain.qos, plain.packet_id or 0,
+                                plain.payload, retain=plain.retain, props=None,
+                                same=plain.raw)  # fmt: skip
+                return
+        self._handle_v5(session, v5.read(frame), frame)
+
     def _handle_v5(self, session: Session, packet: v5.Packet, frame: Frame) -> None:  # noqa: PLR0912
         match packet:
             case mqtt5.PublishPacket():
@@ -744,6 +756,22 @@ class Connection(asyncio.Protocol):
                 self.send(mqtt5.PubRecPacket(packet_id, reason_code=refused).write())
             return
         props = Props.of(packet, time.monotonic())
+        # A QoS 0 PUBLISH without RETAIN or topic alias is, as received, what an MQTT 5
+        # subscriber with no subscription identifier gets: forwarded in the bytes it came in.
+        # Its message expiry too: it is routed in this same callback, so the time left, rounded
+        # up to whole seconds [MQTT-3.3.2-6], is still the interval it came with.
+        same = (
+            frame.raw if qos == 0 and not packet.retain and packet.topic_alias is None
+            else None
+        )  # fmt: skip
+        self._accept_v5(session, topic, qos, packet_id, payload, retain=packet.retain,
+                        props=props, same=same)  # fmt: skip
+
+    def _accept_v5(
+        self, session: Session, topic: str, qos: int, packet_id: int, payload: bytes, *,
+        retain: bool, props: Props | None, same: bytes | None,
+    ) -> None:  # fmt: skip
+        """Take a checked MQTT 5 PUBLISH: route it, or keep it for PUBREL; acknowledge it."""
         if qos == 2:
             if packet_id not in session.inflight_in:
                 if len(session.inflight_in) >= self.limits.max_queued:
@@ -751,8 +779,8 @@ class Connection(asyncio.Protocol):
                         f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
                         "MQTT-3.3.4-9", code=RECEIVE_MAXIMUM_EXCEEDED,
                     )  # fmt: skip
-                session.inflight_in[packet_id] = Incoming(packet_id, topic, 2, payload,
-                                                          packet.retain, props)  # fmt: skip
+                session.inflight_in[packet_id] = Incoming(packet_id, topic, 2, payload, retain,
+                                                          props)  # fmt: skip
             plain, shared = self.hub.state.matches(topic)
             if plain or shared:
                 self.send(encode_ack(PUBREC, packet_id))
@@ -763,15 +791,7 @@ class Connection(asyncio.Protocol):
                     ).write()
                 )
             return
-        # A QoS 0 PUBLISH without RETAIN or topic alias is, as received, what an MQTT 5
-        # subscriber with no subscription identifier gets: forwarded in the bytes it came in.
-        # Its message expiry too: it is routed in this same callback, so the time left, rounded
-        # up to whole seconds [MQTT-3.3.2-6], is still the interval it came with.
-        same = (
-            frame.raw if qos == 0 and not packet.retain and packet.topic_alias is None
-            else None
-        )  # fmt: skip
-        matched = self._route(session, topic, payload, qos, retain=packet.retain, props=props,
+        matched = self._route(session, topic, payload, qos, retain=retain, props=props,
                               frame5=same)  # fmt: skip
         if qos == 1:
             if matched:

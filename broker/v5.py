@@ -34,8 +34,10 @@ from broker.protocol import (
     UNSUBSCRIBE,
     Frame,
     ProtocolViolation,
+    Publish,
     _binary,
     _check_filter,
+    _packet_id,
     _string,
     _topic_name,
     remaining_length,
@@ -157,6 +159,30 @@ def _check_publish_frame(frame: Frame) -> None:
         if end <= len(body) and body[offset + 1 : end].isascii():
             return
     _properties(body, offset, "PUBLISH")
+
+
+def plain_publish(frame: Frame) -> Publish | None:
+    """Read a PUBLISH without properties the way our 3.1.1 codec reads one; else None.
+
+    Such a PUBLISH is the 3.1.1 one with a zero where the property length goes: the same
+    checks apply, topic names included, and nothing is left for ``mqtt5`` to decode. Most
+    telemetry looks like this. Anything else (properties, a topic alias, a malformed packet)
+    returns None, for :func:`read`. ``raw`` is set when the packet, as received, is what an
+    MQTT 5 QoS 0 subscriber gets (QoS 0, RETAIN 0).
+    """
+    raw, start, flags = frame.raw, frame.offset, frame.flags
+    if start + 2 > len(raw):
+        return None
+    end = start + 2 + (raw[start] << 8 | raw[start + 1])
+    qos = (flags >> 1) & 0b11
+    at = end + 2 if qos else end  # the property length
+    if end == start + 2 or at >= len(raw) or raw[at] != 0 or qos == 3:
+        return None
+    if qos == 0 and flags & 0b1000:
+        raise ProtocolViolation("PUBLISH with DUP set at QoS 0", "MQTT-3.3.1-2")
+    topic = _topic_name(raw[start:end])
+    packet_id = _packet_id(raw, end, "PUBLISH") if qos else None
+    return Publish(topic, raw[at + 1 :], qos, bool(flags & 1), packet_id, None if flags else raw)
 
 
 def read(frame: Frame) -> Packet:

@@ -201,3 +201,33 @@ def decode(frame: Frame) -> object:
     if frame.packet_type == m.CONNECT:
         return protocol.decode_connect(frame)
     return protocol.check(frame, connected=True)
+
+
+@given(publishes, st.booleans())
+def test_a_v5_publish_without_properties_reads_as_the_codec_reads_it(
+    publish: tuple[str, bytes, int, int, bool], with_properties: bool
+) -> None:
+    """broker.v5.plain_publish, the MQTT 5 hot path, agrees with the ``mqtt5`` codec on every
+    PUBLISH without properties, and leaves every other one to the codec."""
+    import mqtt5  # noqa: PLC0415 - the MQTT 5 half of this module's subject
+
+    from broker import v5  # noqa: PLC0415
+
+    topic, payload, qos, packet_id, retain = publish
+    extra = {"user_properties": [("k", "v")]} if with_properties else {}
+    raw = mqtt5.PublishPacket(
+        topic, payload, qos=mqtt5.QoS(qos), retain=retain, packet_id=packet_id if qos else None,
+        **extra,  # type: ignore[arg-type]
+    ).write()  # fmt: skip
+    (frame,) = frames_of([raw])
+    plain = v5.plain_publish(frame)
+    if with_properties:
+        assert plain is None
+        return
+    decoded = v5.read(frame)
+    assert isinstance(decoded, mqtt5.PublishPacket)
+    assert plain is not None
+    assert (plain.topic, plain.payload, plain.qos, plain.retain, plain.packet_id) == (
+        decoded.topic, decoded.payload, int(decoded.qos), decoded.retain, decoded.packet_id,
+    )  # fmt: skip
+    assert plain.raw == (raw if qos == 0 and not retain else None)
