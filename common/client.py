@@ -375,6 +375,11 @@ def fallback(
     return lambda: make_client(settings, 4, manual_ack=manual_ack)
 
 
+def timed_out(exc: aiomqtt.MqttError) -> bool:
+    """Tell whether ``exc`` is aiomqtt's own timeout (it has no type of its own, only words)."""
+    return str(exc) == "Operation timed out"
+
+
 def closed_before_connack(exc: aiomqtt.MqttError) -> bool:
     """Tell whether the broker hung up on a CONNECT without answering it.
 

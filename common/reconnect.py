@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import aiomqtt
 import paho.mqtt.client as mqtt
 
-from common.client import closed_before_connack, refuses_mqtt5
+from common.client import closed_before_connack, refuses_mqtt5, timed_out
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Link:
                     raise
                 raise aiomqtt.MqttError(f"connection closed before SUBSCRIBE {topic}") from None
             except aiomqtt.MqttError as exc:
-                if str(exc) != "Operation timed out":  # aiomqtt's words for its own timeout
+                if not timed_out(exc):
                     raise
                 raise aiomqtt.MqttError(
                     f"no SUBACK for {topic} within {self.suback_timeout:g} s"

@@ -22,6 +22,7 @@ from common.client import (
     client_settings,
     fallback,
     make_client,
+    timed_out,
 )
 from common.constants import EXIT_OK
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
@@ -200,7 +201,7 @@ class Echo:
                 topic, payload, qos=self.settings.client.qos, properties=properties
             )
         except aiomqtt.MqttError as exc:
-            if str(exc) != "Operation timed out":  # aiomqtt's words for its own timeout
+            if not timed_out(exc):
                 raise
             raise aiomqtt.MqttError(
                 f"no acknowledgement for the echo of {show(payload)} within {client.timeout:g} s"
