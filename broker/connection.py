@@ -542,7 +542,8 @@ class Connection(asyncio.Protocol):
                 self.send(protocol.CONNACK_UNSUPPORTED_V5)
             elif exc.level is not None:
                 self.send(encode_connack(UNACCEPTABLE_PROTOCOL_VERSION))  # [MQTT-3.1.2-2]
-            logger.warning("Refused %s: %s; this broker speaks MQTT 3.1.1.", self.peer, exc)
+            logger.warning("Refused %s: %s; this broker speaks MQTT 3.1.1 and 5.0.", self.peer,
+                           exc)  # fmt: skip
             self.close(will=False)
             return
         if not connect.client_id and not connect.clean_session:
@@ -773,14 +774,7 @@ class Connection(asyncio.Protocol):
     ) -> None:  # fmt: skip
         """Take a checked MQTT 5 PUBLISH: route it, or keep it for PUBREL; acknowledge it."""
         if qos == 2:
-            if packet_id not in session.inflight_in:
-                if len(session.inflight_in) >= self.limits.max_queued:
-                    raise ProtocolViolation(
-                        f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
-                        "MQTT-3.3.4-9", code=RECEIVE_MAXIMUM_EXCEEDED,
-                    )  # fmt: skip
-                session.inflight_in[packet_id] = Incoming(packet_id, topic, 2, payload, retain,
-                                                          props)  # fmt: skip
+            self._keep_for_pubrel(session, Incoming(packet_id, topic, 2, payload, retain, props))
             plain, shared = self.hub.state.matches(topic)
             if plain or shared:
                 self.send(encode_ack(PUBREC, packet_id))
@@ -863,17 +857,9 @@ class Connection(asyncio.Protocol):
         packet_id = publish.packet_id or 0
         if publish.qos == 2:
             # Kept until PUBREL, then delivered once however often it is resent [MQTT-4.3.3-2].
-            if packet_id not in session.inflight_in:
-                if len(session.inflight_in) >= self.limits.max_queued:
-                    # Each waits for its PUBREL in memory; a client that never sends one must
-                    # not grow the broker without bound (MQTT 5 calls this receive maximum).
-                    raise ProtocolViolation(
-                        f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
-                        "server limit --max-queued",
-                    )
-                session.inflight_in[packet_id] = Incoming(
-                    packet_id, publish.topic, 2, publish.payload, publish.retain
-                )
+            self._keep_for_pubrel(
+                session, Incoming(packet_id, publish.topic, 2, publish.payload, publish.retain)
+            )
             self.send(encode_ack(PUBREC, packet_id))
             return
         self._route(
@@ -883,6 +869,20 @@ class Connection(asyncio.Protocol):
         if publish.qos == 1:
             # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; it is already on its way.
             self.send(encode_ack(PUBACK, packet_id))
+
+    def _keep_for_pubrel(self, session: Session, message: Incoming) -> None:
+        """Keep a QoS 2 message until its PUBREL, once however often it is resent."""
+        if message.packet_id in session.inflight_in:
+            return
+        if len(session.inflight_in) >= self.limits.max_queued:
+            # Each waits for its PUBREL in memory; a client that never sends one must not grow
+            # the broker without bound (MQTT 5 calls this receive maximum, 0x93).
+            raise ProtocolViolation(
+                f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
+                "MQTT-3.3.4-9" if self.v5 else "server limit --max-queued",
+                code=RECEIVE_MAXIMUM_EXCEEDED,
+            )
+        session.inflight_in[message.packet_id] = message
 
     def _on_pubrel(self, session: Session, packet_id: int) -> None:
         # After a reconnect the client resends PUBREL for a message stored before: deliver it

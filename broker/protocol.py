@@ -93,6 +93,12 @@ def _string(body: bytes, offset: int, what: str) -> tuple[str, int]:
         text = body[offset + 2 : end].decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolViolation(f"{what}: invalid UTF-8", "MQTT-1.5.3-1") from None
+    check_text(text, what)
+    return text, end
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse what valid UTF-8 may still hold: U+0000, control and non-characters (1.5.3)."""
     bad = _FORBIDDEN.search(text)
     if bad is not None:
         char = ord(bad.group())
@@ -100,7 +106,6 @@ def _string(body: bytes, offset: int, what: str) -> tuple[str, int]:
             raise ProtocolViolation(f"{what}: contains U+0000", "MQTT-1.5.3-2")
         kind = "a control character" if char <= 0x9F else "a non-character"
         raise ProtocolViolation(f"{what}: contains {kind}, U+{char:04X}", "MQTT-1.5.3")
-    return text, end
 
 
 # Section 1.5.3: U+0000 must not appear; control characters (U+0001-U+001F, U+007F-U+009F) and
@@ -193,7 +198,8 @@ def check_publish(frame: Frame) -> Publish:
     return _check_publish(frame.flags, frame.raw, frame.offset)
 
 
-def _check_publish(flags: int, raw: bytes, start: int) -> Publish:
+def _check_publish(flags: int, raw: bytes, start: int, *, properties: bool = False) -> Publish:
+    """Check and decode a PUBLISH; ``properties``: MQTT 5's, an empty list (one zero byte)."""
     qos = (flags >> 1) & 0b11
     if qos == 3:
         raise ProtocolViolation("PUBLISH with QoS 3", "MQTT-3.3.1-4")
@@ -205,10 +211,13 @@ def _check_publish(flags: int, raw: bytes, start: int) -> Publish:
     if offset > len(raw):
         raise ProtocolViolation("PUBLISH topic: truncated string", "MQTT-1.5.3")
     topic = _topic_name(raw[start:offset])
-    if not qos:
-        return Publish(topic, raw[offset:], 0, bool(flags & 1), None, None if flags else raw)
-    packet_id = _packet_id(raw, offset, "PUBLISH")
-    return Publish(topic, raw[offset + 2 :], qos, bool(flags & 1), packet_id)
+    packet_id = None
+    if qos:
+        packet_id = _packet_id(raw, offset, "PUBLISH")
+        offset += 2
+    if properties:
+        offset += 1
+    return Publish(topic, raw[offset:], qos, bool(flags & 1), packet_id, None if flags else raw)
 
 
 def _filters(body: bytes, what: str, *, with_qos: bool) -> list[tuple[str, int]]:

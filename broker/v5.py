@@ -20,7 +20,6 @@ from typing import Final, NamedTuple, cast
 import mqtt5
 
 from broker.protocol import (
-    _FORBIDDEN,
     AUTH,
     CONNECT,
     DISCONNECT,
@@ -37,9 +36,10 @@ from broker.protocol import (
     Publish,
     _binary,
     _check_filter,
-    _packet_id,
+    _check_publish,
     _string,
     _topic_name,
+    check_text,
     remaining_length,
     topic_name,
 )
@@ -178,11 +178,7 @@ def plain_publish(frame: Frame) -> Publish | None:
     at = end + 2 if qos else end  # the property length
     if end == start + 2 or at >= len(raw) or raw[at] != 0 or qos == 3:
         return None
-    if qos == 0 and flags & 0b1000:
-        raise ProtocolViolation("PUBLISH with DUP set at QoS 0", "MQTT-3.3.1-2")
-    topic = _topic_name(raw[start:end])
-    packet_id = _packet_id(raw, end, "PUBLISH") if qos else None
-    return Publish(topic, raw[at + 1 :], qos, bool(flags & 1), packet_id, None if flags else raw)
+    return _check_publish(flags, raw, start, properties=True)
 
 
 def read(frame: Frame) -> Packet:
@@ -209,18 +205,16 @@ def _check_publish_strings(packet: mqtt5.PublishPacket) -> None:
     """Check a PUBLISH's property strings for what valid UTF-8 may still hold (section 1.5.4)."""
     for what, text in (("content type", packet.content_type),
                        ("response topic", packet.response_topic)):  # fmt: skip
-        if text is not None and _FORBIDDEN.search(text):
-            _string(struct.pack("!H", len(text.encode())) + text.encode(), 0, f"PUBLISH {what}")
+        if text is not None:
+            check_text(text, f"PUBLISH {what}")
     response = packet.response_topic
     if response is not None and ("+" in response or "#" in response or not response):
         # [MQTT-3.3.2-14]: the response topic is a topic name, and names have no wildcards.
         raise ProtocolViolation(f"response topic {response!r} is not a topic name",
                                 "MQTT-3.3.2-14", code=0x82)  # fmt: skip
     for key, value in packet.user_properties:
-        for text in (key, value):
-            if _FORBIDDEN.search(text):
-                _string(struct.pack("!H", len(text.encode())) + text.encode(), 0,
-                        "PUBLISH user property")  # fmt: skip
+        check_text(key, "PUBLISH user property name")
+        check_text(value, "PUBLISH user property value")
 
 
 class Props(NamedTuple):
