@@ -27,6 +27,7 @@ from typing import Any, cast
 import mqtt5
 
 from broker import protocol, v5
+from broker import reasons as rc
 from broker.engine import Engine, Incoming, Match, Message, Session, SubOptions
 from broker.framing import Framer
 from broker.protocol import (
@@ -64,23 +65,6 @@ KEEPALIVE_GRACE = 1.5
 QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 """Above this many unsent bytes for a client, QoS 0 messages to it are dropped (at most once)."""
 
-# CONNACK return codes (section 3.2.2.3).
-UNACCEPTABLE_PROTOCOL_VERSION = 0x01
-IDENTIFIER_REJECTED = 0x02
-NOT_AUTHORIZED = 0x05
-# MQTT 5 reason codes the server sends as integers (section 2.4); the mqtt5 codec's enums are
-# used where a packet class takes one (they are not ints: DisconnectReasonCode(enum) fails).
-NO_SUBSCRIPTION_EXISTED = 0x11
-IMPLEMENTATION_SPECIFIC_ERROR = 0x83
-BAD_USER_NAME_OR_PASSWORD_V5 = 0x86
-NOT_AUTHORIZED_V5 = 0x87
-SERVER_SHUTTING_DOWN = 0x8B
-KEEP_ALIVE_TIMEOUT = 0x8D
-SESSION_TAKEN_OVER = 0x8E
-PROTOCOL_ERROR = 0x82
-RECEIVE_MAXIMUM_EXCEEDED = 0x93
-TOPIC_ALIAS_INVALID = 0x94
-PAYLOAD_FORMAT_INVALID = 0x99
 NEVER_EXPIRES = 0xFFFFFFFF
 TOPIC_ALIAS_MAXIMUM = 32
 """Topic aliases an MQTT 5 client may set up per connection."""
@@ -234,7 +218,8 @@ class Hub:
         self.publish(will.topic, will.payload, will.qos, retain=will.retain, props=props)
         if will.retain:
             self.spawn(
-                self.state.retain(session, will.topic, will.payload, will.qos), "retain will"
+                self.state.retain(session, will.topic, will.payload, will.qos, props),
+                "retain will",
             )
 
     def queue(self, session: Session, message: Message) -> None:
@@ -273,7 +258,7 @@ class Hub:
             # [MQTT-3.1.4-2]: the server disconnects the existing client first.
             logger.info("Client %s connected again: closing its previous connection.", client_id)
             why = f"session taken over by a connection from {connection.peer}"
-            previous.close(will=True, reason=SESSION_TAKEN_OVER, why=why)
+            previous.close(will=True, reason=rc.SESSION_TAKEN_OVER, why=why)
         expiry = self._expiry.pop(client_id, None)
         if expiry is not None:
             expiry.cancel()
@@ -350,7 +335,7 @@ class Hub:
         for timer in [*self._expiry.values(), *(t for t, _ in self._wills.values())]:
             timer.cancel()
         for connection in list(self.connections):
-            connection.close(will=False, reason=SERVER_SHUTTING_DOWN, why="server shutting down")
+            connection.close(will=False, reason=rc.SERVER_SHUTTING_DOWN, why="server shutting down")
         if self.connections:
             self._all_closed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -470,11 +455,7 @@ class Connection(asyncio.Protocol):
                 handled = True
                 self._handle(frame)
             except ProtocolViolation as exc:
-                if self.session is None:
-                    logger.warning("Closed %s: %s.", self.peer, exc)
-                else:
-                    logger.warning("Client %s closed: %s.", self.name, exc)
-                self.close(will=True, reason=exc.code, why=str(exc))
+                self._violated(exc)
                 return
             except Exception as exc:  # noqa: BLE001 - one packet's bug ends one connection
                 self._internal_error(exc)
@@ -541,13 +522,13 @@ class Connection(asyncio.Protocol):
                 # In the form a newer client can read: MQTT 5's CONNACK, 0x84 (section 3.2.2.2).
                 self.send(protocol.CONNACK_UNSUPPORTED_V5)
             elif exc.level is not None:
-                self.send(encode_connack(UNACCEPTABLE_PROTOCOL_VERSION))  # [MQTT-3.1.2-2]
+                self.send(encode_connack(rc.UNACCEPTABLE_PROTOCOL_VERSION_311))  # [MQTT-3.1.2-2]
             logger.warning("Refused %s: %s; this broker speaks MQTT 3.1.1 and 5.0.", self.peer,
                            exc)  # fmt: skip
             self.close(will=False)
             return
         if not connect.client_id and not connect.clean_session:
-            self.send(encode_connack(IDENTIFIER_REJECTED))
+            self.send(encode_connack(rc.IDENTIFIER_REJECTED_311))
             logger.warning(
                 "Refused %s: empty client id without clean session [MQTT-3.1.3-8].", self.peer
             )
@@ -571,10 +552,10 @@ class Connection(asyncio.Protocol):
                 "Client %s from %s refused: not authorized.", session.client_id, self.peer
             )
             if self.v5:
-                code = BAD_USER_NAME_OR_PASSWORD_V5 if connect.username else NOT_AUTHORIZED_V5
+                code = rc.BAD_USER_NAME_OR_PASSWORD if connect.username else rc.NOT_AUTHORIZED
                 self.send(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode(code)).write())
             else:
-                self.send(encode_connack(NOT_AUTHORIZED))
+                self.send(encode_connack(rc.NOT_AUTHORIZED_311))
             self.close(will=False)
             return
         if self._ended:
@@ -681,21 +662,21 @@ class Connection(asyncio.Protocol):
             case mqtt5.PubAckPacket():
                 self._on_ack(session, packet.packet_id, qos=1)
             case mqtt5.PubRecPacket():
-                if packet.reason_code >= 0x80:
-                    session.inflight_out.pop(packet.packet_id, None)
-                    self._pump(session)
-                else:
-                    self._on_pubrec(session, packet.packet_id)
+                self._on_pubrec(session, packet.packet_id, refused=rc.failed(packet.reason_code))
             case mqtt5.PubRelPacket():
                 self._on_pubrel(session, packet.packet_id)
             case mqtt5.PubCompPacket():
                 self._on_ack(session, packet.packet_id, qos=2)
             case mqtt5.SubscribePacket():
+                # Checked whole before any filter is subscribed: a protocol error subscribes
+                # none of them.
+                for wanted in packet.topic_filters:
+                    _check_shared(wanted)
                 self._start(self._subscribe_v5(session, packet), "subscribe")
             case mqtt5.UnsubscribePacket():
                 engine = self.hub.state
                 codes = [mqtt5.UnsubAckReasonCode(0 if engine.unsubscribe(session, p) else
-                                                  NO_SUBSCRIPTION_EXISTED)
+                                                  rc.NO_SUBSCRIPTION_EXISTED)
                          for p in packet.patterns]  # fmt: skip
                 self.send(mqtt5.UnsubAckPacket(packet.packet_id, codes).write())
             case mqtt5.PingReqPacket():
@@ -706,19 +687,17 @@ class Connection(asyncio.Protocol):
                     if self.expiry == 0 and expiry:
                         raise ProtocolViolation(
                             "session expiry set at DISCONNECT after 0 at CONNECT",
-                            "MQTT-3.14.2-2", code=PROTOCOL_ERROR,
+                            "MQTT-3.14.2-2", code=rc.PROTOCOL_ERROR,
                         )  # fmt: skip
                     self.expiry = expiry
                     session.clean_session = expiry == 0
                 # 0x04: disconnect with will message; any other reason discards it.
-                with_will = (
-                    packet.reason_code == mqtt5.DisconnectReasonCode.DISCONNECT_WITH_WILL_MESSAGE
-                )
+                with_will = rc.value(packet.reason_code) == rc.DISCONNECT_WITH_WILL_MESSAGE
                 self._goodbye = not with_will
                 self.close(will=with_will)
             case _:  # AUTH without an authentication method in CONNECT
                 raise ProtocolViolation(f"unexpected {type(packet).__name__}", "MQTT-4.12.0-1",
-                                        code=PROTOCOL_ERROR)  # fmt: skip
+                                        code=rc.PROTOCOL_ERROR)  # fmt: skip
 
     def _topic_of(self, packet: mqtt5.PublishPacket) -> str:
         """Return the PUBLISH's topic, through its topic alias if it has one (MQTT 5 3.3.2.3.4)."""
@@ -727,17 +706,17 @@ class Connection(asyncio.Protocol):
         if alias is not None:
             if not 0 < alias <= TOPIC_ALIAS_MAXIMUM:
                 raise ProtocolViolation(f"topic alias {alias} not in 1..{TOPIC_ALIAS_MAXIMUM}",
-                                        "MQTT-3.3.2-9", code=TOPIC_ALIAS_INVALID)  # fmt: skip
+                                        "MQTT-3.3.2-9", code=rc.TOPIC_ALIAS_INVALID)  # fmt: skip
             if topic:
                 self._aliases[alias] = topic
             elif alias in self._aliases:
                 topic = self._aliases[alias]
             else:
                 raise ProtocolViolation(f"topic alias {alias} was never set", "MQTT-3.3.4",
-                                        code=PROTOCOL_ERROR)  # fmt: skip
+                                        code=rc.PROTOCOL_ERROR)  # fmt: skip
         elif not topic:
             raise ProtocolViolation("PUBLISH with no topic and no alias", "MQTT-3.3.2-8",
-                                    code=PROTOCOL_ERROR)  # fmt: skip
+                                    code=rc.PROTOCOL_ERROR)  # fmt: skip
         return topic
 
     def _on_publish_v5(self, session: Session, packet: mqtt5.PublishPacket, frame: Frame) -> None:
@@ -748,7 +727,7 @@ class Connection(asyncio.Protocol):
             # MQTT 5 section 3.3.2.3.2: a "UTF-8" payload that is not: refused, 0x99.
             if qos == 0:
                 raise ProtocolViolation("payload marked UTF-8 is not", "MQTT-3.3.2-4",
-                                        code=PAYLOAD_FORMAT_INVALID)  # fmt: skip
+                                        code=rc.PAYLOAD_FORMAT_INVALID)  # fmt: skip
             if qos == 1:
                 reason = mqtt5.PubAckReasonCode.PAYLOAD_FORMAT_INVALID
                 self.send(mqtt5.PubAckPacket(packet_id, reason_code=reason).write())
@@ -803,14 +782,9 @@ class Connection(asyncio.Protocol):
         fresh: list[bool] = []
         for wanted in packet.topic_filters:
             pattern = wanted.pattern
-            shared = pattern.startswith("$share/")
-            if shared and (wanted.no_local or pattern.count("/") < 2
-                           or not pattern.split("/", 2)[1]):  # fmt: skip
-                raise ProtocolViolation(f"invalid shared subscription {pattern!r}",
-                                        "MQTT-3.8.3-4", code=PROTOCOL_ERROR)  # fmt: skip
             if any(_denied(pattern, deny) for deny in self.limits.deny_subscribe):
                 logger.info("Client %s may not subscribe to %s.", self.name, pattern)
-                codes.append(NOT_AUTHORIZED_V5)
+                codes.append(rc.NOT_AUTHORIZED)
                 fresh.append(False)
                 continue
             options = SubOptions(wanted.no_local, wanted.retain_as_published,
@@ -824,16 +798,18 @@ class Connection(asyncio.Protocol):
         reasons = [mqtt5.SubAckReasonCode(code) for code in codes]
         self.send(mqtt5.SubAckPacket(packet.packet_id, reasons).write())
         ids = (packet.subscription_id,) if packet.subscription_id else ()
+        now = time.monotonic()
         for wanted, granted, new in zip(packet.topic_filters, codes, fresh, strict=True):
             handling = wanted.retain_handling
-            if granted >= 0x80 or wanted.pattern.startswith("$share/"):
+            if rc.failed(granted) or wanted.pattern.startswith("$share/"):
                 continue  # no retained messages for a shared subscription (section 4.8.2)
             if handling == mqtt5.RetainHandling.SEND_NEVER or (
                 handling == mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS and not new
             ):
                 continue
-            for topic, payload, retained_qos in engine.retained(wanted.pattern):
-                self.deliver(topic, payload, min(granted, retained_qos), retain=True, ids=ids)
+            for topic, payload, retained_qos, props in engine.retained(wanted.pattern, now):
+                self.deliver(topic, payload, min(granted, retained_qos), retain=True,
+                             props=props, ids=ids)  # fmt: skip
 
     def _check_keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -847,7 +823,7 @@ class Connection(asyncio.Protocol):
         logger.warning(
             "Client %s closed: silent for more than %g s [MQTT-3.1.2-24].", self.name, self._limit
         )
-        self.close(will=True, reason=KEEP_ALIVE_TIMEOUT,
+        self.close(will=True, reason=rc.KEEP_ALIVE_TIMEOUT,
                    why=f"silent for more than {self._limit:g} s [MQTT-3.1.2-24]")  # fmt: skip
 
     # --- publishing -------------------------------------------------------------------------
@@ -880,7 +856,7 @@ class Connection(asyncio.Protocol):
             raise ProtocolViolation(
                 f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
                 "MQTT-3.3.4-9" if self.v5 else "server limit --max-queued",
-                code=RECEIVE_MAXIMUM_EXCEEDED,
+                code=rc.RECEIVE_MAXIMUM_EXCEEDED,
             )
         session.inflight_in[message.packet_id] = message
 
@@ -914,7 +890,7 @@ class Connection(asyncio.Protocol):
                                    origin=session.client_id, frame5=frame5)  # fmt: skip
         if retain:
             # [MQTT-3.3.1-5]: kept for future subscribers; an empty payload clears it [-10].
-            self._start(self.hub.state.retain(session, topic, payload, qos), "retain")
+            self._start(self.hub.state.retain(session, topic, payload, qos, props), "retain")
         return matched
 
     # --- delivering to this client ----------------------------------------------------------
@@ -993,21 +969,33 @@ class Connection(asyncio.Protocol):
             ack = "PUBACK" if qos == 1 else "PUBCOMP"
             raise ProtocolViolation(
                 f"{ack} for packet id {packet_id}, a QoS {message.qos} delivery",
-                "MQTT-4.3.2" if message.qos == 1 else "MQTT-4.3.3",
-            )
+                "MQTT-4.3.2" if message.qos == 1 else "MQTT-4.3.3", code=rc.PROTOCOL_ERROR,
+            )  # fmt: skip
         if qos == 2 and message.pubrec_packet is None:
             raise ProtocolViolation(
-                f"PUBCOMP for packet id {packet_id} before its PUBREC", "MQTT-4.3.3"
-            )
+                f"PUBCOMP for packet id {packet_id} before its PUBREC", "MQTT-4.3.3",
+                code=rc.PROTOCOL_ERROR,
+            )  # fmt: skip
         del session.inflight_out[packet_id]
         self._pump(session)
 
-    def _on_pubrec(self, session: Session, packet_id: int) -> None:
+    def _on_pubrec(self, session: Session, packet_id: int, *, refused: bool = False) -> None:
+        """PUBREC: the client has the QoS 2 message; PUBREL goes back (both versions).
+
+        ``refused`` (MQTT 5, a reason code of 0x80 or more): the client will not take it; the
+        flow ends there, without PUBREL, and the packet id is free again (section 4.3.3).
+        """
         message = session.inflight_out.get(packet_id)
         if message is not None and message.qos == 1:
             raise ProtocolViolation(
-                f"PUBREC for packet id {packet_id}, a QoS 1 delivery", "MQTT-4.3.2"
-            )
+                f"PUBREC for packet id {packet_id}, a QoS 1 delivery", "MQTT-4.3.2",
+                code=rc.PROTOCOL_ERROR,
+            )  # fmt: skip
+        if refused:
+            if message is not None:
+                del session.inflight_out[packet_id]
+                self._pump(session)
+            return
         if message is not None:
             message.pubrec_packet = True  # PUBREL is resent on reconnect, not PUBLISH
         # For an id we never used, PUBREL too, as mosquitto answers (and MQTT 5 does, 0x92).
@@ -1049,17 +1037,19 @@ class Connection(asyncio.Protocol):
         for topic_filter, qos in subscribe.filters:
             if any(_denied(topic_filter, pattern) for pattern in self.limits.deny_subscribe):
                 logger.info("Client %s may not subscribe to %s.", self.name, topic_filter)
-                codes.append(0x80)
+                codes.append(rc.SUBACK_FAILURE_311)
             else:
                 codes.append((await engine.subscribe(session, topic_filter, qos))[0])
         if self._ended:
             return
         self.send(encode_suback(subscribe.packet_id, codes))
         # [MQTT-3.3.1-6]: a new subscription gets the retained messages it matches, RETAIN 1.
+        now = time.monotonic()
         for (topic_filter, _), granted in zip(subscribe.filters, codes, strict=True):
-            if granted == 0x80:
+            if rc.failed(granted):
                 continue
-            for topic, payload, retained_qos in engine.retained(topic_filter):
+            for topic, payload, retained_qos, _ in engine.retained(topic_filter, now):
+                # A 3.1.1 subscriber gets no properties; an expired message none at all.
                 self.deliver(topic, payload, min(granted, retained_qos), retain=True)
 
     # --- awaited work -----------------------------------------------------------------------
@@ -1067,10 +1057,17 @@ class Connection(asyncio.Protocol):
     def _start(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         """Run ``coro`` before any later packet of this connection is handled."""
         self._task = self.hub.spawn(self._run(coro), f"{what} {self.peer}")
+        # A connection that ends before the task first runs cancels it with ``coro`` never
+        # started: close it, or Python warns on stderr that it was never awaited.
+        self._task.add_done_callback(lambda _: coro.close())
 
     async def _run(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
+        except ProtocolViolation as exc:  # the client's fault, as in _work: not a bug of ours
+            self._task = None
+            self._violated(exc)
+            return
         except Exception as exc:  # noqa: BLE001 - as in _work
             self._task = None
             self._internal_error(exc)
@@ -1086,6 +1083,18 @@ class Connection(asyncio.Protocol):
         finally:
             hub.flush()
 
+    def _violated(self, exc: ProtocolViolation) -> None:
+        """Close the connection for the client's protocol error, publishing its will.
+
+        An MQTT 5 client is told the reason code in a DISCONNECT first; the will is due as for
+        any connection closed by the server [MQTT-3.1.2-8].
+        """
+        if self.session is None:
+            logger.warning("Closed %s: %s.", self.peer, exc)
+        else:
+            logger.warning("Client %s closed: %s.", self.name, exc)
+        self.close(will=True, reason=exc.code, why=str(exc))
+
     def _internal_error(self, exc: Exception) -> None:
         # A bug in handling one packet ends this connection, visibly, rather than leave one
         # that looks alive but is never read again.
@@ -1093,7 +1102,7 @@ class Connection(asyncio.Protocol):
             "Client %s closed: internal error %r.", self.name, exc,
             exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
         )  # fmt: skip
-        self.close(will=True, reason=IMPLEMENTATION_SPECIFIC_ERROR, why="internal error")
+        self.close(will=True, reason=rc.IMPLEMENTATION_SPECIFIC_ERROR, why="internal error")
 
     # --- writing and closing ----------------------------------------------------------------
 
@@ -1172,6 +1181,22 @@ class Connection(asyncio.Protocol):
         self._paused.discard(reason)
         if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+def _check_shared(wanted: mqtt5.TopicFilter) -> None:
+    """Refuse an invalid shared subscription: a protocol error (0x82), as mosquitto answers.
+
+    No Local set on one [MQTT-3.8.3-4], or no share name (section 4.8.2).
+    """
+    pattern = wanted.pattern
+    if not pattern.startswith("$share/"):
+        return
+    if wanted.no_local:
+        raise ProtocolViolation(f"shared subscription {pattern!r} with No Local set",
+                                "MQTT-3.8.3-4", code=rc.PROTOCOL_ERROR)  # fmt: skip
+    if pattern.count("/") < 2 or not pattern.split("/", 2)[1]:
+        raise ProtocolViolation(f"invalid shared subscription {pattern!r}", "MQTT-4.8.2-1",
+                                code=rc.PROTOCOL_ERROR)  # fmt: skip
 
 
 def _utf8(payload: bytes) -> bool:

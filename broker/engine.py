@@ -364,6 +364,8 @@ class Engine:
         self._broker: _Broker | None = None
         self._matches: dict[str, tuple[list[Match], list[tuple[str, list[Match]]]]] = {}
         self._options: dict[tuple[str, str], SubOptions] = {}
+        self._retained_props: dict[str, Props] = {}
+        """Topic -> the MQTT 5 properties of its retained message (amqtt keeps none)."""
         """(client id, filter) -> MQTT 5 subscription options other than the defaults."""
         self._events: set[asyncio.Future[None]] = set()
 
@@ -558,17 +560,37 @@ class Engine:
 
     # --- retained messages ----------------------------------------------------------------------
 
-    async def retain(self, source: Session | None, topic: str, data: bytes, qos: int) -> None:
-        """Keep ``data`` as the retained message of ``topic``; empty data clears it."""
+    async def retain(
+        self, source: Session | None, topic: str, data: bytes, qos: int, props: Props | None = None
+    ) -> None:
+        """Keep ``data`` as the retained message of ``topic``; empty data clears it.
+
+        Its MQTT 5 properties are kept with it (section 3.3.1.3), and its expiry goes on
+        counting down while it is kept [MQTT-3.3.2-6].
+        """
+        if data and props is not None:
+            self._retained_props[topic] = props
+        else:
+            self._retained_props.pop(topic, None)
         await self.broker.retain_message(source, topic, data, qos)
 
-    def retained(self, topic_filter: str) -> list[tuple[str, bytes, int]]:
-        """Return the retained messages matching ``topic_filter``: (topic, payload, QoS)."""
-        return [
-            (topic, bytes(message.data), message.qos or 0)
-            for topic, message in list(self.broker._retained_messages.items())
-            if topic_matches(topic, topic_filter)
-        ]
+    def retained(self, topic_filter: str, now: float) -> list[tuple[str, bytes, int, Props | None]]:
+        """Return the retained messages matching ``topic_filter``: (topic, payload, QoS, props).
+
+        One whose message expiry has passed (``now``, time.monotonic()) is deleted instead
+        [MQTT-3.3.2-5].
+        """
+        found = []
+        for topic, message in list(self.broker._retained_messages.items()):
+            if not topic_matches(topic, topic_filter):
+                continue
+            props = self._retained_props.get(topic)
+            if props is not None and props.expired(now):
+                del self.broker._retained_messages[topic]
+                del self._retained_props[topic]
+                continue
+            found.append((topic, bytes(message.data), message.qos or 0, props))
+        return found
 
     # --- a session's waiting messages -----------------------------------------------------------
 

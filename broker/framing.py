@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 from broker.protocol import Frame, ProtocolViolation
+from broker.reasons import MALFORMED_PACKET, PACKET_TOO_LARGE
 
 
 class Framer:
@@ -68,7 +69,7 @@ class Framer:
             self._fail(
                 f"packet of {end - start} bytes exceeds the {self.max_packet_size}-byte maximum",
                 "MQTT-1.5.4 / server limit",
-                code=0x95,  # MQTT 5: packet too large
+                code=PACKET_TOO_LARGE,
             )
         if size < end:
             return None
@@ -78,7 +79,7 @@ class Framer:
             data = bytes(data[start:end])
         return Frame(first >> 4, first & 0x0F, data, index - start)
 
-    def _fail(self, reason: str, statement: str, code: int = 0x81) -> NoReturn:
+    def _fail(self, reason: str, statement: str, code: int = MALFORMED_PACKET) -> NoReturn:
         self._error = ProtocolViolation(reason, statement, code)
         self._data, self._pos = b"", 0
         raise self._error

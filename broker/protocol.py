@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from broker.reasons import MALFORMED_PACKET, TOPIC_NAME_INVALID
+
 # Packet types (MQTT 3.1.1 section 2.2.1).
 CONNECT: Final = 1
 CONNACK: Final = 2
@@ -46,7 +48,7 @@ DEFAULT_MAX_PACKET_SIZE: Final = 2 * 1024 * 1024
 class ProtocolViolation(Exception):  # noqa: N818 - a violation is what the spec calls it
     """A client broke a statement of the MQTT 3.1.1 specification; the server closes it."""
 
-    def __init__(self, reason: str, statement: str, code: int = 0x81) -> None:
+    def __init__(self, reason: str, statement: str, code: int = MALFORMED_PACKET) -> None:
         """Record why, and which statement (``MQTT-x.y.z-n``) was broken.
 
         ``code`` is the reason an MQTT 5 client is told in DISCONNECT (0x81: malformed packet).
@@ -188,7 +190,7 @@ def topic_name(topic: str) -> str:
         raise ProtocolViolation("PUBLISH with an empty topic", "MQTT-4.7.3-1")
     if "+" in topic or "#" in topic:
         raise ProtocolViolation(
-            f"PUBLISH topic {topic!r} has a wildcard", "MQTT-3.3.2-2", code=0x90
+            f"PUBLISH topic {topic!r} has a wildcard", "MQTT-3.3.2-2", code=TOPIC_NAME_INVALID
         )
     return topic
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import struct
 import time
+from collections.abc import Callable
 from typing import Final, NamedTuple, cast
 
 import mqtt5
@@ -43,6 +44,7 @@ from broker.protocol import (
     remaining_length,
     topic_name,
 )
+from broker.reasons import PROTOCOL_ERROR
 
 Packet = (
     mqtt5.ConnectPacket | mqtt5.PublishPacket | mqtt5.PubAckPacket | mqtt5.PubRecPacket
@@ -79,20 +81,26 @@ def _varint(body: bytes, offset: int, what: str) -> tuple[int, int]:
     raise ProtocolViolation(f"{what}: variable byte integer longer than 4 bytes", "MQTT-1.5.5")
 
 
-def _properties(body: bytes, offset: int, what: str) -> int:
-    """Check a property list's strings; return the offset after it."""
+def _properties(body: bytes, offset: int, what: str, *, decode: bool = True) -> int:
+    """Check a property list's strings; return the offset after it.
+
+    Every property must end inside the list: ``mqtt5`` would read a string that runs past it
+    into the payload, unchecked. ``decode`` False walks only the lengths, for a list already
+    known to be ASCII (whose strings cannot be invalid UTF-8).
+    """
     length, offset = _varint(body, offset, f"{what} properties")
     end = offset + length
     if end > len(body):
         raise ProtocolViolation(f"{what}: properties longer than the packet", "MQTT-2.2.2")
+    string: Callable[[bytes, int, str], tuple[object, int]] = _string if decode else _skip_string
     while offset < end:
         ident = body[offset]
         offset += 1
         if ident in _STRING:
-            _, offset = _string(body, offset, f"{what} property 0x{ident:02X}")
+            _, offset = string(body, offset, f"{what} property 0x{ident:02X}")
         elif ident == _PAIR:
-            _, offset = _string(body, offset, f"{what} user property name")
-            _, offset = _string(body, offset, f"{what} user property value")
+            _, offset = string(body, offset, f"{what} user property name")
+            _, offset = string(body, offset, f"{what} user property value")
         elif ident in _BINARY:
             _, offset = _binary(body, offset, f"{what} property 0x{ident:02X}")
         elif ident in _BYTE:
@@ -108,6 +116,13 @@ def _properties(body: bytes, offset: int, what: str) -> int:
         if offset > end:
             raise ProtocolViolation(f"{what}: truncated property 0x{ident:02X}", "MQTT-2.2.2")
     return end
+
+
+def _skip_string(body: bytes, offset: int, what: str) -> tuple[None, int]:
+    """Step over a length-prefixed string or binary field without decoding it."""
+    if offset + 2 > len(body):
+        raise ProtocolViolation(f"{what}: truncated length", "MQTT-1.5.3")
+    return None, offset + 2 + (body[offset] << 8 | body[offset + 1])
 
 
 def _check_strings(frame: Frame) -> None:
@@ -151,14 +166,15 @@ def _check_publish_frame(frame: Frame) -> None:
         _topic_name(body[:offset])  # checked once per distinct topic
     if frame.flags & 0b0110:
         offset += 2
-    # The hot path: a property list of ASCII bytes only holds no invalid UTF-8, so the codec
-    # cannot panic on it; what is left to check is a control character in one of its strings,
-    # done on the decoded packet (:func:`_check_publish_strings`).
+    # The hot path: a property list of ASCII bytes only holds no invalid UTF-8, so only its
+    # lengths are walked (a string must not run past the list into the payload, where the
+    # codec would read it unchecked and panic); what is left to check is a control character
+    # in one of its strings, done on the decoded packet (:func:`_check_publish_strings`).
+    ascii_only = False
     if offset < len(body) and body[offset] < 0x80:
         end = offset + 1 + body[offset]
-        if end <= len(body) and body[offset + 1 : end].isascii():
-            return
-    _properties(body, offset, "PUBLISH")
+        ascii_only = end <= len(body) and body[offset + 1 : end].isascii()
+    _properties(body, offset, "PUBLISH", decode=not ascii_only)
 
 
 def plain_publish(frame: Frame) -> Publish | None:
@@ -211,7 +227,7 @@ def _check_publish_strings(packet: mqtt5.PublishPacket) -> None:
     if response is not None and ("+" in response or "#" in response or not response):
         # [MQTT-3.3.2-14]: the response topic is a topic name, and names have no wildcards.
         raise ProtocolViolation(f"response topic {response!r} is not a topic name",
-                                "MQTT-3.3.2-14", code=0x82)  # fmt: skip
+                                "MQTT-3.3.2-14", code=PROTOCOL_ERROR)  # fmt: skip
     for key, value in packet.user_properties:
         check_text(key, "PUBLISH user property name")
         check_text(value, "PUBLISH user property value")
