@@ -24,6 +24,26 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
+
+BROKER_FAULT = re.compile(r"internal error|panicked at|PanicException|Traceback \(most recent")
+"""What a broker must never print: an internal error (a bug that ended a connection), a Rust
+panic from the MQTT 5 codec, or a traceback."""
+
+
+def broker_faults(text: str) -> list[str]:
+    """Return the lines of a broker's output that show a bug (see :data:`BROKER_FAULT`)."""
+    return [line for line in text.splitlines() if BROKER_FAULT.search(line)]
+
+
+def check_broker_output(where: str, text: str) -> None:
+    """Fail if a broker's output shows a bug: an internal error is never a way for a connection
+    to end, so no test may pass while its broker logged one."""
+    faults = broker_faults(text)
+    if faults:
+        shown = "\n  ".join(faults[:5])
+        raise AssertionError(f"{where} logged {len(faults)} internal error(s):\n  {shown}")
+
+
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 
@@ -101,6 +121,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     out_path: Path
     err_path: Path
+    module: str = ""
 
     def out(self) -> str:
         """Everything the process wrote on stdout so far."""
@@ -186,7 +207,7 @@ class Spawner:
                 env=env if env is not None else base_env(),
                 cwd=cwd or REPO,
             )
-        proc = Proc(label, popen, out_path, err_path)
+        proc = Proc(label, popen, out_path, err_path, module)
         self.procs.append(proc)
         return proc
 
@@ -211,9 +232,12 @@ class Spawner:
         )
 
     def cleanup(self) -> None:
-        """Kill every process this spawner started."""
+        """Kill every process this spawner started; fail if a broker among them logged a bug."""
         for proc in self.procs:
             proc.kill()
+        for proc in self.procs:
+            if proc.module == "broker":
+                check_broker_output(f"broker {proc.name}", proc.err() + proc.out())
 
 
 class MqttProbe:
