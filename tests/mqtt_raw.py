@@ -1,4 +1,5 @@
-"""A raw MQTT 3.1.1 client for conformance tests: we build every byte, so we can send bad ones."""
+"""Raw MQTT clients for conformance tests: 3.1.1 where we build every byte, so we can send bad
+ones, and MQTT 5 with packets from the ``mqtt5`` codec (:class:`V5`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import struct
 import time
 from dataclasses import dataclass
 from typing import ClassVar
+
+import mqtt5
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
@@ -246,3 +249,68 @@ class RawClient:
         """Close every client made so far."""
         while cls.opened:
             cls.opened.pop().close()
+
+
+class V5:
+    """A raw MQTT 5 client: RawClient's socket, packets from the ``mqtt5`` codec."""
+
+    def __init__(self, port: int) -> None:
+        """Open the TCP connection."""
+        self.raw = RawClient(port)
+
+    def send(self, *packets: object) -> None:
+        """Send packets (anything with ``write()``)."""
+        self.raw.send(b"".join(p.write() for p in packets))  # type: ignore[attr-defined]
+
+    def read(self, timeout: float = 5.0) -> object:
+        """Read and decode one packet."""
+        p = self.raw.receive(timeout)
+        data = bytes([p.kind << 4 | p.flags]) + remaining_length(len(p.body)) + p.body
+        return mqtt5.read(memoryview(data))[0]
+
+    def expect(self, cls: type, timeout: float = 5.0) -> object:
+        """Read until a packet of ``cls``."""
+        while True:
+            packet = self.read(timeout)
+            if isinstance(packet, cls):
+                return packet
+
+    def publish(self, timeout: float = 5.0) -> mqtt5.PublishPacket:
+        """The next PUBLISH."""
+        return self.expect(mqtt5.PublishPacket, timeout)  # type: ignore[return-value]
+
+    def connect(self, client_id: str, **kwargs: object) -> mqtt5.ConnAckPacket:
+        """CONNECT; return the CONNACK."""
+        self.send(mqtt5.ConnectPacket(client_id, **kwargs))  # type: ignore[arg-type]
+        return self.expect(mqtt5.ConnAckPacket)  # type: ignore[return-value]
+
+    def subscribe(self, *filters: mqtt5.TopicFilter, sub_id: int | None = None) -> list[int]:
+        """SUBSCRIBE; return the SUBACK's reason codes."""
+        self.send(mqtt5.SubscribePacket(1, list(filters), subscription_id=sub_id))
+        suback = self.expect(mqtt5.SubAckPacket)
+        return [int(c) for c in suback.reason_codes]  # type: ignore[attr-defined]
+
+    def barrier(self) -> list[object]:
+        """PINGREQ; return every packet before the PINGRESP."""
+        self.send(mqtt5.PingReqPacket())
+        got = []
+        while not isinstance(packet := self.read(), mqtt5.PingRespPacket):
+            got.append(packet)
+        return got
+
+    def disconnect_reason(self, timeout: float = 5.0) -> int:
+        """Wait for the broker's DISCONNECT and the close; return its reason code.
+
+        The DISCONNECT itself is kept as ``self.disconnect``.
+        """
+        reason = None
+        try:
+            while True:
+                packet = self.read(timeout)
+                if isinstance(packet, mqtt5.DisconnectPacket):
+                    reason = int(packet.reason_code)
+                    self.disconnect = packet
+        except Closed:
+            pass
+        assert reason is not None, "closed without DISCONNECT"
+        return reason

@@ -14,7 +14,7 @@ import mqtt5
 import pytest
 
 from tests import mqtt_raw as m
-from tests.mqtt_raw import Closed, RawClient
+from tests.mqtt_raw import V5, RawClient
 from tests.support import Proc, Spawner, free_port, wait_until
 
 _ids = itertools.count()
@@ -40,71 +40,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Proc
 def port(broker: tuple[int, Proc]) -> int:
     """The module broker's port."""
     return broker[0]
-
-
-class V5:
-    """A raw MQTT 5 client: RawClient's socket, packets from the ``mqtt5`` codec."""
-
-    def __init__(self, port: int) -> None:
-        """Open the TCP connection."""
-        self.raw = RawClient(port)
-
-    def send(self, *packets: object) -> None:
-        """Send packets (anything with ``write()``)."""
-        self.raw.send(b"".join(p.write() for p in packets))  # type: ignore[attr-defined]
-
-    def read(self, timeout: float = 5.0) -> object:
-        """Read and decode one packet."""
-        p = self.raw.receive(timeout)
-        data = bytes([p.kind << 4 | p.flags]) + m.remaining_length(len(p.body)) + p.body
-        return mqtt5.read(memoryview(data))[0]
-
-    def expect(self, cls: type, timeout: float = 5.0) -> object:
-        """Read until a packet of ``cls``."""
-        while True:
-            packet = self.read(timeout)
-            if isinstance(packet, cls):
-                return packet
-
-    def publish(self, timeout: float = 5.0) -> mqtt5.PublishPacket:
-        """The next PUBLISH."""
-        return self.expect(mqtt5.PublishPacket, timeout)  # type: ignore[return-value]
-
-    def connect(self, client_id: str, **kwargs: object) -> mqtt5.ConnAckPacket:
-        """CONNECT; return the CONNACK."""
-        self.send(mqtt5.ConnectPacket(client_id, **kwargs))  # type: ignore[arg-type]
-        return self.expect(mqtt5.ConnAckPacket)  # type: ignore[return-value]
-
-    def subscribe(self, *filters: mqtt5.TopicFilter, sub_id: int | None = None) -> list[int]:
-        """SUBSCRIBE; return the SUBACK's reason codes."""
-        self.send(mqtt5.SubscribePacket(1, list(filters), subscription_id=sub_id))
-        suback = self.expect(mqtt5.SubAckPacket)
-        return [int(c) for c in suback.reason_codes]  # type: ignore[attr-defined]
-
-    def barrier(self) -> list[object]:
-        """PINGREQ; return every packet before the PINGRESP."""
-        self.send(mqtt5.PingReqPacket())
-        got = []
-        while not isinstance(packet := self.read(), mqtt5.PingRespPacket):
-            got.append(packet)
-        return got
-
-    def disconnect_reason(self, timeout: float = 5.0) -> int:
-        """Wait for the broker's DISCONNECT and the close; return its reason code.
-
-        The DISCONNECT itself is kept as ``self.disconnect``.
-        """
-        reason = None
-        try:
-            while True:
-                packet = self.read(timeout)
-                if isinstance(packet, mqtt5.DisconnectPacket):
-                    reason = int(packet.reason_code)
-                    self.disconnect = packet
-        except Closed:
-            pass
-        assert reason is not None, "closed without DISCONNECT"
-        return reason
 
 
 def client(port: int, client_id: str = "", **kwargs: object) -> V5:
@@ -492,3 +427,131 @@ def test_property_strings_of_a_publish_are_checked(
     else:
         c.send(mqtt5.PublishPacket("t", b"x", **properties))  # type: ignore[arg-type]
     assert c.disconnect_reason() == reason
+
+
+# --- the flows of issue 21: each once broke the connection with an internal error -----------
+
+
+@pytest.mark.parametrize("short", [True, False], ids=["two-byte-pubrec", "pubrec-with-reason"])
+def test_a_qos2_subscriber_gets_its_message_and_the_flow_completes(port: int, short: bool) -> None:
+    """Section 4.3.3: PUBLISH, PUBREC, PUBREL, PUBCOMP, whichever form the PUBREC takes (a
+    reason code compared as an int once cut the subscriber off here)."""
+    topic = uid("q2")
+    sub = client(port)
+    assert sub.subscribe(f(topic, Q2)) == [2]
+    pub = client(port)
+    pub.send(mqtt5.PublishPacket(topic, b"\x00\xff", qos=Q2, packet_id=9))
+    pub.expect(mqtt5.PubRecPacket)
+    pub.send(mqtt5.PubRelPacket(9))
+    pub.expect(mqtt5.PubCompPacket)
+    got = sub.publish()
+    assert (got.payload, int(got.qos)) == (b"\x00\xff", 2)
+    assert got.packet_id is not None
+    if short:
+        sub.raw.send(m.ack(m.PUBREC, got.packet_id))
+    else:
+        sub.send(mqtt5.PubRecPacket(got.packet_id, reason_code=mqtt5.PubRecReasonCode.SUCCESS,
+                                    reason_str="ok"))  # fmt: skip
+    pubrel = sub.expect(mqtt5.PubRelPacket)
+    assert pubrel.packet_id == got.packet_id  # type: ignore[attr-defined]
+    sub.send(mqtt5.PubCompPacket(got.packet_id))
+    assert sub.barrier() == []  # nothing more: delivered once
+
+
+def test_a_pubrec_with_an_error_ends_the_flow_and_frees_the_window(port: int) -> None:
+    """Section 4.3.3: a PUBREC of 0x80 or more ends the QoS 2 flow: no PUBREL, and the
+    packet id and its place in the receive maximum are free again."""
+    topic = uid("refuse")
+    sub = client(port, receive_max=1)
+    assert sub.subscribe(f(topic, Q2)) == [2]
+    pub = client(port)
+    for n in (1, 2):
+        pub.send(mqtt5.PublishPacket(topic, b"m%d" % n, qos=Q2, packet_id=n))
+        pub.expect(mqtt5.PubRecPacket)
+        pub.send(mqtt5.PubRelPacket(n))
+        pub.expect(mqtt5.PubCompPacket)
+    first = sub.publish()
+    assert first.payload == b"m1"
+    assert first.packet_id is not None
+    sub.send(mqtt5.PubRecPacket(first.packet_id, reason_code=mqtt5.PubRecReasonCode.QUOTA_EXCEEDED))
+    second = sub.publish()  # the window of one had room again
+    assert second.payload == b"m2"
+    assert not any(isinstance(p, mqtt5.PubRelPacket) for p in sub.barrier())
+
+
+def test_a_pubrec_to_a_qos1_delivery_is_a_protocol_error_with_any_reason_code(port: int) -> None:
+    """Section 4.3.2: PUBREC answers QoS 2 only; as in 3.1.1, whatever its reason code."""
+    topic = uid("wrongkind")
+    sub = client(port)
+    assert sub.subscribe(f(topic, Q1)) == [1]
+    pub = client(port)
+    pub.send(mqtt5.PublishPacket(topic, b"x", qos=Q1, packet_id=1))
+    got = sub.publish()
+    assert got.packet_id is not None
+    sub.send(
+        mqtt5.PubRecPacket(got.packet_id, reason_code=mqtt5.PubRecReasonCode.UNSPECIFIED_ERROR)
+    )
+    assert sub.disconnect_reason() == mqtt5.DisconnectReasonCode.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason", "why"),
+    [
+        ("$share/g/t/#", mqtt5.DisconnectReasonCode.PROTOCOL_ERROR, "with No Local set"),
+        ("$share//t", mqtt5.DisconnectReasonCode.PROTOCOL_ERROR, "invalid shared subscription"),
+        ("$share/g", mqtt5.DisconnectReasonCode.MALFORMED_PACKET, "empty topic filter"),
+    ],
+    ids=["no-local", "no-share-name", "no-filter"],
+)
+def test_an_invalid_shared_subscription_closes_the_connection_and_subscribes_nothing(
+    port: int, pattern: str, reason: int, why: str
+) -> None:
+    """[MQTT-3.8.3-4]: No Local on a shared subscription is a protocol error; so is a share
+    without a name [MQTT-4.8.2-1]; without a filter it is a malformed filter. No filter of that
+    SUBSCRIBE is kept (No Local once escaped as an internal error, after the first filter was
+    subscribed)."""
+    topic = uid("shared")
+    c = client(port)
+    c.send(mqtt5.SubscribePacket(1, [f(topic), f(pattern, no_local=pattern == "$share/g/t/#")]))
+    assert c.disconnect_reason() == reason
+    assert why in (c.disconnect.reason_str or "")
+    listener = client(port)
+    assert listener.subscribe(f(topic)) == [0]
+    client(port).send(mqtt5.PublishPacket(topic, b"once"))
+    assert listener.publish().payload == b"once"
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"response_topic": "fz/a"},
+        {"content_type": "text"},
+        {"user_properties": [("k", "v")]},
+        {"correlation_data": b"id"},
+    ],
+    ids=["response-topic", "content-type", "user-property", "correlation-data"],
+)
+def test_a_property_running_past_the_property_list_is_malformed_and_never_reaches_the_codec(
+    broker: tuple[int, Proc], properties: dict[str, object]
+) -> None:
+    """Section 2.2.2: a property ends inside the property list. Lengthened by three bytes,
+    the last string of an ASCII list runs into a payload of invalid UTF-8, which ``mqtt5``
+    read unchecked and panicked on (a Rust backtrace on the broker's stderr)."""
+    port, proc = broker
+    c = client(port)
+    data = mqtt5.PublishPacket("t", b"\xff\xfe\x80\x81", qos=Q1, packet_id=3,
+                               **properties).write()  # type: ignore[arg-type]  # fmt: skip
+    index = data.index(b"\xff\xfe\x80\x81") - len(next(iter(_values(properties)))) - 1
+    c.raw.send(data[:index] + bytes([data[index] + 3]) + data[index + 1 :])
+    assert c.disconnect_reason() == mqtt5.DisconnectReasonCode.MALFORMED_PACKET
+    assert "truncated property" in (c.disconnect.reason_str or "")
+    assert client(port).barrier() == []
+    assert "panicked" not in proc.err()
+
+
+def _values(properties: dict[str, object]) -> list[bytes]:
+    """The last string or binary of a property set, encoded: what its length byte precedes."""
+    value = next(iter(properties.values()))
+    if isinstance(value, list):
+        return [value[-1][-1].encode()]
+    return [value if isinstance(value, bytes) else str(value).encode()]
