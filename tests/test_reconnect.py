@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import threading
+import time
 
 from common.client import ClientSettings, make_client
 from common.reconnect import Link
@@ -122,6 +123,16 @@ def test_a_crash_looping_broker_is_not_taken_for_a_shared_id(spawn: Spawner, por
         broker.signal(signal.SIGKILL)
         broker.wait(5)
         echo.wait_for(rf"(Lost connection(.|\n)*){{{cycle}}}")
+        # The scenario: the broker stays down for more than one retry interval, so that the
+        # client's first retry is refused (a broker with its bytecode compiled restarts in
+        # about 80 ms, within the 100 ms interval). Time passing is the condition here.
+        down_until = time.monotonic() + 0.25
+        while time.monotonic() < down_until:
+            time.sleep(0.01)
+    # Every recovery took more than one attempt: the first retry was indeed refused.
+    attempts = [int(n) for n in re.findall(r"after [\d.]+ s \((\d+) attempts\)", echo.err())]
+    assert len(attempts) == 3
+    assert all(n >= 2 for n in attempts), echo.err()
     assert echo.count("Is another client using the id") == 0, echo.err()
     assert echo.count("Retrying in") == 0, echo.err()
 
