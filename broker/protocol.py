@@ -83,7 +83,7 @@ class Frame:
         return NAMES[self.packet_type]
 
 
-def _string(body: bytes, offset: int, what: str) -> tuple[str, int]:
+def read_string(body: bytes, offset: int, what: str) -> tuple[str, int]:
     """Decode a UTF-8 string at ``offset``; enforce [MQTT-1.5.3-1] and [MQTT-1.5.3-2]."""
     if offset + 2 > len(body):
         raise ProtocolViolation(f"{what}: truncated length", "MQTT-1.5.3")
@@ -136,7 +136,7 @@ def check(frame: Frame, *, connected: bool) -> Publish | Subscribe | Unsubscribe
     """
     kind, flags = frame.packet_type, frame.flags
     if kind == PUBLISH and connected:  # the hot path first
-        return _check_publish(flags, frame.raw, frame.offset)
+        return check_publish_at(flags, frame.raw, frame.offset)
     body = frame.body
     if kind in (0, 15):
         raise ProtocolViolation(f"reserved packet type {kind}", "MQTT-2.2.1")
@@ -178,9 +178,9 @@ class Publish:
 
 
 @functools.lru_cache(maxsize=4096)
-def _topic_name(encoded: bytes) -> str:
+def decoded_topic_name(encoded: bytes) -> str:
     """Decode and check a topic name (length prefix included); remembered, as topics repeat."""
-    topic, _ = _string(encoded, 0, "PUBLISH topic")
+    topic, _ = read_string(encoded, 0, "PUBLISH topic")
     return topic_name(topic)
 
 
@@ -197,10 +197,10 @@ def topic_name(topic: str) -> str:
 
 def check_publish(frame: Frame) -> Publish:
     """Check and decode a PUBLISH from a connected client (the hot path's check)."""
-    return _check_publish(frame.flags, frame.raw, frame.offset)
+    return check_publish_at(frame.flags, frame.raw, frame.offset)
 
 
-def _check_publish(flags: int, raw: bytes, start: int, *, properties: bool = False) -> Publish:
+def check_publish_at(flags: int, raw: bytes, start: int, *, properties: bool = False) -> Publish:
     """Check and decode a PUBLISH; ``properties``: MQTT 5's, an empty list (one zero byte)."""
     qos = (flags >> 1) & 0b11
     if qos == 3:
@@ -212,7 +212,7 @@ def _check_publish(flags: int, raw: bytes, start: int, *, properties: bool = Fal
     offset = start + 2 + (raw[start] << 8 | raw[start + 1])
     if offset > len(raw):
         raise ProtocolViolation("PUBLISH topic: truncated string", "MQTT-1.5.3")
-    topic = _topic_name(raw[start:offset])
+    topic = decoded_topic_name(raw[start:offset])
     packet_id = None
     if qos:
         packet_id = _packet_id(raw, offset, "PUBLISH")
@@ -227,8 +227,8 @@ def _filters(body: bytes, what: str, *, with_qos: bool) -> list[tuple[str, int]]
     offset = 2
     found: list[tuple[str, int]] = []
     while offset < len(body):
-        topic_filter, offset = _string(body, offset, f"{what} topic filter")
-        _check_filter(topic_filter, what)
+        topic_filter, offset = read_string(body, offset, f"{what} topic filter")
+        check_filter(topic_filter, what)
         requested = 0
         if with_qos:
             if offset >= len(body):
@@ -243,7 +243,7 @@ def _filters(body: bytes, what: str, *, with_qos: bool) -> list[tuple[str, int]]
     return found
 
 
-def _check_filter(topic_filter: str, what: str) -> None:
+def check_filter(topic_filter: str, what: str) -> None:
     """Refuse a malformed filter: a malformed packet (section 4.7.1), not a SUBACK 0x80."""
     if not topic_filter:
         raise ProtocolViolation(f"{what} with an empty topic filter", "MQTT-4.7.3-1")
@@ -357,7 +357,7 @@ def decode_connect(frame: Frame) -> Connect:
     body = frame.body
     if frame.flags:
         raise ProtocolViolation("CONNECT with reserved flags", "MQTT-2.2.2-2")
-    name, offset = _string(body, 0, "protocol name")
+    name, offset = read_string(body, 0, "protocol name")
     if offset + 4 > len(body):
         raise ProtocolViolation("CONNECT truncated", "MQTT-3.1.2")
     level, flags = body[offset], body[offset + 1]
@@ -375,13 +375,13 @@ def decode_connect(frame: Frame) -> Connect:
         raise ProtocolViolation("will QoS or retain set without a will", "MQTT-3.1.2-13")
     (keep_alive,) = struct.unpack_from("!H", body, offset + 2)
     offset += 4
-    client_id, offset = _string(body, offset, "client identifier")
+    client_id, offset = read_string(body, offset, "client identifier")
     will = None
     if has_will:
-        topic, offset = _string(body, offset, "will topic")
+        topic, offset = read_string(body, offset, "will topic")
         if not topic or "+" in topic or "#" in topic:
             raise ProtocolViolation(f"invalid will topic {topic!r}", "MQTT-3.3.2-2")
-        message, offset = _binary(body, offset, "will message")
+        message, offset = read_binary(body, offset, "will message")
         will = Will(topic, message, will_qos, bool(flags & 0x20))
     username, password = _credentials(body, offset, flags)
     return Connect(
@@ -402,11 +402,11 @@ def _credentials(body: bytes, offset: int, flags: int) -> tuple[str | None, str 
     if flags & 0x80:
         if offset >= len(body):
             raise ProtocolViolation("user name flag set, but no user name", "MQTT-3.1.2-19")
-        username, offset = _string(body, offset, "user name")
+        username, offset = read_string(body, offset, "user name")
     if flags & 0x40:
         if offset >= len(body):
             raise ProtocolViolation("password flag set, but no password", "MQTT-3.1.2-21")
-        raw, offset = _binary(body, offset, "password")
+        raw, offset = read_binary(body, offset, "password")
         password = raw.decode("utf-8", "replace")
     if offset != len(body):
         # What follows the last announced field: a user name or password the flags deny, or junk.
@@ -418,7 +418,7 @@ def _credentials(body: bytes, offset: int, flags: int) -> tuple[str | None, str 
     return username, password
 
 
-def _binary(body: bytes, offset: int, what: str) -> tuple[bytes, int]:
+def read_binary(body: bytes, offset: int, what: str) -> tuple[bytes, int]:
     """Read two-byte-length binary data (section 1.5.5)."""
     if offset + 2 > len(body):
         raise ProtocolViolation(f"{what}: truncated length", "MQTT-3.1.3")

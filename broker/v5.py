@@ -35,12 +35,12 @@ from broker.protocol import (
     Frame,
     ProtocolViolation,
     Publish,
-    _binary,
-    _check_filter,
-    _check_publish,
-    _string,
-    _topic_name,
+    check_filter,
+    check_publish_at,
     check_text,
+    decoded_topic_name,
+    read_binary,
+    read_string,
     remaining_length,
     topic_name,
 )
@@ -92,7 +92,8 @@ def _properties(body: bytes, offset: int, what: str, *, decode: bool = True) -> 
     end = offset + length
     if end > len(body):
         raise ProtocolViolation(f"{what}: properties longer than the packet", "MQTT-2.2.2")
-    string: Callable[[bytes, int, str], tuple[object, int]] = _string if decode else _skip_string
+    string: Callable[[bytes, int, str], tuple[object, int]]
+    string = read_string if decode else _skip_string
     while offset < end:
         ident = body[offset]
         offset += 1
@@ -102,7 +103,7 @@ def _properties(body: bytes, offset: int, what: str, *, decode: bool = True) -> 
             _, offset = string(body, offset, f"{what} user property name")
             _, offset = string(body, offset, f"{what} user property value")
         elif ident in _BINARY:
-            _, offset = _binary(body, offset, f"{what} property 0x{ident:02X}")
+            _, offset = read_binary(body, offset, f"{what} property 0x{ident:02X}")
         elif ident in _BYTE:
             offset += 1
         elif ident in _TWO:
@@ -130,26 +131,26 @@ def _check_strings(frame: Frame) -> None:
     kind, body = frame.packet_type, frame.body
     name = frame.name
     if kind == CONNECT:
-        _, offset = _string(body, 0, "protocol name")
+        _, offset = read_string(body, 0, "protocol name")
         flags = body[offset + 1] if offset + 1 < len(body) else 0
         offset = _properties(body, offset + 4, name)
-        _, offset = _string(body, offset, "client identifier")
+        _, offset = read_string(body, offset, "client identifier")
         if flags & 0x04:
             offset = _properties(body, offset, "will")
-            topic, offset = _string(body, offset, "will topic")
+            topic, offset = read_string(body, offset, "will topic")
             topic_name(topic)
-            _, offset = _binary(body, offset, "will payload")
+            _, offset = read_binary(body, offset, "will payload")
         if flags & 0x80:
-            _, offset = _string(body, offset, "user name")
+            _, offset = read_string(body, offset, "user name")
     elif kind == PUBLISH:
         _check_publish_frame(frame)
     elif kind in (SUBSCRIBE, UNSUBSCRIBE):
         offset = _properties(body, 2, name)
         while offset < len(body):
-            topic_filter, offset = _string(body, offset, f"{name} topic filter")
+            topic_filter, offset = read_string(body, offset, f"{name} topic filter")
             if topic_filter.startswith("$share/"):  # $share/GROUP/filter
                 topic_filter = topic_filter.removeprefix("$share/").partition("/")[2]
-            _check_filter(topic_filter, name)
+            check_filter(topic_filter, name)
             offset += 1 if kind == SUBSCRIBE else 0
     elif kind in (PUBACK, PUBREC, PUBREL, PUBCOMP) and len(body) > 3:
         _properties(body, 3, name)
@@ -163,7 +164,7 @@ def _check_publish_frame(frame: Frame) -> None:
         raise ProtocolViolation("PUBLISH topic: truncated length", "MQTT-1.5.3")
     offset = 2 + (body[0] << 8 | body[1])
     if offset > 2:  # not empty: an empty topic comes with a topic alias
-        _topic_name(body[:offset])  # checked once per distinct topic
+        decoded_topic_name(body[:offset])  # checked once per distinct topic
     if frame.flags & 0b0110:
         offset += 2
     # The hot path: a property list of ASCII bytes only holds no invalid UTF-8, so only its
@@ -194,7 +195,7 @@ def plain_publish(frame: Frame) -> Publish | None:
     at = end + 2 if qos else end  # the property length
     if end == start + 2 or at >= len(raw) or raw[at] != 0 or qos == 3:
         return None
-    return _check_publish(flags, raw, start, properties=True)
+    return check_publish_at(flags, raw, start, properties=True)
 
 
 def read(frame: Frame) -> Packet:
