@@ -29,6 +29,7 @@ import mqtt5
 from broker import protocol, v5
 from broker import reasons as rc
 from broker.engine import Engine, Incoming, Match, Message, Session, SubOptions
+from broker.flows import Flows
 from broker.framing import Framer
 from broker.protocol import (
     DISCONNECT,
@@ -165,7 +166,7 @@ class Hub:
             if connection is None or connection.session is not session:
                 if delivered and not session.clean_session:
                     # [MQTT-3.1.2-5]: QoS 1/2 messages wait for an offline persistent session.
-                    self.queue(session, Message(None, topic, delivered, payload,
+                    self.put(session, Message(None, topic, delivered, payload,
                                                 keep_retain and retain, props, ids))  # fmt: skip
                 continue
             if delivered == 0 and not connection.backlog and not connection.v5:
@@ -210,7 +211,7 @@ class Hub:
         for session, granted, _, _, ids in ordered:
             delivered = granted if qos is None or qos > granted else qos
             if delivered and not session.clean_session:
-                self.queue(session, Message(None, topic, delivered, payload, False, props, ids))
+                self.put(session, Message(None, topic, delivered, payload, False, props, ids))
                 return
 
     def publish_will(self, session: Session | None, will: Will, props: Props | None) -> None:
@@ -222,7 +223,7 @@ class Hub:
                 "retain will",
             )
 
-    def queue(self, session: Session, message: Message) -> None:
+    def put(self, session: Session, message: Message) -> None:
         """Keep a message for ``session``, unless its queue is full (then count and drop it)."""
         engine = self.state
         if engine.queued(session) < self.limits.max_queued:
@@ -237,6 +238,14 @@ class Hub:
             )  # fmt: skip
         self._dropping[client_id] = dropped + 1
         self.counters.dropped += 1
+
+    def take(self, session: Session) -> Message | None:
+        """Take the oldest message waiting for ``session``."""
+        return self.state.dequeue(session)
+
+    def size(self, session: Session) -> int:
+        """How many messages wait for ``session``."""
+        return self.state.queued(session)
 
     def drained(self, client_id: str) -> None:
         """Note that a client's queue is empty: end its episode of drops, if any."""
@@ -372,8 +381,8 @@ class Connection(asyncio.Protocol):
         self._ended = False
         self._counted = False
         self._dropped_qos0 = 0
-        self.backlog = False
-        """Whether messages wait in the session's queue (later ones queue behind them)."""
+        self.flows: Flows | None = None
+        """The session's QoS flows over this connection, from CONNACK on."""
         self.window = hub.limits.max_inflight
         """Unacknowledged QoS 1/2 messages allowed (an MQTT 5 client's receive maximum too)."""
         # MQTT 5 only:
@@ -386,6 +395,12 @@ class Connection(asyncio.Protocol):
         """The largest packet the client accepts (its maximum packet size)."""
         self._aliases: dict[int, str] = {}
         self._assigned = False
+
+    @property
+    def backlog(self) -> bool:
+        """Whether messages wait in the session's queue (later ones queue behind them)."""
+        flows = self.flows
+        return flows is not None and flows.backlog
 
     @property
     def name(self) -> str:
@@ -480,13 +495,13 @@ class Connection(asyncio.Protocol):
             return
         packet = protocol.check(frame, connected=True)
         if kind == PUBACK:
-            self._on_ack(session, protocol.packet_id_of(frame), qos=1)
+            self._flows.acknowledged(protocol.packet_id_of(frame), 1)
         elif kind == PUBREC:
-            self._on_pubrec(session, protocol.packet_id_of(frame))
+            self._flows.received(protocol.packet_id_of(frame))
         elif kind == PUBREL:
             self._on_pubrel(session, protocol.packet_id_of(frame))
         elif kind == PUBCOMP:
-            self._on_ack(session, protocol.packet_id_of(frame), qos=2)
+            self._flows.acknowledged(protocol.packet_id_of(frame), 2)
         elif kind == SUBSCRIBE:
             assert isinstance(packet, Subscribe)  # noqa: S101
             self._start(self._subscribe(session, packet), "subscribe")
@@ -561,6 +576,12 @@ class Connection(asyncio.Protocol):
         if self._ended:
             return
         present = hub.attach(self, connect, session)
+        session = self.session  # the stored one, when it was resumed
+        assert session is not None  # noqa: S101 - attach set it
+        self.flows = Flows(
+            session, window=self.window, hold_limit=self.limits.max_queued, send=self.send,
+            encode=self._encode_publish, queue=hub, clock=time.monotonic, v5=self.v5,
+        )  # fmt: skip
         self._will = connect.will
         if self.v5:
             self.send(self._connack_v5(present))
@@ -575,19 +596,7 @@ class Connection(asyncio.Protocol):
             self._limit = connect.keep_alive * KEEPALIVE_GRACE
             self._heard_at = loop.time()
             self._timer = loop.call_later(self._limit, self._check_keepalive)
-        self._resume_session()
-
-    def _resume_session(self) -> None:
-        """Resend what the session had in flight [MQTT-4.4.0-1], then what waits for it."""
-        session = self.session
-        assert session is not None  # noqa: S101
-        for packet_id, message in list(session.inflight_out.items()):
-            if message.qos == 2 and message.pubrec_packet is not None:
-                self.send(encode_ack(PUBREL, packet_id))
-            else:
-                self._send_publish(message, packet_id, dup=True)
-        self.backlog = bool(self.hub.state.queued(session))
-        self._pump(session)
+        self.flows.resume()  # what was in flight [MQTT-4.4.0-1], then what waits
 
     # --- MQTT 5 ---------------------------------------------------------------------------
 
@@ -660,13 +669,13 @@ class Connection(asyncio.Protocol):
             case mqtt5.PublishPacket():
                 self._on_publish_v5(session, packet, frame)
             case mqtt5.PubAckPacket():
-                self._on_ack(session, packet.packet_id, qos=1)
+                self._flows.acknowledged(packet.packet_id, 1)
             case mqtt5.PubRecPacket():
-                self._on_pubrec(session, packet.packet_id, refused=rc.failed(packet.reason_code))
+                self._flows.received(packet.packet_id, refused=rc.failed(packet.reason_code))
             case mqtt5.PubRelPacket():
                 self._on_pubrel(session, packet.packet_id)
             case mqtt5.PubCompPacket():
-                self._on_ack(session, packet.packet_id, qos=2)
+                self._flows.acknowledged(packet.packet_id, 2)
             case mqtt5.SubscribePacket():
                 # Checked whole before any filter is subscribed: a protocol error subscribes
                 # none of them.
@@ -753,7 +762,7 @@ class Connection(asyncio.Protocol):
     ) -> None:  # fmt: skip
         """Take a checked MQTT 5 PUBLISH: route it, or keep it for PUBREL; acknowledge it."""
         if qos == 2:
-            self._keep_for_pubrel(session, Incoming(packet_id, topic, 2, payload, retain, props))
+            self._flows.hold(Incoming(packet_id, topic, 2, payload, retain, props))
             plain, shared = self.hub.state.matches(topic)
             if plain or shared:
                 self.send(encode_ack(PUBREC, packet_id))
@@ -833,9 +842,7 @@ class Connection(asyncio.Protocol):
         packet_id = publish.packet_id or 0
         if publish.qos == 2:
             # Kept until PUBREL, then delivered once however often it is resent [MQTT-4.3.3-2].
-            self._keep_for_pubrel(
-                session, Incoming(packet_id, publish.topic, 2, publish.payload, publish.retain)
-            )
+            self._flows.hold(Incoming(packet_id, publish.topic, 2, publish.payload, publish.retain))
             self.send(encode_ack(PUBREC, packet_id))
             return
         self._route(
@@ -846,24 +853,10 @@ class Connection(asyncio.Protocol):
             # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; it is already on its way.
             self.send(encode_ack(PUBACK, packet_id))
 
-    def _keep_for_pubrel(self, session: Session, message: Incoming) -> None:
-        """Keep a QoS 2 message until its PUBREL, once however often it is resent."""
-        if message.packet_id in session.inflight_in:
-            return
-        if len(session.inflight_in) >= self.limits.max_queued:
-            # Each waits for its PUBREL in memory; a client that never sends one must not grow
-            # the broker without bound (MQTT 5 calls this receive maximum, 0x93).
-            raise ProtocolViolation(
-                f"more than {self.limits.max_queued} QoS 2 messages awaiting PUBREL",
-                "MQTT-3.3.4-9" if self.v5 else "server limit --max-queued",
-                code=rc.RECEIVE_MAXIMUM_EXCEEDED,
-            )
-        session.inflight_in[message.packet_id] = message
-
     def _on_pubrel(self, session: Session, packet_id: int) -> None:
         # After a reconnect the client resends PUBREL for a message stored before: deliver it
         # now, and answer PUBCOMP either way [MQTT-4.3.3-2, MQTT-4.4.0-1].
-        message = session.inflight_in.pop(packet_id, None)
+        message = self._flows.release(packet_id)
         if message is not None:
             props = getattr(message, "props", None)
             self._route(session, message.topic, bytes(message.data), 2,
@@ -895,39 +888,27 @@ class Connection(asyncio.Protocol):
 
     # --- delivering to this client ----------------------------------------------------------
 
+    @property
+    def _flows(self) -> Flows:
+        flows = self.flows
+        assert flows is not None  # noqa: S101 - packets after CONNECT come after CONNACK
+        return flows
+
     def deliver(
         self, topic: str, payload: bytes, qos: int, *, retain: bool, props: Props | None = None,
         ids: tuple[int, ...] = (),
     ) -> None:  # fmt: skip
         """Send a message now if the window has room and nothing waits, else queue it."""
-        session = self.session
-        assert session is not None  # noqa: S101
-        message = Message(None, topic, qos, payload, retain, props, ids)
-        if self.backlog or (qos and len(session.inflight_out) >= self.window):
-            self.hub.queue(session, message)
-            self.backlog = True
-            return
-        self._send_new(session, message)
+        self._flows.deliver(Message(None, topic, qos, payload, retain, props, ids))
 
-    def _send_new(self, session: Session, message: Message) -> None:
-        if not message.qos:
-            self._send_publish(message, None)
-            return
-        packet_id = session.next_packet_id
-        message.packet_id = packet_id
-        # Kept until acknowledged, and resent on reconnect [MQTT-4.3.2-1, MQTT-4.4.0-1].
-        session.inflight_out[packet_id] = message
-        self._send_publish(message, packet_id)
-
-    def _send_publish(self, message: Message, packet_id: int | None, *, dup: bool = False) -> None:
-        """Encode a PUBLISH in the connection's version and send it."""
+    def _encode_publish(self, message: Message, packet_id: int | None, dup: bool) -> bytes | None:
+        """Encode a PUBLISH in the connection's version, or None if the client cannot take it."""
         qos = message.qos or 0
         payload = bytes(message.data)
         if not self.v5:
             self.hub.counters.sent += 1
-            self.send(encode_publish(message.topic, payload, qos, packet_id or 0,
-                                     retain=bool(message.retain), dup=dup))  # fmt: skip
-            return
+            return encode_publish(message.topic, payload, qos, packet_id or 0,
+                                  retain=bool(message.retain), dup=dup)  # fmt: skip
         data = v5.encode_publish(
             message.topic, payload, qos, packet_id, retain=bool(message.retain), dup=dup,
             props=getattr(message, "props", None),
@@ -937,69 +918,9 @@ class Connection(asyncio.Protocol):
             # MQTT 5 [MQTT-3.1.2-25]: never more than the client accepts; dropped as delivered.
             logger.debug("Client %s: a %d-byte PUBLISH is over its maximum.", self.name, len(data))
             self.hub.counters.dropped += 1
-            if packet_id is not None and self.session is not None:
-                self.session.inflight_out.pop(packet_id, None)
-            return
+            return None
         self.hub.counters.sent += 1
-        self.send(data)
-
-    def _pump(self, session: Session) -> None:
-        """Fill the window from the session's queue; expired MQTT 5 messages are dropped."""
-        engine = self.hub.state
-        now = time.monotonic()
-        while len(session.inflight_out) < self.window:
-            message = engine.dequeue(session)
-            if message is None:
-                self.backlog = False
-                self.hub.drained(session.client_id)
-                return
-            props = getattr(message, "props", None)
-            if props is not None and props.expired(now):
-                continue  # MQTT 5 [MQTT-3.3.2-5]
-            self._send_new(session, message)
-
-    def _on_ack(self, session: Session, packet_id: int, qos: int) -> None:
-        """PUBACK (qos 1) or PUBCOMP (qos 2): the delivery is done; the window has room."""
-        message = session.inflight_out.get(packet_id)
-        if message is None:
-            logger.debug("Client %s acknowledged unknown packet id %d.", self.name, packet_id)
-            return
-        # An acknowledgement of the wrong kind breaks the flow of section 4.3.2 or 4.3.3.
-        if message.qos != qos:
-            ack = "PUBACK" if qos == 1 else "PUBCOMP"
-            raise ProtocolViolation(
-                f"{ack} for packet id {packet_id}, a QoS {message.qos} delivery",
-                "MQTT-4.3.2" if message.qos == 1 else "MQTT-4.3.3", code=rc.PROTOCOL_ERROR,
-            )  # fmt: skip
-        if qos == 2 and message.pubrec_packet is None:
-            raise ProtocolViolation(
-                f"PUBCOMP for packet id {packet_id} before its PUBREC", "MQTT-4.3.3",
-                code=rc.PROTOCOL_ERROR,
-            )  # fmt: skip
-        del session.inflight_out[packet_id]
-        self._pump(session)
-
-    def _on_pubrec(self, session: Session, packet_id: int, *, refused: bool = False) -> None:
-        """PUBREC: the client has the QoS 2 message; PUBREL goes back (both versions).
-
-        ``refused`` (MQTT 5, a reason code of 0x80 or more): the client will not take it; the
-        flow ends there, without PUBREL, and the packet id is free again (section 4.3.3).
-        """
-        message = session.inflight_out.get(packet_id)
-        if message is not None and message.qos == 1:
-            raise ProtocolViolation(
-                f"PUBREC for packet id {packet_id}, a QoS 1 delivery", "MQTT-4.3.2",
-                code=rc.PROTOCOL_ERROR,
-            )  # fmt: skip
-        if refused:
-            if message is not None:
-                del session.inflight_out[packet_id]
-                self._pump(session)
-            return
-        if message is not None:
-            message.pubrec_packet = True  # PUBREL is resent on reconnect, not PUBLISH
-        # For an id we never used, PUBREL too, as mosquitto answers (and MQTT 5 does, 0x92).
-        self.send(encode_ack(PUBREL, packet_id))
+        return data
 
     def send_qos0(self, frame: bytes) -> None:
         """Send an encoded QoS 0 PUBLISH, unless the client lags too far (then drop it)."""
