@@ -1,4 +1,4 @@
-"""The connection layer: an asyncio.Protocol per client, and the hub that routes between them.
+"""The connection layer: an asyncio.Protocol per client (the hub routes between them).
 
 Each read's whole packets are handled inside ``data_received``, synchronously: a PUBLISH is
 routed to every subscriber there and then. What they cause is gathered per destination
@@ -18,19 +18,19 @@ cannot send (it does not read) is not read from until it does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, cast
 
 import mqtt5
 
 from broker import protocol, v5
 from broker import reasons as rc
-from broker.engine import Engine, Incoming, Match, Message, Session, SubOptions
+from broker.engine import Engine, Incoming, Message, Session, SubOptions, topic_matches
 from broker.flows import Flows
 from broker.framing import Framer
+from broker.hub import Hub
 from broker.protocol import (
     DISCONNECT,
     PINGREQ,
@@ -49,14 +49,13 @@ from broker.protocol import (
     Subscribe,
     Unsubscribe,
     UnsupportedProtocol,
+    Wanted,
     Will,
     encode_ack,
     encode_connack,
     encode_publish,
     encode_suback,
 )
-from broker.settings import Limits
-from broker.systopics import Counters
 from broker.v5 import Props
 
 logger = logging.getLogger("broker")
@@ -66,291 +65,10 @@ KEEPALIVE_GRACE = 1.5
 QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 """Above this many unsent bytes for a client, QoS 0 messages to it are dropped (at most once)."""
 
-NEVER_EXPIRES = 0xFFFFFFFF
 TOPIC_ALIAS_MAXIMUM = 32
+RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
+"""MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
 """Topic aliases an MQTT 5 client may set up per connection."""
-
-
-class Hub:
-    """Every connection of the broker, who is online as which client, and routing between them."""
-
-    def __init__(self, limits: Limits, max_connections: int = 0) -> None:
-        """Create an empty hub; :attr:`engine` must be set before the first client connects."""
-        self.limits = limits
-        self.max_connections = max_connections
-        self.engine: Engine | None = None
-        self.connections: set[Connection] = set()
-        self.online: dict[str, Connection] = {}
-        """Client id -> its current connection, from CONNACK to the end of that connection."""
-        self.batching = False
-        self.stopping = False
-        self.refused = 0
-        self._dirty: list[Connection] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._dropping: dict[str, int] = {}
-        """Client id -> messages dropped for it since its queue was last empty."""
-        self._all_closed: asyncio.Event | None = None
-        self.counters = Counters()
-        """What $SYS reports (broker/systopics.py)."""
-        self._turns: dict[str, int] = {}
-        """Shared subscription group -> how many messages it has had (whose turn it is)."""
-        self._expiry: dict[str, asyncio.TimerHandle] = {}
-        """Client id -> the timer that ends its MQTT 5 session, while it is offline."""
-        self._wills: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
-        """Client id -> the timer of its delayed MQTT 5 will."""
-
-    def connection(self) -> Connection:
-        """Make the protocol for a new connection (the server's protocol factory)."""
-        return Connection(self)
-
-    # --- writes: gathered during a callback, one write per connection at its end ---------------
-
-    def flush(self) -> None:
-        """Write what each connection gathered, and stop gathering."""
-        self.batching = False
-        if self._dirty:
-            dirty, self._dirty = self._dirty, []
-            for connection in dirty:
-                connection.flush()
-
-    def closed(self, connection: Connection) -> None:
-        """Forget a connection that has ended (and wake a shutdown waiting for the last)."""
-        self.connections.discard(connection)
-        if not self.connections and self._all_closed is not None:
-            self._all_closed.set()
-
-    def mark(self, connection: Connection) -> None:
-        """Note that ``connection`` has writes to flush."""
-        self._dirty.append(connection)
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """Run ``coro`` as a task the hub keeps until it ends (and cancels at shutdown)."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    # --- routing --------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> Engine:
-        """The engine (amqtt's state)."""
-        if self.engine is None:
-            raise RuntimeError("the hub has no engine")
-        return self.engine
-
-    def publish(
-        self, topic: str, payload: bytes, qos: int | None, frame: bytes | None = None, *,
-        retain: bool = False, props: Props | None = None, origin: str | None = None,
-        frame5: bytes | None = None,
-    ) -> bool:  # fmt: skip
-        """Deliver a message to every subscriber now, or keep it for them (synchronous).
-
-        Return whether any subscriber matched. Each delivery's QoS is min(publish QoS,
-        granted QoS) [MQTT-3.8.4-6, section 3.3.5]; a client whose filters overlap gets one copy
-        at the highest granted QoS [MQTT-3.3.5-1]. ``qos`` None (a plugin's broadcast) delivers
-        at each granted QoS. ``frame``, when given, is the message already encoded as a 3.1.1
-        QoS 0 PUBLISH with RETAIN 0, and ``frame5`` as an MQTT 5 one for the subscribers that
-        need nothing of their own. ``retain`` is the published RETAIN, kept for MQTT 5
-        subscriptions that ask for it; ``origin`` is the publisher's client id, for their No
-        Local option.
-        """
-        plain, shared = self.state.matches(topic)
-        online = self.online
-        for match in plain:
-            session, granted, no_local, keep_retain, ids = match
-            if no_local and session.client_id == origin:
-                continue  # MQTT 5 [MQTT-3.8.3-3]
-            delivered = granted if qos is None or qos > granted else qos
-            connection = online.get(session.client_id)
-            if connection is None or connection.session is not session:
-                if delivered and not session.clean_session:
-                    # [MQTT-3.1.2-5]: QoS 1/2 messages wait for an offline persistent session.
-                    self.put(session, Message(None, topic, delivered, payload,
-                                                keep_retain and retain, props, ids))  # fmt: skip
-                continue
-            if delivered == 0 and not connection.backlog and not connection.v5:
-                if frame is None:
-                    frame = encode_publish(topic, payload)
-                connection.send_qos0(frame)
-            elif (
-                delivered == 0
-                and not connection.backlog
-                and not ids
-                and not (keep_retain and retain)
-            ):
-                # MQTT 5, QoS 0, nothing per subscriber: encoded once for all of them.
-                if frame5 is None:
-                    frame5 = v5.encode_publish(topic, payload, 0, None, retain=False, dup=False,
-                                               props=props)  # fmt: skip
-                connection.send_qos0(frame5)
-            else:  # QoS 1/2, MQTT 5, or QoS 0 behind waiting messages [MQTT-4.6.0-6]
-                connection.deliver(topic, payload, delivered, retain=keep_retain and retain,
-                                   props=props, ids=ids)  # fmt: skip
-        for group, members in shared:
-            self._deliver_shared(group, members, topic, payload, qos=qos, props=props)
-        return bool(plain or shared)
-
-    def _deliver_shared(
-        self, group: str, members: list[Match], topic: str, payload: bytes, *,
-        qos: int | None, props: Props | None,
-    ) -> None:  # fmt: skip
-        """Give a message to one member of a shared subscription's group (MQTT 5 4.8.2).
-
-        Members take turns; an online member comes before an offline one.
-        """
-        turn = self._turns.get(group, 0)
-        self._turns[group] = turn + 1
-        ordered = members[turn % len(members) :] + members[: turn % len(members)]
-        for session, granted, _, _, ids in ordered:
-            connection = self.online.get(session.client_id)
-            if connection is not None and connection.session is session:
-                delivered = granted if qos is None or qos > granted else qos
-                connection.deliver(topic, payload, delivered, retain=False, props=props, ids=ids)
-                return
-        for session, granted, _, _, ids in ordered:
-            delivered = granted if qos is None or qos > granted else qos
-            if delivered and not session.clean_session:
-                self.put(session, Message(None, topic, delivered, payload, False, props, ids))
-                return
-
-    def publish_will(self, session: Session | None, will: Will, props: Props | None) -> None:
-        """Publish a will [MQTT-3.1.2-8], and retain it if it asks to be."""
-        self.publish(will.topic, will.payload, will.qos, retain=will.retain, props=props)
-        if will.retain:
-            self.spawn(
-                self.state.retain(session, will.topic, will.payload, will.qos, props),
-                "retain will",
-            )
-
-    def put(self, session: Session, message: Message) -> None:
-        """Keep a message for ``session``, unless its queue is full (then count and drop it)."""
-        engine = self.state
-        if engine.queued(session) < self.limits.max_queued:
-            engine.enqueue(session, message)
-            return
-        client_id = session.client_id
-        dropped = self._dropping.get(client_id, 0)
-        if not dropped:
-            logger.warning(
-                "Dropping messages for client %s: queue full (%d).",
-                client_id, self.limits.max_queued,
-            )  # fmt: skip
-        self._dropping[client_id] = dropped + 1
-        self.counters.dropped += 1
-
-    def take(self, session: Session) -> Message | None:
-        """Take the oldest message waiting for ``session``."""
-        return self.state.dequeue(session)
-
-    def size(self, session: Session) -> int:
-        """How many messages wait for ``session``."""
-        return self.state.queued(session)
-
-    def drained(self, client_id: str) -> None:
-        """Note that a client's queue is empty: end its episode of drops, if any."""
-        dropped = self._dropping.pop(client_id, 0)
-        if dropped:
-            logger.warning(
-                "Client %s: queue drained; %d messages were dropped while it was full.",
-                client_id, dropped,
-            )  # fmt: skip
-
-    # --- sessions -------------------------------------------------------------------------------
-
-    def attach(self, connection: Connection, connect: Connect, session: Session) -> bool:
-        """Make ``connection`` the client's current one; return whether a session was resumed."""
-        engine = self.state
-        client_id = session.client_id
-        previous = self.online.get(client_id)
-        if previous is not None:
-            # [MQTT-3.1.4-2]: the server disconnects the existing client first.
-            logger.info("Client %s connected again: closing its previous connection.", client_id)
-            why = f"session taken over by a connection from {connection.peer}"
-            previous.close(will=True, reason=rc.SESSION_TAKEN_OVER, why=why)
-        expiry = self._expiry.pop(client_id, None)
-        if expiry is not None:
-            expiry.cancel()
-        delayed = self._wills.pop(client_id, None)
-        if delayed is not None:
-            # MQTT 5 section 3.1.3.2.2: a delayed will is not sent if the session goes on; if it
-            # ends here (clean start), it is sent now.
-            timer, publish = delayed
-            timer.cancel()
-            if connect.clean_session:
-                publish()
-        present = False
-        if connect.clean_session:
-            # [MQTT-3.1.2-6]: a clean session starts empty and ends with the connection.
-            engine.forget(client_id)
-            self._dropping.pop(client_id, None)
-        else:
-            stored = engine.stored(client_id)
-            if stored is not None:
-                # [MQTT-3.2.2-2]: resume the stored session with this connection's settings.
-                for name in ("keep_alive", "username", "password", "remote_address",
-                             "remote_port", "clean_session"):  # fmt: skip
-                    setattr(stored, name, getattr(session, name))
-                session, present = stored, True
-        engine.keep(session)
-        self.online[client_id] = connection
-        self.counters.maximum = max(self.counters.maximum, len(self.online))
-        connection.session = session
-        engine.connected(session)
-        return present
-
-    def detach(self, connection: Connection) -> None:
-        """End ``connection``'s hold on its session; a clean session ends with it."""
-        session = connection.session
-        if session is None or self.online.get(session.client_id) is not connection:
-            return
-        del self.online[session.client_id]
-        engine = self.state
-        engine.disconnected(session)
-        logger.info("Client %s disconnected from %s.", session.client_id, connection.peer)
-        if session.clean_session:
-            engine.forget(session.client_id)
-            self._dropping.pop(session.client_id, None)
-        elif connection.expiry is not None and connection.expiry < NEVER_EXPIRES:
-            # MQTT 5: the session ends this many seconds after the connection [MQTT-3.1.2-23].
-            client_id = session.client_id
-            self._expiry[client_id] = asyncio.get_running_loop().call_later(
-                connection.expiry, self._expire, client_id, session
-            )
-
-    def _expire(self, client_id: str, session: Session) -> None:
-        self._expiry.pop(client_id, None)
-        if self.state.stored(client_id) is session and client_id not in self.online:
-            logger.info("Session of client %s expired.", client_id)
-            self.state.forget(client_id)
-            self._dropping.pop(client_id, None)
-
-    def delay_will(self, client_id: str, delay: float, publish: Callable[[], None]) -> None:
-        """Publish a will after ``delay`` seconds unless its client's session goes on."""
-
-        def due() -> None:
-            self._wills.pop(client_id, None)
-            publish()
-
-        self._wills[client_id] = (asyncio.get_running_loop().call_later(delay, due), publish)
-
-    # --- shutdown -------------------------------------------------------------------------------
-
-    async def close_all(self, grace: float) -> None:
-        """Close every connection: gently, then, after ``grace`` seconds, abruptly."""
-        self.stopping = True
-        for task in list(self._tasks):
-            task.cancel()
-        for timer in [*self._expiry.values(), *(t for t, _ in self._wills.values())]:
-            timer.cancel()
-        for connection in list(self.connections):
-            connection.close(will=False, reason=rc.SERVER_SHUTTING_DOWN, why="server shutting down")
-        if self.connections:
-            self._all_closed = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), grace)
-        for connection in list(self.connections):
-            connection.abort()
 
 
 class Connection(asyncio.Protocol):
@@ -504,12 +222,11 @@ class Connection(asyncio.Protocol):
             self._flows.acknowledged(protocol.packet_id_of(frame), 2)
         elif kind == SUBSCRIBE:
             assert isinstance(packet, Subscribe)  # noqa: S101
-            self._start(self._subscribe(session, packet), "subscribe")
+            wanted = [Wanted(topic_filter, qos) for topic_filter, qos in packet.filters]
+            self._start(self._subscribe(session, packet.packet_id, wanted, None), "subscribe")
         elif kind == UNSUBSCRIBE:
             assert isinstance(packet, Unsubscribe)  # noqa: S101
-            for topic_filter in packet.filters:
-                self.hub.state.unsubscribe(session, topic_filter)
-            self.send(encode_ack(UNSUBACK, packet.packet_id))
+            self._unsubscribe(session, packet.packet_id, packet.filters)
         elif kind == PINGREQ:
             self.send(protocol.PINGRESP_PACKET)
         elif kind == DISCONNECT:
@@ -658,9 +375,8 @@ class Connection(asyncio.Protocol):
             if plain is not None:
                 # The hot path: no properties, nothing for the codec to build.
                 self.hub.counters.received += 1
-                self._accept_v5(session, plain.topic, plain.qos, plain.packet_id or 0,
-                                plain.payload, retain=plain.retain, props=None,
-                                same=plain.raw)  # fmt: skip
+                self._accept(session, plain.topic, plain.qos, plain.packet_id or 0,
+                             plain.payload, retain=plain.retain, frame5=plain.raw)  # fmt: skip
                 return
         self._handle_v5(session, v5.read(frame), frame)
 
@@ -679,15 +395,14 @@ class Connection(asyncio.Protocol):
             case mqtt5.SubscribePacket():
                 # Checked whole before any filter is subscribed: a protocol error subscribes
                 # none of them.
-                for wanted in packet.topic_filters:
-                    _check_shared(wanted)
-                self._start(self._subscribe_v5(session, packet), "subscribe")
+                for topic_filter in packet.topic_filters:
+                    _check_shared(topic_filter)
+                wanted = [Wanted(f.pattern, int(f.max_qos), f.no_local, f.retain_as_published,
+                                 int(f.retain_handling)) for f in packet.topic_filters]  # fmt: skip
+                self._start(self._subscribe(session, packet.packet_id, wanted,
+                                            packet.subscription_id), "subscribe")  # fmt: skip
             case mqtt5.UnsubscribePacket():
-                engine = self.hub.state
-                codes = [mqtt5.UnsubAckReasonCode(0 if engine.unsubscribe(session, p) else
-                                                  rc.NO_SUBSCRIPTION_EXISTED)
-                         for p in packet.patterns]  # fmt: skip
-                self.send(mqtt5.UnsubAckPacket(packet.packet_id, codes).write())
+                self._unsubscribe(session, packet.packet_id, packet.patterns)
             case mqtt5.PingReqPacket():
                 self.send(protocol.PINGRESP_PACKET)
             case mqtt5.DisconnectPacket():
@@ -737,12 +452,7 @@ class Connection(asyncio.Protocol):
             if qos == 0:
                 raise ProtocolViolation("payload marked UTF-8 is not", "MQTT-3.3.2-4",
                                         code=rc.PAYLOAD_FORMAT_INVALID)  # fmt: skip
-            if qos == 1:
-                reason = mqtt5.PubAckReasonCode.PAYLOAD_FORMAT_INVALID
-                self.send(mqtt5.PubAckPacket(packet_id, reason_code=reason).write())
-            else:
-                refused = mqtt5.PubRecReasonCode.PAYLOAD_FORMAT_INVALID
-                self.send(mqtt5.PubRecPacket(packet_id, reason_code=refused).write())
+            self.send(v5.ack(PUBACK if qos == 1 else PUBREC, packet_id, rc.PAYLOAD_FORMAT_INVALID))
             return
         props = Props.of(packet, time.monotonic())
         # A QoS 0 PUBLISH without RETAIN or topic alias is, as received, what an MQTT 5
@@ -753,72 +463,8 @@ class Connection(asyncio.Protocol):
             frame.raw if qos == 0 and not packet.retain and packet.topic_alias is None
             else None
         )  # fmt: skip
-        self._accept_v5(session, topic, qos, packet_id, payload, retain=packet.retain,
-                        props=props, same=same)  # fmt: skip
-
-    def _accept_v5(
-        self, session: Session, topic: str, qos: int, packet_id: int, payload: bytes, *,
-        retain: bool, props: Props | None, same: bytes | None,
-    ) -> None:  # fmt: skip
-        """Take a checked MQTT 5 PUBLISH: route it, or keep it for PUBREL; acknowledge it."""
-        if qos == 2:
-            self._flows.hold(Incoming(packet_id, topic, 2, payload, retain, props))
-            plain, shared = self.hub.state.matches(topic)
-            if plain or shared:
-                self.send(encode_ack(PUBREC, packet_id))
-            else:  # section 3.5.2.1: 0x10, and the flow goes on
-                self.send(
-                    mqtt5.PubRecPacket(
-                        packet_id, reason_code=mqtt5.PubRecReasonCode.NO_MATCHING_SUBSCRIBERS
-                    ).write()
-                )
-            return
-        matched = self._route(session, topic, payload, qos, retain=retain, props=props,
-                              frame5=same)  # fmt: skip
-        if qos == 1:
-            if matched:
-                self.send(encode_ack(PUBACK, packet_id))
-            else:
-                self.send(
-                    mqtt5.PubAckPacket(
-                        packet_id, reason_code=mqtt5.PubAckReasonCode.NO_MATCHING_SUBSCRIBERS
-                    ).write()
-                )
-
-    async def _subscribe_v5(self, session: Session, packet: mqtt5.SubscribePacket) -> None:
-        engine = self.hub.state
-        codes: list[int] = []
-        fresh: list[bool] = []
-        for wanted in packet.topic_filters:
-            pattern = wanted.pattern
-            if any(_denied(pattern, deny) for deny in self.limits.deny_subscribe):
-                logger.info("Client %s may not subscribe to %s.", self.name, pattern)
-                codes.append(rc.NOT_AUTHORIZED)
-                fresh.append(False)
-                continue
-            options = SubOptions(wanted.no_local, wanted.retain_as_published,
-                                 packet.subscription_id)  # fmt: skip
-            granted, existed = await engine.subscribe(session, pattern, int(wanted.max_qos),
-                                                      options)  # fmt: skip
-            codes.append(granted)
-            fresh.append(not existed)
-        if self._ended:
-            return
-        reasons = [mqtt5.SubAckReasonCode(code) for code in codes]
-        self.send(mqtt5.SubAckPacket(packet.packet_id, reasons).write())
-        ids = (packet.subscription_id,) if packet.subscription_id else ()
-        now = time.monotonic()
-        for wanted, granted, new in zip(packet.topic_filters, codes, fresh, strict=True):
-            handling = wanted.retain_handling
-            if rc.failed(granted) or wanted.pattern.startswith("$share/"):
-                continue  # no retained messages for a shared subscription (section 4.8.2)
-            if handling == mqtt5.RetainHandling.SEND_NEVER or (
-                handling == mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS and not new
-            ):
-                continue
-            for topic, payload, retained_qos, props in engine.retained(wanted.pattern, now):
-                self.deliver(topic, payload, min(granted, retained_qos), retain=True,
-                             props=props, ids=ids)  # fmt: skip
+        self._accept(session, topic, qos, packet_id, payload, retain=packet.retain, props=props,
+                     frame5=same)  # fmt: skip
 
     def _check_keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -838,20 +484,36 @@ class Connection(asyncio.Protocol):
     # --- publishing -------------------------------------------------------------------------
 
     def _on_publish(self, session: Session, publish: Publish) -> None:
+        """Take a checked 3.1.1 PUBLISH (the hot path)."""
         self.hub.counters.received += 1
-        packet_id = publish.packet_id or 0
-        if publish.qos == 2:
+        self._accept(session, publish.topic, publish.qos, publish.packet_id or 0,
+                     publish.payload, retain=publish.retain, frame=publish.raw)  # fmt: skip
+
+    def _accept(
+        self, session: Session, topic: str, qos: int, packet_id: int, payload: bytes, *,
+        retain: bool, props: Props | None = None, frame: bytes | None = None,
+        frame5: bytes | None = None,
+    ) -> None:  # fmt: skip
+        """Take a checked PUBLISH of either version: hold it for PUBREL or route it; ack it.
+
+        MQTT 5's acknowledgement says when nobody subscribed (0x10, sections 3.4.2.1, 3.5.2.1).
+        """
+        if qos == 2:
             # Kept until PUBREL, then delivered once however often it is resent [MQTT-4.3.3-2].
-            self._flows.hold(Incoming(packet_id, publish.topic, 2, publish.payload, publish.retain))
-            self.send(encode_ack(PUBREC, packet_id))
+            self._flows.hold(Incoming(packet_id, topic, 2, payload, retain, props))
+            if self.v5 and not self.hub.state.has_subscribers(topic):
+                self.send(v5.ack(PUBREC, packet_id, rc.NO_MATCHING_SUBSCRIBERS))
+            else:
+                self.send(encode_ack(PUBREC, packet_id))
             return
-        self._route(
-            session, publish.topic, publish.payload, publish.qos, retain=publish.retain,
-            frame=publish.raw,
-        )  # fmt: skip
-        if publish.qos == 1:
+        matched = self._route(session, topic, payload, qos, retain=retain, frame=frame,
+                              props=props, frame5=frame5)  # fmt: skip
+        if qos == 1:
             # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; it is already on its way.
-            self.send(encode_ack(PUBACK, packet_id))
+            if matched or not self.v5:
+                self.send(encode_ack(PUBACK, packet_id))
+            else:
+                self.send(v5.ack(PUBACK, packet_id, rc.NO_MATCHING_SUBSCRIBERS))
 
     def _on_pubrel(self, session: Session, packet_id: int) -> None:
         # After a reconnect the client resends PUBREL for a message stored before: deliver it
@@ -862,13 +524,9 @@ class Connection(asyncio.Protocol):
             self._route(session, message.topic, bytes(message.data), 2,
                         retain=bool(message.retain), props=props)  # fmt: skip
         if message is None and self.v5:
-            self.send(
-                mqtt5.PubCompPacket(
-                    packet_id, reason_code=mqtt5.PubCompReasonCode.PACKET_ID_NOT_FOUND
-                ).write()
-            )
-            return
-        self.send(encode_ack(PUBCOMP, packet_id))
+            self.send(v5.ack(PUBCOMP, packet_id, rc.PACKET_ID_NOT_FOUND))
+        else:
+            self.send(encode_ack(PUBCOMP, packet_id))
 
     def _route(
         self, session: Session, topic: str, payload: bytes, qos: int, *, retain: bool,
@@ -952,26 +610,54 @@ class Connection(asyncio.Protocol):
 
     # --- subscribing ------------------------------------------------------------------------
 
-    async def _subscribe(self, session: Session, subscribe: Subscribe) -> None:
+    async def _subscribe(
+        self, session: Session, packet_id: int, wanted: list[Wanted], subscription_id: int | None
+    ) -> None:
+        """SUBSCRIBE, both versions: subscribe each filter, SUBACK, then retained messages."""
         engine = self.hub.state
-        codes = []
-        for topic_filter, qos in subscribe.filters:
-            if any(_denied(topic_filter, pattern) for pattern in self.limits.deny_subscribe):
+        codes: list[int] = []
+        fresh: list[bool] = []
+        for want in wanted:
+            topic_filter = want.topic_filter
+            if any(topic_matches(topic_filter, deny, dollar=True)
+                   for deny in self.limits.deny_subscribe):  # fmt: skip
                 logger.info("Client %s may not subscribe to %s.", self.name, topic_filter)
-                codes.append(rc.SUBACK_FAILURE_311)
-            else:
-                codes.append((await engine.subscribe(session, topic_filter, qos))[0])
+                codes.append(rc.NOT_AUTHORIZED if self.v5 else rc.SUBACK_FAILURE_311)
+                fresh.append(False)
+                continue
+            options = (
+                SubOptions(want.no_local, want.retain_as_published, subscription_id)
+                if self.v5 else None
+            )  # fmt: skip
+            granted, existed = await engine.subscribe(session, topic_filter, want.qos, options)
+            codes.append(granted)
+            fresh.append(not existed)
         if self._ended:
             return
-        self.send(encode_suback(subscribe.packet_id, codes))
-        # [MQTT-3.3.1-6]: a new subscription gets the retained messages it matches, RETAIN 1.
+        self.send(v5.suback(packet_id, codes) if self.v5 else encode_suback(packet_id, codes))
+        # [MQTT-3.3.1-6]: a new subscription gets the retained messages it matches, RETAIN 1,
+        # as its retain handling asks (MQTT 5); none for a shared one (section 4.8.2).
+        ids = (subscription_id,) if subscription_id else ()
         now = time.monotonic()
-        for (topic_filter, _), granted in zip(subscribe.filters, codes, strict=True):
-            if rc.failed(granted):
+        for want, granted, new in zip(wanted, codes, fresh, strict=True):
+            handling = want.retain_handling
+            if rc.failed(granted) or want.topic_filter.startswith("$share/"):
                 continue
-            for topic, payload, retained_qos, _ in engine.retained(topic_filter, now):
-                # A 3.1.1 subscriber gets no properties; an expired message none at all.
-                self.deliver(topic, payload, min(granted, retained_qos), retain=True)
+            if handling == RETAIN_NEVER or (handling == RETAIN_IF_NEW and not new):
+                continue
+            for topic, payload, retained_qos, props in engine.retained(want.topic_filter, now):
+                self.deliver(topic, payload, min(granted, retained_qos), retain=True,
+                             props=props, ids=ids)  # fmt: skip
+
+    def _unsubscribe(self, session: Session, packet_id: int, filters: Sequence[str]) -> None:
+        """UNSUBSCRIBE, both versions; MQTT 5 says per filter whether it was subscribed."""
+        engine = self.hub.state
+        existed = [engine.unsubscribe(session, topic_filter) for topic_filter in filters]
+        if self.v5:
+            codes = [rc.SUCCESS if was else rc.NO_SUBSCRIPTION_EXISTED for was in existed]
+            self.send(v5.unsuback(packet_id, codes))
+        else:
+            self.send(encode_ack(UNSUBACK, packet_id))
 
     # --- awaited work -----------------------------------------------------------------------
 
@@ -1126,18 +812,3 @@ def _utf8(payload: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def _denied(topic_filter: str, pattern: str) -> bool:
-    """Return whether a deny-list ``pattern`` (a topic filter) covers ``topic_filter``.
-
-    The requested filter is matched level by level as if it were a topic name, so ``secret/#``
-    denies ``secret``, ``secret/a`` and ``secret/+``.
-    """
-    wanted = topic_filter.split("/")
-    for index, level in enumerate(pattern.split("/")):
-        if level == "#":
-            return True
-        if index >= len(wanted) or level not in ("+", wanted[index]):
-            return False
-    return len(wanted) == len(pattern.split("/"))

@@ -511,6 +511,11 @@ class Engine:
         self._matches.clear()
         return existed
 
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether any subscription, plain or shared, matches ``topic``."""
+        plain, shared = self.matches(topic)
+        return bool(plain or shared)
+
     def matches(self, topic: str) -> tuple[list[Match], list[tuple[str, list[Match]]]]:
         """Return the subscribers of ``topic``: each session once, each shared group's members.
 
@@ -621,11 +626,15 @@ class Engine:
             queue.get_nowait()
 
 
-def topic_matches(topic: str, topic_filter: str) -> bool:
-    """Whether ``topic`` matches ``topic_filter`` (section 4.7; [MQTT-4.7.2-1] for $ topics)."""
+def topic_matches(topic: str, topic_filter: str, *, dollar: bool = False) -> bool:
+    """Whether ``topic`` matches ``topic_filter`` (section 4.7; [MQTT-4.7.2-1] for $ topics).
+
+    ``dollar`` lets a leading wildcard match a ``$`` topic too (a deny list's ``#`` covers
+    ``$SYS/#``); the specification's rule is without it.
+    """
     if "+" not in topic_filter and "#" not in topic_filter:
         return topic == topic_filter
-    if topic.startswith("$") and topic_filter[0] in "+#":
+    if not dollar and topic.startswith("$") and topic_filter[0] in "+#":
         return False
     levels = topic.split("/")
     wanted = topic_filter.split("/")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -12,8 +13,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from broker import systopics
-from broker.connection import Hub
+from broker.connection import Connection
 from broker.engine import Engine, EngineMismatch
+from broker.hub import Hub
 from broker.server import BindError, Listener, bind, tls_context
 from broker.settings import BrokerSettings, parse
 from common import logs
@@ -61,7 +63,7 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     async def start_listener(name: str) -> asyncio.Server:
         listener = listeners[name]
         server = await asyncio.get_running_loop().create_server(
-            hub.connection,
+            functools.partial(Connection, hub),
             sock=listener.sock,
             ssl=listener.tls,
             ssl_handshake_timeout=settings.limits.connect_timeout if listener.tls else None,

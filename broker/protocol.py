@@ -271,6 +271,18 @@ class Subscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class Wanted:
+    """One filter of a SUBSCRIBE, as either version asks for it (3.1.1: the QoS alone)."""
+
+    topic_filter: str
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    """MQTT 5: 0 send retained messages, 1 only for a new subscription, 2 never."""
+
+
+@dataclass(frozen=True, slots=True)
 class Unsubscribe:
     """A checked UNSUBSCRIBE: its packet id and topic filters."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from broker.connection import Hub
+    from broker.hub import Hub
 
 PERIODS = (("1min", 60.0), ("5min", 300.0), ("15min", 900.0))
 

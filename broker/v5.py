@@ -310,3 +310,27 @@ def disconnect(reason: int, text: str | None = None, max_size: int | None = None
         if max_size is None or len(data) <= max_size:
             return data
     return mqtt5.DisconnectPacket(reason_code=code).write()
+
+
+_ACKS: Final = {
+    PUBACK: (mqtt5.PubAckPacket, mqtt5.PubAckReasonCode),
+    PUBREC: (mqtt5.PubRecPacket, mqtt5.PubRecReasonCode),
+    PUBCOMP: (mqtt5.PubCompPacket, mqtt5.PubCompReasonCode),
+}
+
+
+def ack(kind: int, packet_id: int, reason: int) -> bytes:
+    """Encode an MQTT 5 PUBACK, PUBREC or PUBCOMP with a reason code (section 3.4.2.1)."""
+    packet, codes = _ACKS[kind]
+    data: bytes = packet(packet_id, reason_code=codes(reason)).write()
+    return data
+
+
+def suback(packet_id: int, codes: list[int]) -> bytes:
+    """Encode an MQTT 5 SUBACK: a granted QoS or a reason code per filter."""
+    return mqtt5.SubAckPacket(packet_id, [mqtt5.SubAckReasonCode(c) for c in codes]).write()
+
+
+def unsuback(packet_id: int, codes: list[int]) -> bytes:
+    """Encode an MQTT 5 UNSUBACK: a reason code per filter."""
+    return mqtt5.UnsubAckPacket(packet_id, [mqtt5.UnsubAckReasonCode(c) for c in codes]).write()

@@ -1,0 +1,350 @@
+"""The hub: every connection of the broker, who is online as which client, and routing.
+
+A PUBLISH is routed synchronously, inside the read that brought it (:meth:`Hub.publish`): each
+subscriber online gets it there and then, in the connection's version; an offline persistent
+session keeps QoS 1/2 messages; a shared subscription's group gives it to one member in turn.
+What a callback makes each connection write is gathered and written once, when the callback
+ends (:meth:`Hub.flush`). The hub also holds the session lifetimes: take-over, MQTT 5 session
+expiry and delayed wills.
+
+The hub sees connections only through :class:`Attached`; it does not import the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from broker import reasons as rc
+from broker import v5
+from broker.engine import Engine, Match, Message, Session
+from broker.protocol import Connect, Will, encode_publish
+from broker.settings import Limits
+from broker.systopics import Counters
+from broker.v5 import Props
+
+logger = logging.getLogger("broker")
+
+NEVER_EXPIRES = 0xFFFFFFFF
+"""MQTT 5: a session expiry interval that never ends (section 3.1.2.11.2)."""
+
+
+class Attached(Protocol):
+    """A client's connection, as the hub sees it."""
+
+    session: Session | None
+    peer: str
+    v5: bool
+    expiry: int | None
+    """MQTT 5: the session expiry interval the client asked for (seconds)."""
+
+    @property
+    def backlog(self) -> bool:
+        """Whether messages wait in the session's queue."""
+
+    def send_qos0(self, frame: bytes) -> None:
+        """Send an encoded QoS 0 PUBLISH (or drop it, for a client too far behind)."""
+
+    def deliver(
+        self, topic: str, payload: bytes, qos: int, *, retain: bool, props: Props | None = None,
+        ids: tuple[int, ...] = (),
+    ) -> None:  # fmt: skip
+        """Send a message through the session's flows, or queue it."""
+
+    def flush(self) -> None:
+        """Write what was gathered."""
+
+    def close(self, *, will: bool, reason: int | None = None, why: str | None = None) -> None:
+        """End the connection."""
+
+    def abort(self) -> None:
+        """Close the socket now."""
+
+
+class Hub:
+    """Every connection of the broker, who is online as which client, and routing between them."""
+
+    def __init__(self, limits: Limits, max_connections: int = 0) -> None:
+        """Create an empty hub; :attr:`engine` must be set before the first client connects."""
+        self.limits = limits
+        self.max_connections = max_connections
+        self.engine: Engine | None = None
+        self.connections: set[Attached] = set()
+        self.online: dict[str, Attached] = {}
+        """Client id -> its current connection, from CONNACK to the end of that connection."""
+        self.batching = False
+        self.stopping = False
+        self.refused = 0
+        self._dirty: list[Attached] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dropping: dict[str, int] = {}
+        """Client id -> messages dropped for it since its queue was last empty."""
+        self._all_closed: asyncio.Event | None = None
+        self.counters = Counters()
+        """What $SYS reports (broker/systopics.py)."""
+        self._turns: dict[str, int] = {}
+        """Shared subscription group -> how many messages it has had (whose turn it is)."""
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        """Client id -> the timer that ends its MQTT 5 session, while it is offline."""
+        self._wills: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
+        """Client id -> the timer of its delayed MQTT 5 will."""
+
+    # --- writes: gathered during a callback, one write per connection at its end ---------------
+
+    def flush(self) -> None:
+        """Write what each connection gathered, and stop gathering."""
+        self.batching = False
+        if self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for connection in dirty:
+                connection.flush()
+
+    def closed(self, connection: Attached) -> None:
+        """Forget a connection that has ended (and wake a shutdown waiting for the last)."""
+        self.connections.discard(connection)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def mark(self, connection: Attached) -> None:
+        """Note that ``connection`` has writes to flush."""
+        self._dirty.append(connection)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run ``coro`` as a task the hub keeps until it ends (and cancels at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- routing --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> Engine:
+        """The engine (amqtt's state)."""
+        if self.engine is None:
+            raise RuntimeError("the hub has no engine")
+        return self.engine
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int | None, frame: bytes | None = None, *,
+        retain: bool = False, props: Props | None = None, origin: str | None = None,
+        frame5: bytes | None = None,
+    ) -> bool:  # fmt: skip
+        """Deliver a message to every subscriber now, or keep it for them (synchronous).
+
+        Return whether any subscriber matched. Each delivery's QoS is min(publish QoS,
+        granted QoS) [MQTT-3.8.4-6, section 3.3.5]; a client whose filters overlap gets one copy
+        at the highest granted QoS [MQTT-3.3.5-1]. ``qos`` None (a plugin's broadcast) delivers
+        at each granted QoS. ``frame``, when given, is the message already encoded as a 3.1.1
+        QoS 0 PUBLISH with RETAIN 0, and ``frame5`` as an MQTT 5 one for the subscribers that
+        need nothing of their own. ``retain`` is the published RETAIN, kept for MQTT 5
+        subscriptions that ask for it; ``origin`` is the publisher's client id, for their No
+        Local option.
+        """
+        plain, shared = self.state.matches(topic)
+        online = self.online
+        for match in plain:
+            session, granted, no_local, keep_retain, ids = match
+            if no_local and session.client_id == origin:
+                continue  # MQTT 5 [MQTT-3.8.3-3]
+            delivered = _downgrade(qos, granted)
+            connection = online.get(session.client_id)
+            if connection is None or connection.session is not session:
+                if delivered and not session.clean_session:
+                    # [MQTT-3.1.2-5]: QoS 1/2 messages wait for an offline persistent session.
+                    self.put(session, Message(None, topic, delivered, payload,
+                                                keep_retain and retain, props, ids))  # fmt: skip
+                continue
+            if delivered == 0 and not connection.backlog and not connection.v5:
+                if frame is None:
+                    frame = encode_publish(topic, payload)
+                connection.send_qos0(frame)
+            elif (
+                delivered == 0
+                and not connection.backlog
+                and not ids
+                and not (keep_retain and retain)
+            ):
+                # MQTT 5, QoS 0, nothing per subscriber: encoded once for all of them.
+                if frame5 is None:
+                    frame5 = v5.encode_publish(topic, payload, 0, None, retain=False, dup=False,
+                                               props=props)  # fmt: skip
+                connection.send_qos0(frame5)
+            else:  # QoS 1/2, MQTT 5, or QoS 0 behind waiting messages [MQTT-4.6.0-6]
+                connection.deliver(topic, payload, delivered, retain=keep_retain and retain,
+                                   props=props, ids=ids)  # fmt: skip
+        for group, members in shared:
+            self._deliver_shared(group, members, topic, payload, qos=qos, props=props)
+        return bool(plain or shared)
+
+    def _deliver_shared(
+        self, group: str, members: list[Match], topic: str, payload: bytes, *,
+        qos: int | None, props: Props | None,
+    ) -> None:  # fmt: skip
+        """Give a message to one member of a shared subscription's group (MQTT 5 4.8.2).
+
+        Members take turns; an online member comes before an offline one.
+        """
+        turn = self._turns.get(group, 0)
+        self._turns[group] = turn + 1
+        ordered = members[turn % len(members) :] + members[: turn % len(members)]
+        for session, granted, _, _, ids in ordered:
+            connection = self.online.get(session.client_id)
+            if connection is not None and connection.session is session:
+                delivered = _downgrade(qos, granted)
+                connection.deliver(topic, payload, delivered, retain=False, props=props, ids=ids)
+                return
+        for session, granted, _, _, ids in ordered:
+            delivered = _downgrade(qos, granted)
+            if delivered and not session.clean_session:
+                self.put(session, Message(None, topic, delivered, payload, False, props, ids))
+                return
+
+    def publish_will(self, session: Session | None, will: Will, props: Props | None) -> None:
+        """Publish a will [MQTT-3.1.2-8], and retain it if it asks to be."""
+        self.publish(will.topic, will.payload, will.qos, retain=will.retain, props=props)
+        if will.retain:
+            self.spawn(
+                self.state.retain(session, will.topic, will.payload, will.qos, props),
+                "retain will",
+            )
+
+    def put(self, session: Session, message: Message) -> None:
+        """Keep a message for ``session``, unless its queue is full (then count and drop it)."""
+        engine = self.state
+        if engine.queued(session) < self.limits.max_queued:
+            engine.enqueue(session, message)
+            return
+        client_id = session.client_id
+        dropped = self._dropping.get(client_id, 0)
+        if not dropped:
+            logger.warning(
+                "Dropping messages for client %s: queue full (%d).",
+                client_id, self.limits.max_queued,
+            )  # fmt: skip
+        self._dropping[client_id] = dropped + 1
+        self.counters.dropped += 1
+
+    def take(self, session: Session) -> Message | None:
+        """Take the oldest message waiting for ``session``."""
+        return self.state.dequeue(session)
+
+    def size(self, session: Session) -> int:
+        """How many messages wait for ``session``."""
+        return self.state.queued(session)
+
+    def drained(self, client_id: str) -> None:
+        """Note that a client's queue is empty: end its episode of drops, if any."""
+        dropped = self._dropping.pop(client_id, 0)
+        if dropped:
+            logger.warning(
+                "Client %s: queue drained; %d messages were dropped while it was full.",
+                client_id, dropped,
+            )  # fmt: skip
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    def attach(self, connection: Attached, connect: Connect, session: Session) -> bool:
+        """Make ``connection`` the client's current one; return whether a session was resumed."""
+        engine = self.state
+        client_id = session.client_id
+        previous = self.online.get(client_id)
+        if previous is not None:
+            # [MQTT-3.1.4-2]: the server disconnects the existing client first.
+            logger.info("Client %s connected again: closing its previous connection.", client_id)
+            why = f"session taken over by a connection from {connection.peer}"
+            previous.close(will=True, reason=rc.SESSION_TAKEN_OVER, why=why)
+        expiry = self._expiry.pop(client_id, None)
+        if expiry is not None:
+            expiry.cancel()
+        delayed = self._wills.pop(client_id, None)
+        if delayed is not None:
+            # MQTT 5 section 3.1.3.2.2: a delayed will is not sent if the session goes on; if it
+            # ends here (clean start), it is sent now.
+            timer, publish = delayed
+            timer.cancel()
+            if connect.clean_session:
+                publish()
+        present = False
+        if connect.clean_session:
+            # [MQTT-3.1.2-6]: a clean session starts empty and ends with the connection.
+            engine.forget(client_id)
+            self._dropping.pop(client_id, None)
+        else:
+            stored = engine.stored(client_id)
+            if stored is not None:
+                # [MQTT-3.2.2-2]: resume the stored session with this connection's settings.
+                for name in ("keep_alive", "username", "password", "remote_address",
+                             "remote_port", "clean_session"):  # fmt: skip
+                    setattr(stored, name, getattr(session, name))
+                session, present = stored, True
+        engine.keep(session)
+        self.online[client_id] = connection
+        self.counters.maximum = max(self.counters.maximum, len(self.online))
+        connection.session = session
+        engine.connected(session)
+        return present
+
+    def detach(self, connection: Attached) -> None:
+        """End ``connection``'s hold on its session; a clean session ends with it."""
+        session = connection.session
+        if session is None or self.online.get(session.client_id) is not connection:
+            return
+        del self.online[session.client_id]
+        engine = self.state
+        engine.disconnected(session)
+        logger.info("Client %s disconnected from %s.", session.client_id, connection.peer)
+        if session.clean_session:
+            engine.forget(session.client_id)
+            self._dropping.pop(session.client_id, None)
+        elif connection.expiry is not None and connection.expiry < NEVER_EXPIRES:
+            # MQTT 5: the session ends this many seconds after the connection [MQTT-3.1.2-23].
+            client_id = session.client_id
+            self._expiry[client_id] = asyncio.get_running_loop().call_later(
+                connection.expiry, self._expire, client_id, session
+            )
+
+    def _expire(self, client_id: str, session: Session) -> None:
+        self._expiry.pop(client_id, None)
+        if self.state.stored(client_id) is session and client_id not in self.online:
+            logger.info("Session of client %s expired.", client_id)
+            self.state.forget(client_id)
+            self._dropping.pop(client_id, None)
+
+    def delay_will(self, client_id: str, delay: float, publish: Callable[[], None]) -> None:
+        """Publish a will after ``delay`` seconds unless its client's session goes on."""
+
+        def due() -> None:
+            self._wills.pop(client_id, None)
+            publish()
+
+        self._wills[client_id] = (asyncio.get_running_loop().call_later(delay, due), publish)
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def close_all(self, grace: float) -> None:
+        """Close every connection: gently, then, after ``grace`` seconds, abruptly."""
+        self.stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        for timer in [*self._expiry.values(), *(t for t, _ in self._wills.values())]:
+            timer.cancel()
+        for connection in list(self.connections):
+            connection.close(will=False, reason=rc.SERVER_SHUTTING_DOWN, why="server shutting down")
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+        for connection in list(self.connections):
+            connection.abort()
+
+
+def _downgrade(qos: int | None, granted: int) -> int:
+    """Return the QoS of a delivery: min(publish QoS, granted QoS) [MQTT-3.8.4-6].
+
+    ``qos`` None (a plugin's broadcast) delivers at the granted QoS (section 3.3.5).
+    """
+    return granted if qos is None or qos > granted else qos
