@@ -100,7 +100,7 @@ class Connection(asyncio.Protocol):
         self._counted = False
         self._dropped_qos0 = 0
         self.flows: Flows | None = None
-        """The session's QoS flows over this connection, from CONNACK on."""
+        """The session's QoS flows over this connection, once it has any (see _flows)."""
         self.window = hub.limits.max_inflight
         """Unacknowledged QoS 1/2 messages allowed (an MQTT 5 client's receive maximum too)."""
         # MQTT 5 only:
@@ -293,12 +293,6 @@ class Connection(asyncio.Protocol):
         if self._ended:
             return
         present = hub.attach(self, connect, session)
-        session = self.session  # the stored one, when it was resumed
-        assert session is not None  # noqa: S101 - attach set it
-        self.flows = Flows(
-            session, window=self.window, hold_limit=self.limits.max_queued, send=self.send,
-            encode=self._encode_publish, queue=hub, clock=time.monotonic, v5=self.v5,
-        )  # fmt: skip
         self._will = connect.will
         if self.v5:
             self.send(self._connack_v5(present))
@@ -313,7 +307,9 @@ class Connection(asyncio.Protocol):
             self._limit = connect.keep_alive * KEEPALIVE_GRACE
             self._heard_at = loop.time()
             self._timer = loop.call_later(self._limit, self._check_keepalive)
-        self.flows.resume()  # what was in flight [MQTT-4.4.0-1], then what waits
+        resumed = self.session
+        if resumed is not None and (resumed.inflight_out or hub.size(resumed)):
+            self._flows.resume()  # what was in flight [MQTT-4.4.0-1], then what waits
 
     # --- MQTT 5 ---------------------------------------------------------------------------
 
@@ -548,8 +544,16 @@ class Connection(asyncio.Protocol):
 
     @property
     def _flows(self) -> Flows:
+        """The session's flows, made when first needed: an idle connection costs none."""
         flows = self.flows
-        assert flows is not None  # noqa: S101 - packets after CONNECT come after CONNACK
+        if flows is None:
+            session = self.session
+            assert session is not None  # noqa: S101 - packets after CONNECT come after CONNACK
+            flows = self.flows = Flows(
+                session, window=self.window, hold_limit=self.limits.max_queued,
+                send=self.send, encode=self._encode_publish, queue=self.hub,
+                clock=time.monotonic, v5=self.v5,
+            )  # fmt: skip
         return flows
 
     def deliver(
