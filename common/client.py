@@ -368,16 +368,11 @@ def session_properties(settings: ClientSettings) -> Properties | None:
 
 def fallback(
     settings: ClientSettings, *, manual_ack: bool = False
-) -> Callable[[], aiomqtt.Client] | None:
+) -> Callable[[], Client] | None:
     """Return the maker of the 3.1.1 client that replaces a refused MQTT 5 one (None: 3.1.1)."""
     if settings.protocol != 5:
         return None
     return lambda: make_client(settings, 4, manual_ack=manual_ack)
-
-
-def timed_out(exc: aiomqtt.MqttError) -> bool:
-    """Tell whether ``exc`` is aiomqtt's own timeout (it has no type of its own, only words)."""
-    return str(exc) == "Operation timed out"
 
 
 def closed_before_connack(exc: aiomqtt.MqttError) -> bool:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import aiomqtt
 import paho.mqtt.client as mqtt
 
-from common.client import closed_before_connack, refuses_mqtt5, timed_out
+from common.client import Client, closed_before_connack, refuses_mqtt5
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class Link:
 
     def __init__(
         self,
-        client: aiomqtt.Client,
+        client: Client,
         *,
         address: str,
         interval: float,
@@ -72,7 +73,7 @@ class Link:
         clock: Callable[[], float] = time.monotonic,
         role: str = "",
         quiet: bool = False,
-        fallback: Callable[[], aiomqtt.Client] | None = None,
+        fallback: Callable[[], Client] | None = None,
     ) -> None:
         """Wrap ``client``; ``interval`` is the pause between attempts (0 in tests).
 
@@ -84,7 +85,7 @@ class Link:
         """
         self.client = client
         self._fallback = fallback
-        self._trial: tuple[aiomqtt.Client, aiomqtt.MqttError] | None = None
+        self._trial: tuple[Client, aiomqtt.MqttError] | None = None
         """While a 3.1.1 client is tried: the MQTT 5 client, and how its attempt failed."""
         self._tried_311 = False
         self.topics = tuple(topics)
@@ -151,9 +152,8 @@ class Link:
         """
         while not self._stopping:
             self.attempts += 1
-            for stale in ("disconnect_reason", "disconnect_text"):  # of an earlier connection
-                if hasattr(self.client, stale):
-                    setattr(self.client, stale, None)
+            # What the broker said when an earlier connection ended is not this one's story.
+            self.client.disconnect_reason = self.client.disconnect_text = None
             try:
                 self._waiting = ("CONNACK", self._clock())
                 async with self.client:
@@ -230,14 +230,13 @@ class Link:
         for topic, qos in self.topics:
             self._waiting = (f"SUBACK for {topic}", self._clock())
             try:
-                granted = await self.client.subscribe(topic, qos=qos, timeout=self.suback_timeout)
+                async with asyncio.timeout(self.suback_timeout):
+                    granted = await self.client.subscribe(topic, qos=qos, timeout=math.inf)
             except aiomqtt.MqttCodeError as exc:
                 if exc.rc != mqtt.MQTT_ERR_NO_CONN:
                     raise
                 raise aiomqtt.MqttError(f"connection closed before SUBSCRIBE {topic}") from None
-            except aiomqtt.MqttError as exc:
-                if not timed_out(exc):
-                    raise
+            except TimeoutError:
                 raise aiomqtt.MqttError(
                     f"no SUBACK for {topic} within {self.suback_timeout:g} s"
                 ) from None
@@ -285,8 +284,8 @@ class Link:
         self._waiting = None
         # paho's messages end with a full stop; ours add one.
         self._last_error = str(exc).rstrip(".")
-        said = getattr(self.client, "disconnect_text", None)
-        if getattr(self.client, "disconnect_reason", None) == SESSION_TAKEN_OVER:
+        said = self.client.disconnect_text
+        if self.client.disconnect_reason == SESSION_TAKEN_OVER:
             self._last_error = (
                 f"session taken over: another client connected as {self.client.identifier!r}"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections import deque
@@ -22,7 +23,6 @@ from common.client import (
     client_settings,
     fallback,
     make_client,
-    timed_out,
 )
 from common.constants import EXIT_OK
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
@@ -197,12 +197,10 @@ class Echo:
         self, client: aiomqtt.Client, topic: str, payload: bytes, properties: Properties | None
     ) -> None:
         try:
-            await client.publish(
-                topic, payload, qos=self.settings.client.qos, properties=properties
-            )
-        except aiomqtt.MqttError as exc:
-            if not timed_out(exc):
-                raise
+            async with asyncio.timeout(client.timeout):
+                await client.publish(topic, payload, qos=self.settings.client.qos,
+                                     properties=properties, timeout=math.inf)  # fmt: skip
+        except TimeoutError:
             raise aiomqtt.MqttError(
                 f"no acknowledgement for the echo of {show(payload)} within {client.timeout:g} s"
             ) from None

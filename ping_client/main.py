@@ -283,7 +283,7 @@ class Probe:
     async def _publish(self, payload: bytes) -> None:
         client = self.link.client
         properties = None
-        if getattr(client, "protocol_level", 4) == 5:
+        if client.protocol_level == 5:
             # MQTT 5 request/response (section 4.10): where to answer, which request this is,
             # and no echo after the ping has timed out (it would only count as late).
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
