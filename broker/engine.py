@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
@@ -302,8 +302,6 @@ class Incoming(IncomingApplicationMessage):
         self.props = props
 
 
-Serve = Callable[[str], Awaitable[asyncio.Server]]
-"""Start serving the named listener; return its asyncio server."""
 Broadcast = Callable[[str, bytes, int | None], object]
 """Deliver a message published by a plugin (topic, payload, QoS or None for each granted)."""
 
@@ -311,9 +309,11 @@ Broadcast = Callable[[str, bytes, int | None], object]
 class _Broker(Broker):
     """amqtt's Broker, serving through our connection layer."""
 
-    def __init__(self, config: dict[str, Any], serve: Serve, broadcast: Broadcast) -> None:
+    def __init__(
+        self, config: dict[str, Any], servers: dict[str, asyncio.Server], broadcast: Broadcast
+    ) -> None:
         super().__init__(config)
-        self._serve = serve
+        self._ready = servers
         self._broadcast = broadcast
 
     async def _create_server_instance(
@@ -326,7 +326,7 @@ class _Broker(Broker):
     ) -> asyncio.Server:
         if listener_type != ListenerType.TCP:
             raise EngineMismatch(f"unsupported listener type {listener_type}")
-        return await self._serve(listener_name)
+        return self._ready[listener_name]
 
     async def _run_broadcast(self, running_tasks: Any) -> None:  # noqa: ANN401, ARG002 - a deque
         # A plugin's broadcast_message() comes through amqtt's queue; the router delivers it.
@@ -343,10 +343,14 @@ class Engine:
         *,
         listeners: list[tuple[str, str]],
         password_file: str | None,
-        serve: Serve,
+        servers: dict[str, asyncio.Server],
         broadcast: Broadcast,
     ) -> None:
-        """Configure amqtt: the (name, "host:port") listeners, anonymous or file auth."""
+        """Configure amqtt: the (name, "host:port") listeners, anonymous or file auth.
+
+        ``servers`` are the listeners' asyncio servers, made (and not yet serving) by the
+        caller: amqtt keeps and closes them; the caller starts serving once the engine runs.
+        """
         check_amqtt()
         config: dict[str, Any] = {
             "listeners": {name: {"type": "tcp", "bind": bind} for name, bind in listeners}
@@ -357,16 +361,16 @@ class Engine:
             auth = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": password_file}}
         config["plugins"] = auth
         self._config = config
-        self._serve = serve
+        self._servers = servers
         self._broadcast = broadcast
         self._auth_in_thread = password_file is not None
         self._auth_pool: ThreadPoolExecutor | None = None
         self._broker: _Broker | None = None
         self._matches: dict[str, tuple[list[Match], list[tuple[str, list[Match]]]]] = {}
         self._options: dict[tuple[str, str], SubOptions] = {}
+        """(client id, filter) -> MQTT 5 subscription options other than the defaults."""
         self._retained_props: dict[str, Props] = {}
         """Topic -> the MQTT 5 properties of its retained message (amqtt keeps none)."""
-        """(client id, filter) -> MQTT 5 subscription options other than the defaults."""
         self._events: set[asyncio.Future[None]] = set()
 
     @property
@@ -384,8 +388,8 @@ class Engine:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start amqtt, which starts our listeners through ``serve``."""
-        broker = _Broker(self._config, self._serve, self._broadcast)
+        """Start amqtt over the listeners' servers."""
+        broker = _Broker(self._config, self._servers, self._broadcast)
         _check_broker(broker)
         self._broker = broker
         await broker.start()

@@ -58,29 +58,32 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     """
     listeners = listen(settings)
     hub = Hub(settings.limits, settings.max_connections)
-    servers: list[asyncio.Server] = []
-
-    async def start_listener(name: str) -> asyncio.Server:
-        listener = listeners[name]
-        server = await asyncio.get_running_loop().create_server(
-            functools.partial(Connection, hub),
-            sock=listener.sock,
-            ssl=listener.tls,
-            ssl_handshake_timeout=settings.limits.connect_timeout if listener.tls else None,
-        )
-        servers.append(server)
-        return server
-
+    loop = asyncio.get_running_loop()
+    servers: dict[str, asyncio.Server] = {}
     try:
+        # In one direction: the servers first (not serving yet), then the engine over them,
+        # then accept; a client never meets a broker whose engine is not up.
+        for name, listener in listeners.items():
+            servers[name] = await loop.create_server(
+                functools.partial(Connection, hub),
+                sock=listener.sock,
+                ssl=listener.tls,
+                ssl_handshake_timeout=settings.limits.connect_timeout if listener.tls else None,
+                start_serving=False,
+            )
         engine = Engine(
             listeners=[(name, listener.address) for name, listener in listeners.items()],
             password_file=str(settings.password_file) if settings.password_file else None,
-            serve=start_listener,
+            servers=servers,
             broadcast=hub.publish,
         )
         hub.engine = engine
         await engine.start()
+        for server in servers.values():
+            await server.start_serving()
     except BaseException:
+        for server in servers.values():
+            server.close()
         for listener in listeners.values():
             listener.sock.close()
         raise
@@ -90,7 +93,7 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     try:
         yield Running(hub, engine, listeners)
     finally:
-        for server in servers:
+        for server in servers.values():
             server.close()  # accept no more
         try:
             async with asyncio.timeout(settings.shutdown_timeout):
