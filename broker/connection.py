@@ -152,13 +152,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Handle every whole packet this read completed; write what they caused once."""
-        hub = self.hub
-        hub.batching = True
-        try:
-            self.framer.feed(data)
-            self._work()
-        finally:
-            hub.flush()
+        self.framer.feed(data)
+        self._work_batched()
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - asyncio's
         """Release everything the connection held; publish the will unless it said goodbye."""
@@ -176,6 +171,15 @@ class Connection(asyncio.Protocol):
         self._resume("writing")
 
     # --- reading ----------------------------------------------------------------------------
+
+    def _work_batched(self) -> None:
+        """Handle what is buffered, gathering every connection's writes for one flush."""
+        hub = self.hub
+        hub.batching = True
+        try:
+            self._work()
+        finally:
+            hub.flush()
 
     def _work(self) -> None:
         """Handle buffered packets until the buffer runs dry or a packet starts awaited work."""
@@ -687,12 +691,7 @@ class Connection(asyncio.Protocol):
         if self._ended:
             return
         self._resume("busy")
-        hub = self.hub
-        hub.batching = True
-        try:
-            self._work()
-        finally:
-            hub.flush()
+        self._work_batched()
 
     def _violated(self, exc: ProtocolViolation) -> None:
         """Close the connection for the client's protocol error, publishing its will.

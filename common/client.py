@@ -67,6 +67,13 @@ class ClientSettings:
             )
 
 
+def client_parser(prog: str, description: str, environ: Mapping[str, str]) -> cli.Parser:
+    """Make the command line of a client program: its description, then every client option."""
+    parser = cli.Parser(prog=prog, description=description)
+    add_client_options(parser, environ)
+    return parser
+
+
 def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
     """Add the connection flags every client has."""
     add = cli.add_option
@@ -366,9 +373,7 @@ def session_properties(settings: ClientSettings) -> Properties | None:
     return properties
 
 
-def fallback(
-    settings: ClientSettings, *, manual_ack: bool = False
-) -> Callable[[], Client] | None:
+def fallback(settings: ClientSettings, *, manual_ack: bool = False) -> Callable[[], Client] | None:
     """Return the maker of the 3.1.1 client that replaces a refused MQTT 5 one (None: 3.1.1)."""
     if settings.protocol != 5:
         return None

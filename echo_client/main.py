@@ -19,7 +19,7 @@ from common import cli, logs
 from common.client import (
     Client,
     ClientSettings,
-    add_client_options,
+    client_parser,
     client_settings,
     fallback,
     make_client,
@@ -52,14 +52,12 @@ class EchoSettings:
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSettings:
     """Parse flags, falling back to ``MQTT_*`` variables; exit 64 on a malformed value."""
-    parser = cli.Parser(
-        prog="echo_client",
-        description=(
-            "Republish every message on the ping topic, byte for byte, to the pong topic (or to "
-            "an MQTT 5 request's response topic, with its correlation data)."
-        ),
+    parser = client_parser(
+        "echo_client",
+        "Republish every message on the ping topic, byte for byte, to the pong topic (or to an "
+        "MQTT 5 request's response topic, with its correlation data).",
+        environ,
     )
-    add_client_options(parser, environ)
     cli.add_option(
         parser,
         environ,

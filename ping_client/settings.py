@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common import cli
-from common.client import ClientSettings, add_client_options, client_settings
+from common.client import ClientSettings, client_parser, client_settings
 
 DEFAULT_CONNECT_TIMEOUT_WITH_COUNT = 10.0
 DEADLINE_SLACK = 1.0
@@ -43,15 +43,13 @@ class PingSettings:
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSettings:
     """Parse flags, falling back to ``MQTT_*`` variables; exit 64 on a malformed value."""
-    parser = cli.Parser(
-        prog="ping_client",
-        description=(
-            "Publish a Unix timestamp to the ping topic every interval and time its echo on the "
-            "pong topic, like ping(8). Exit status: 0 all answered, 1 some lost or unanswered, "
-            "2 the link never became usable (no CONNACK or no SUBACK), 64 bad usage."
-        ),
+    parser = client_parser(
+        "ping_client",
+        "Publish a Unix timestamp to the ping topic every interval and time its echo on the "
+        "pong topic, like ping(8). Exit status: 0 all answered, 1 some lost or unanswered, "
+        "2 the link never became usable (no CONNACK or no SUBACK), 64 bad usage.",
+        environ,
     )
-    add_client_options(parser, environ)
     add = cli.add_option
     add(
         parser,
