@@ -775,7 +775,7 @@ class Connection(asyncio.Protocol):
             what, props = self._will, self._will_props
             delay = min(self._will_delay, self.expiry or 0)
             if delay and session is not None:
-                hub.delay_will(session.client_id, delay,
+                hub.lifetimes.delay_will(session.client_id, delay,
                                lambda: hub.publish_will(session, what, props))  # fmt: skip
             else:
                 hub.publish_will(session, what, props)

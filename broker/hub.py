@@ -4,8 +4,8 @@ A PUBLISH is routed synchronously, inside the read that brought it (:meth:`Hub.p
 subscriber online gets it there and then, in the connection's version; an offline persistent
 session keeps QoS 1/2 messages; a shared subscription's group gives it to one member in turn.
 What a callback makes each connection write is gathered and written once, when the callback
-ends (:meth:`Hub.flush`). The hub also holds the session lifetimes: take-over, MQTT 5 session
-expiry and delayed wills.
+ends (:meth:`Hub.flush`). The hub also decides take-over, and keeps the timers of session
+expiry and delayed wills through :class:`broker.lifetimes.Lifetimes`.
 
 The hub sees connections only through :class:`Attached`; it does not import the connection.
 """
@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from broker import reasons as rc
 from broker import v5
 from broker.engine import Engine, Match, Message, Session
+from broker.lifetimes import Lifetimes
 from broker.protocol import Connect, Will, encode_publish
 from broker.settings import Limits
 from broker.systopics import Counters
@@ -87,10 +88,8 @@ class Hub:
         """What $SYS reports (broker/systopics.py)."""
         self._turns: dict[str, int] = {}
         """Shared subscription group -> how many messages it has had (whose turn it is)."""
-        self._expiry: dict[str, asyncio.TimerHandle] = {}
-        """Client id -> the timer that ends its MQTT 5 session, while it is offline."""
-        self._wills: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
-        """Client id -> the timer of its delayed MQTT 5 will."""
+        self.lifetimes = Lifetimes()
+        """Session expiry and delayed wills of the clients that are away."""
 
     # --- writes: gathered during a callback, one write per connection at its end ---------------
 
@@ -257,17 +256,7 @@ class Hub:
             logger.info("Client %s connected again: closing its previous connection.", client_id)
             why = f"session taken over by a connection from {connection.peer}"
             previous.close(will=True, reason=rc.SESSION_TAKEN_OVER, why=why)
-        expiry = self._expiry.pop(client_id, None)
-        if expiry is not None:
-            expiry.cancel()
-        delayed = self._wills.pop(client_id, None)
-        if delayed is not None:
-            # MQTT 5 section 3.1.3.2.2: a delayed will is not sent if the session goes on; if it
-            # ends here (clean start), it is sent now.
-            timer, publish = delayed
-            timer.cancel()
-            if connect.clean_session:
-                publish()
+        self.lifetimes.returned(client_id, clean=connect.clean_session)
         present = False
         if connect.clean_session:
             # [MQTT-3.1.2-6]: a clean session starts empty and ends with the connection.
@@ -303,25 +292,14 @@ class Hub:
         elif connection.expiry is not None and connection.expiry < NEVER_EXPIRES:
             # MQTT 5: the session ends this many seconds after the connection [MQTT-3.1.2-23].
             client_id = session.client_id
-            self._expiry[client_id] = asyncio.get_running_loop().call_later(
-                connection.expiry, self._expire, client_id, session
-            )
+            self.lifetimes.expire_after(client_id, connection.expiry,
+                                        lambda: self._expire(client_id, session))  # fmt: skip
 
     def _expire(self, client_id: str, session: Session) -> None:
-        self._expiry.pop(client_id, None)
         if self.state.stored(client_id) is session and client_id not in self.online:
             logger.info("Session of client %s expired.", client_id)
             self.state.forget(client_id)
             self._dropping.pop(client_id, None)
-
-    def delay_will(self, client_id: str, delay: float, publish: Callable[[], None]) -> None:
-        """Publish a will after ``delay`` seconds unless its client's session goes on."""
-
-        def due() -> None:
-            self._wills.pop(client_id, None)
-            publish()
-
-        self._wills[client_id] = (asyncio.get_running_loop().call_later(delay, due), publish)
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -330,8 +308,7 @@ class Hub:
         self.stopping = True
         for task in list(self._tasks):
             task.cancel()
-        for timer in [*self._expiry.values(), *(t for t, _ in self._wills.values())]:
-            timer.cancel()
+        self.lifetimes.cancel_all()
         for connection in list(self.connections):
             connection.close(will=False, reason=rc.SERVER_SHUTTING_DOWN, why="server shutting down")
         if self.connections:

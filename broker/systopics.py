@@ -14,10 +14,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from broker.hub import Hub
+    from broker.engine import Engine
 
 PERIODS = (("1min", 60.0), ("5min", 300.0), ("15min", 900.0))
 
@@ -63,7 +63,21 @@ def rss_bytes() -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
-async def publish_forever(hub: Hub, interval: float, version: str) -> None:
+class Source(Protocol):
+    """What $SYS reads and publishes through: the hub (which imports this module)."""
+
+    counters: Counters
+    online: dict[str, Any]
+
+    @property
+    def state(self) -> Engine:
+        """The engine: sessions, subscriptions, retained messages."""
+
+    def publish(self, topic: str, payload: bytes, qos: int | None, *, retain: bool) -> bool:
+        """Deliver a message to every subscriber now."""
+
+
+async def publish_forever(hub: Source, interval: float, version: str) -> None:
     """Publish the ``$SYS`` topics every ``interval`` seconds, retained, until cancelled."""
     started = time.monotonic()
     received, sent = Load(), Load()
