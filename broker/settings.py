@@ -107,7 +107,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     """Parse flags, falling back to ``MQTT_*`` variables; exit 64 on a malformed value."""
     parser = cli.Parser(
         prog="broker",
-        description="Run the in-memory MQTT 3.1.1 broker of mqtt-pingpong (amqtt inside).",
+        description=(
+            "Run the in-memory MQTT 5.0 and 3.1.1 broker of mqtt-pingpong (amqtt keeps its state)."
+        ),
     )
     add = cli.add_option
     add(

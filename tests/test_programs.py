@@ -105,6 +105,11 @@ def test_every_program_has_help(spawn: Spawner) -> None:
         assert "--log-level" in result.stdout
 
 
+def test_the_brokers_help_names_both_mqtt_versions(spawn: Spawner) -> None:
+    result = spawn.run("broker", "--help", timeout=10)
+    assert "MQTT 5.0 and 3.1.1 broker" in " ".join(result.stdout.split())
+
+
 def test_broker_writes_no_file(spawn: Spawner, port: int, tmp_path: Path) -> None:
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir()
