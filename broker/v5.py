@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import struct
 import time
-from collections.abc import Callable
 from typing import Final, NamedTuple, cast
 
 import mqtt5
@@ -81,27 +80,24 @@ def _varint(body: bytes, offset: int, what: str) -> tuple[int, int]:
     raise ProtocolViolation(f"{what}: variable byte integer longer than 4 bytes", "MQTT-1.5.5")
 
 
-def _properties(body: bytes, offset: int, what: str, *, decode: bool = True) -> int:
+def _properties(body: bytes, offset: int, what: str) -> int:
     """Check a property list's strings; return the offset after it.
 
     Every property must end inside the list: ``mqtt5`` would read a string that runs past it
-    into the payload, unchecked. ``decode`` False walks only the lengths, for a list already
-    known to be ASCII (whose strings cannot be invalid UTF-8).
+    into the payload, unchecked.
     """
     length, offset = _varint(body, offset, f"{what} properties")
     end = offset + length
     if end > len(body):
         raise ProtocolViolation(f"{what}: properties longer than the packet", "MQTT-2.2.2")
-    string: Callable[[bytes, int, str], tuple[object, int]]
-    string = read_string if decode else _skip_string
     while offset < end:
         ident = body[offset]
         offset += 1
         if ident in _STRING:
-            _, offset = string(body, offset, f"{what} property 0x{ident:02X}")
+            _, offset = read_string(body, offset, f"{what} property 0x{ident:02X}")
         elif ident == _PAIR:
-            _, offset = string(body, offset, f"{what} user property name")
-            _, offset = string(body, offset, f"{what} user property value")
+            _, offset = read_string(body, offset, f"{what} user property name")
+            _, offset = read_string(body, offset, f"{what} user property value")
         elif ident in _BINARY:
             _, offset = read_binary(body, offset, f"{what} property 0x{ident:02X}")
         elif ident in _BYTE:
@@ -117,13 +113,6 @@ def _properties(body: bytes, offset: int, what: str, *, decode: bool = True) -> 
         if offset > end:
             raise ProtocolViolation(f"{what}: truncated property 0x{ident:02X}", "MQTT-2.2.2")
     return end
-
-
-def _skip_string(body: bytes, offset: int, what: str) -> tuple[None, int]:
-    """Step over a length-prefixed string or binary field without decoding it."""
-    if offset + 2 > len(body):
-        raise ProtocolViolation(f"{what}: truncated length", "MQTT-1.5.3")
-    return None, offset + 2 + (body[offset] << 8 | body[offset + 1])
 
 
 def _check_strings(frame: Frame) -> None:
@@ -171,11 +160,52 @@ def _check_publish_frame(frame: Frame) -> None:
     # lengths are walked (a string must not run past the list into the payload, where the
     # codec would read it unchecked and panic); what is left to check is a control character
     # in one of its strings, done on the decoded packet (:func:`_check_publish_strings`).
-    ascii_only = False
     if offset < len(body) and body[offset] < 0x80:
         end = offset + 1 + body[offset]
-        ascii_only = end <= len(body) and body[offset + 1 : end].isascii()
-    _properties(body, offset, "PUBLISH", decode=not ascii_only)
+        if end <= len(body) and body[offset + 1 : end].isascii():
+            _property_lengths(body, offset + 1, end)
+            return
+    _properties(body, offset, "PUBLISH")
+
+
+_SIZE: Final = {
+    **dict.fromkeys(_BYTE, 1),
+    **dict.fromkeys(_TWO, 2),
+    **dict.fromkeys(_FOUR, 4),
+    **dict.fromkeys(_STRING | _BINARY, 0),
+    _PAIR: -1,
+    **dict.fromkeys(_VARINT, -2),
+}
+"""Property identifier -> its size: fixed bytes, 0 one length-prefixed field, -1 two (a user
+property), -2 a variable byte integer."""
+
+
+def _property_lengths(body: bytes, offset: int, end: int) -> None:
+    """Check that every property of an ASCII list ends inside it, reading only lengths.
+
+    The hot path of MQTT 5 PUBLISH properties (our pings carry three): ASCII strings cannot
+    be invalid UTF-8, but one whose length runs past the list would be read by ``mqtt5`` from
+    the payload, unchecked.
+    """
+    size_of = _SIZE
+    while offset < end:
+        ident = body[offset]
+        size = size_of.get(ident)
+        offset += 1
+        if size is None:
+            raise ProtocolViolation(f"PUBLISH: unknown property 0x{ident:02X}", "MQTT-2.2.2-2")
+        if size > 0:
+            offset += size
+        elif size == -2:
+            _, offset = _varint(body, offset, "PUBLISH subscription identifier")
+        else:
+            for _ in range(2 if size == -1 else 1):
+                if offset + 2 > end:
+                    offset = end + 1
+                    break
+                offset += 2 + (body[offset] << 8 | body[offset + 1])
+        if offset > end:
+            raise ProtocolViolation(f"PUBLISH: truncated property 0x{ident:02X}", "MQTT-2.2.2")
 
 
 def plain_publish(frame: Frame) -> Publish | None:
