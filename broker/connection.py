@@ -66,6 +66,13 @@ QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 """Above this many unsent bytes for a client, QoS 0 messages to it are dropped (at most once)."""
 
 TOPIC_ALIAS_MAXIMUM = 32
+HTTP_METHODS = frozenset({b"GET ", b"HEAD", b"POST", b"PUT ", b"OPTI", b"DELE", b"PATC"})
+"""How an HTTP request starts: no MQTT CONNECT does (its first byte is 0x10)."""
+HTTP_REFUSAL = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    b"This is an MQTT port (MQTT 5.0 and 3.1.1 over TCP), not HTTP. MQTT over WebSockets is "
+    b"not enabled on this broker.\n"
+)
 RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
 """MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
 """Topic aliases an MQTT 5 client may set up per connection."""
@@ -96,6 +103,8 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()  # protocols are made by the running server
         self._will: Will | None = None
         self._goodbye = False
+        self._how = "connection lost (no DISCONNECT)"
+        """How the connection ended, for the broker's log line: lost until we know better."""
         self._ended = False
         self._counted = False
         self._dropped_qos0 = 0
@@ -152,8 +161,26 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Handle every whole packet this read completed; write what they caused once."""
+        if self.session is None and self._task is None and data[:4] in HTTP_METHODS:
+            self._not_http(data)
+            return
         self.framer.feed(data)
         self._work_batched()
+
+    def _not_http(self, data: bytes) -> None:
+        """Answer an HTTP request (a browser, a WebSocket upgrade) with what this port is."""
+        line = data.split(b"\r\n", 1)[0][:80].decode("ascii", "replace")
+        logger.warning(
+            "Closed %s: an HTTP request (%s) on the MQTT TCP port; MQTT over WebSockets is not "
+            "enabled on this broker.", self.peer, line,
+        )  # fmt: skip
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.write(HTTP_REFUSAL)
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - asyncio's
         """Release everything the connection held; publish the will unless it said goodbye."""
@@ -236,6 +263,7 @@ class Connection(asyncio.Protocol):
         elif kind == DISCONNECT:
             # [MQTT-3.1.2-10]: a client that says goodbye has its will discarded.
             self._goodbye = True
+            self._how = "it sent DISCONNECT"
             self.close(will=False)
 
     # --- connecting -------------------------------------------------------------------------
@@ -418,6 +446,8 @@ class Connection(asyncio.Protocol):
                 # 0x04: disconnect with will message; any other reason discards it.
                 with_will = rc.value(packet.reason_code) == rc.DISCONNECT_WITH_WILL_MESSAGE
                 self._goodbye = not with_will
+                self._how = ("it sent DISCONNECT with will (0x04)" if with_will
+                             else "it sent DISCONNECT")  # fmt: skip
                 self.close(will=with_will)
             case _:  # AUTH without an authentication method in CONNECT
                 raise ProtocolViolation(f"unexpected {type(packet).__name__}", "MQTT-4.12.0-1",
@@ -746,6 +776,8 @@ class Connection(asyncio.Protocol):
         """
         if reason is not None and self.v5 and self.session is not None and not self._ended:
             self.send(v5.disconnect(reason, why, self._max_out))
+        if not self._ended and not self._how.startswith("it sent"):
+            self._how = f"closed by the broker ({why})" if why else "closed by the broker"
         self._end(will=will)
         self.flush()
         if self.transport is not None:
@@ -769,11 +801,18 @@ class Connection(asyncio.Protocol):
             task.cancel()
         hub = self.hub
         session = self.session
-        hub.detach(self)
-        if will and self._will is not None and not hub.stopping:
+        due = will and self._will is not None and not hub.stopping
+        delay = min(self._will_delay, self.expiry or 0) if due else 0
+        how = self._how
+        if due and self._will is not None:
+            topic = self._will.topic
+            how += (
+                f"; will due on {topic} in {delay} s" if delay else f"; will published on {topic}"
+            )
+        hub.detach(self, how)
+        if due and self._will is not None:
             # [MQTT-3.1.2-8]: lost, silent, or closed for a protocol error.
             what, props = self._will, self._will_props
-            delay = min(self._will_delay, self.expiry or 0)
             if delay and session is not None:
                 hub.lifetimes.delay_will(session.client_id, delay,
                                lambda: hub.publish_will(session, what, props))  # fmt: skip

@@ -277,15 +277,18 @@ class Hub:
         engine.connected(session)
         return present
 
-    def detach(self, connection: Attached) -> None:
-        """End ``connection``'s hold on its session; a clean session ends with it."""
+    def detach(self, connection: Attached, how: str = "disconnected") -> None:
+        """End ``connection``'s hold on its session; a clean session ends with it.
+
+        ``how`` says how the connection ended, for the log line.
+        """
         session = connection.session
         if session is None or self.online.get(session.client_id) is not connection:
             return
         del self.online[session.client_id]
         engine = self.state
         engine.disconnected(session)
-        logger.info("Client %s disconnected from %s.", session.client_id, connection.peer)
+        logger.info("Client %s disconnected from %s: %s.", session.client_id, connection.peer, how)
         if session.clean_session:
             engine.forget(session.client_id)
             self._dropping.pop(session.client_id, None)

@@ -78,14 +78,14 @@ class Source(Protocol):
 
 
 async def publish_forever(hub: Source, interval: float, version: str) -> None:
-    """Publish the ``$SYS`` topics every ``interval`` seconds, retained, until cancelled."""
+    """Publish the ``$SYS`` topics at once, then every ``interval`` seconds, until cancelled.
+
+    Retained, and from the start as mosquitto does: a subscriber right after start sees them.
+    """
     started = time.monotonic()
     received, sent = Load(), Load()
     while True:
-        await asyncio.sleep(interval)
         counters = hub.counters
-        received.update(counters.received, interval)
-        sent.update(counters.sent, interval)
         sessions, subscriptions = hub.state.counts()
         connected = len(hub.online)
         figures: dict[str, object] = {
@@ -109,3 +109,6 @@ async def publish_forever(hub: Source, interval: float, version: str) -> None:
             topic, payload = f"$SYS/broker/{name}", str(value).encode()
             hub.publish(topic, payload, 0, retain=True)
             await hub.state.retain(None, topic, payload, 0)
+        await asyncio.sleep(interval)
+        received.update(hub.counters.received, interval)
+        sent.update(hub.counters.sent, interval)

@@ -376,6 +376,11 @@ class Probe:
 
     async def run(self, stop: asyncio.Event) -> Summary:
         """Run until a stop signal, --count completion, or --connect-timeout; return the summary."""
+        logger.info(
+            "A second connection, %s, only watches %s: pings from other publishers are then "
+            "not taken for duplicates of ours.", self.watcher.client.identifier,
+            self.client_settings.ping_topic,
+        )  # fmt: skip
         async with asyncio.TaskGroup() as tg:
             workers = [
                 tg.create_task(self.link.run(self.session), name="ping-link"),

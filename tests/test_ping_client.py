@@ -78,6 +78,8 @@ def test_count_5_exits_0_with_5_of_5(spawn: Spawner, port: int) -> None:
     assert "disconnected 0.000 s, 0 reconnects" in result.stdout
     rtts = re.findall(r"Got b'[\d.]+' on /pong: seq \d, rtt (\d+\.\d{3}) ms\.", result.stderr)
     assert len(rtts) == 5
+    # The second connection the broker shows is explained in the probe's own log.
+    assert re.search(r"A second connection, \S+-watch, only watches /ping", result.stderr)
 
 
 def test_without_echo_client_every_ping_is_lost_and_exit_is_1(spawn: Spawner, port: int) -> None:

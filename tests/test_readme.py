@@ -94,3 +94,8 @@ def test_every_environment_variable_named_is_a_flag() -> None:
     for name in sorted(named):
         flag = "--" + name.lower().replace("_", "-")
         assert flag in flags, f"MQTT_{name} is documented, but no program has {flag}"
+
+
+def test_the_readme_is_the_five_minute_part() -> None:
+    """At most 200 lines: the rest belongs in docs/."""
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200

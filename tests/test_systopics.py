@@ -55,3 +55,17 @@ def test_a_plain_wildcard_does_not_see_sys(spawn: Spawner, port: int) -> None:
     sys.message(5)
     sys.message(5)  # at least one update went out meanwhile
     assert everything.barrier() == []
+
+
+def test_sys_topics_are_there_right_after_start(spawn: Spawner, port: int) -> None:
+    """As mosquitto: `mosquitto_sub -t '$SYS/#'` right after start prints at once, not after
+    the first interval (10 s by default)."""
+    spawn.broker(port)
+    watcher = RawClient(port)
+    assert watcher.connect("sys-early") == (False, 0)
+    assert watcher.subscribe(1, ("$SYS/broker/version", 0)) == [0]
+    started = time.monotonic()
+    message = watcher.message(3)
+    assert message.retain
+    assert message.payload.startswith(b"mqtt-pingpong broker")
+    assert time.monotonic() - started < 3
