@@ -242,6 +242,12 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         help="auto (uvloop where installed, else asyncio's own), uvloop or asyncio",
     )
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
+    cli.add_version(
+        parser,
+        lambda: cli.versions("broker", "amqtt", "mqtt5").replace(
+            "(mqtt-pingpong", "speaks MQTT 5.0 and 3.1.1 (mqtt-pingpong", 1
+        ),
+    )
     args = parser.parse_args(argv)
     if (args.tls_port is None) != (args.tls_cert is None) or (args.tls_cert is None) != (
         args.tls_key is None

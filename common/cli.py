@@ -40,9 +40,13 @@ def add_option(
     convert: Callable[[str], Any],
     default: object,
     help: str,
+    short: str | None = None,
     **kwargs: Any,  # noqa: ANN401 - passed through to argparse
 ) -> None:
-    """Add ``flag`` to ``parser``; its default comes from the environment when that is set."""
+    """Add ``flag`` to ``parser``; its default comes from the environment when that is set.
+
+    ``short`` is its one-letter spelling too (``-c`` for ``--count``, as ping has it).
+    """
     name = env_name(flag)
     raw = environ.get(name)
     if raw is not None and raw != "":
@@ -52,6 +56,7 @@ def add_option(
             parser.error(f"{name}={raw!r}: {exc}")
     shown = "unset" if default is None else repr(default)
     parser.add_argument(
+        *([short] if short else []),
         flag,
         type=_reasoned(convert),
         default=default,
@@ -66,6 +71,7 @@ def add_flag(
     flag: str,
     *,
     help: str,
+    short: str | None = None,
 ) -> None:
     """Add a boolean ``flag``; ``MQTT_NAME=1/true/yes`` turns it on from the environment."""
     name = env_name(flag)
@@ -76,7 +82,44 @@ def add_flag(
         default = True
     else:
         parser.error(f"{name}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
-    parser.add_argument(flag, action="store_true", default=default, help=f"{help} [env: {name}]")
+    parser.add_argument(*([short] if short else []), flag, action="store_true", default=default,
+                        help=f"{help} [env: {name}]")  # fmt: skip
+
+
+class _Version(argparse.Action):
+    """``--version``: print what ``describe`` says, and exit 0 (computed only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, describe: Callable[[], str],
+                 **kwargs: Any) -> None:  # noqa: ANN401 - argparse's  # fmt: skip
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit",
+                         **kwargs)  # fmt: skip
+        self.describe = describe
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,  # noqa: ARG002
+        values: object, option_string: str | None = None,  # noqa: ARG002 - argparse's signature
+    ) -> None:  # fmt: skip
+        sys.stdout.write(self.describe() + "\n")
+        parser.exit(0)
+
+
+def add_version(parser: Parser, describe: Callable[[], str]) -> None:
+    """Add ``--version``, which prints ``describe()`` (a package lookup, only when asked)."""
+    parser.add_argument("--version", action=_Version, describe=describe, default=argparse.SUPPRESS)
+
+
+def versions(program: str, *packages: str) -> str:
+    """One line: the program, mqtt-pingpong's version, and those of ``packages``."""
+    from importlib import metadata  # noqa: PLC0415 - slow to import; only --version needs it
+
+    def version_of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    found = ", ".join(f"{name} {version_of(name)}" for name in packages)
+    return f"{program} (mqtt-pingpong {version_of('mqtt-pingpong')}; {found})"
 
 
 def _reasoned(convert: Callable[[str], Any]) -> Callable[[str], Any]:

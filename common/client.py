@@ -162,6 +162,7 @@ def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
         parser,
         environ,
         "--protocol",
+        short="-V",
         convert=protocol,
         default=5,
         help="MQTT version: 5 (falls back to 3.1.1 once if the broker refuses it) or 3.1.1",

@@ -75,6 +75,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSetting
         help="subscribe as a member of this shared subscription group ($share/GROUP/<ping "
         "topic>): several echo clients then split the pings, each answered once",
     )
+    cli.add_version(parser, lambda: cli.versions("echo_client", "aiomqtt", "paho-mqtt"))
     args = parser.parse_args(argv)
     return EchoSettings(
         client=client_settings(parser, args, "echo_client", environ),

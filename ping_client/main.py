@@ -261,7 +261,7 @@ class Probe:
 
     def _send(self, tg: asyncio.TaskGroup) -> None:
         topic = self.client_settings.ping_topic
-        payload = self.tracker.next_payload(self.wall(), self._decimals)
+        payload = self.tracker.next_payload(self.wall(), self._decimals, self.settings.size)
         # Record before publishing: the echo can arrive before publish() returns.
         ping = self.tracker.on_sent(payload, self.clock())
         if self._unanswered_since is None:
@@ -420,6 +420,7 @@ class Probe:
             connected=self.link.ever_connected.is_set(),
             count=self.settings.count,
             deadline=self.settings.deadline if self.deadline_reached else None,
+            problem=None if self.link.ever_connected.is_set() else self.link.problem(),
         )
 
     async def _connect_deadline(self) -> None:
@@ -480,5 +481,8 @@ async def amain(settings: PingSettings) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the ping client as a program: ``python -m ping_client --help``."""
     settings = parse(argv, os.environ)
-    logs.configure("client", settings.client.log_level)
+    level = settings.client.log_level
+    if settings.quiet and level in ("DEBUG", "INFO"):
+        level = "WARNING"  # ping -q: the summary, and what goes wrong
+    logs.configure("client", level)
     sys.exit(asyncio.run(amain(settings)))

@@ -83,13 +83,16 @@ class Tracker:
         """Return whether ``payload`` is still in flight or remembered."""
         return payload in self.outstanding or payload in self._resolved
 
-    def next_payload(self, wall: float, decimals: int) -> bytes:
-        """Return a payload for a ping sent at ``wall``, unique among those in flight."""
+    def next_payload(self, wall: float, decimals: int, size: int | None = None) -> bytes:
+        """Return a payload for a ping sent at ``wall``, unique among those in flight.
+
+        ``size`` pads the timestamp with spaces to that many bytes (``ping -s``).
+        """
         payload = stamp(wall, decimals)
         while self.known(payload) and decimals < 9:
             decimals += 1
             payload = stamp(wall, decimals)
-        return payload
+        return payload.ljust(size) if size else payload
 
     def on_sent(self, payload: bytes, now: float) -> Ping:
         """Record a published ping."""

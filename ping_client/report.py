@@ -83,6 +83,8 @@ class Summary:
     count: int | None = None
     deadline: float | None = None
     """The --deadline in seconds when it cut the run short, else None."""
+    problem: str | None = None
+    """Why the link never became usable, when it never did."""
 
     @property
     def unanswered(self) -> int:
@@ -121,6 +123,7 @@ class Summary:
             "disconnected_s": round(self.disconnected, 3),
             "reconnects": self.reconnects,
             "connected": self.connected,
+            "never_connected_because": self.problem,
             "deadline_reached": self.deadline is not None,
             "unanswered": self.unanswered,
             "rtt_ms": None,
@@ -153,10 +156,10 @@ class Summary:
                 f"{ms(r.maximum):.3f}/{ms(r.mdev):.3f} ms"
             )
             lines.append(f"rtt p50/p90/p99 = {ms(r.p50):.3f}/{ms(r.p90):.3f}/{ms(r.p99):.3f} ms")
-        lines.append(
-            f"disconnected {self.disconnected:.3f} s, {self.reconnects} reconnects"
-            + ("" if self.connected else ", never connected")
-        )
+        if self.connected:
+            lines.append(f"disconnected {self.disconnected:.3f} s, {self.reconnects} reconnects")
+        else:
+            lines.append(f"never connected: {self.problem or 'no usable link'}")
         extras = []
         if self.late:
             extras.append(f"{self.late} answered late, {self.never_answered} never answered")
@@ -184,6 +187,7 @@ def summarize(
     connected: bool,
     count: int | None = None,
     deadline: float | None = None,
+    problem: str | None = None,
 ) -> Summary:
     """Freeze the tracker's counters into a Summary."""
     return Summary(
@@ -203,6 +207,7 @@ def summarize(
         rtt=rtt_stats(tracker.rtts),
         count=count,
         deadline=deadline,
+        problem=problem,
     )
 
 

@@ -39,6 +39,10 @@ class PingSettings:
     json: bool = False
     flood: bool = False
     """Send each ping as soon as the previous one is answered or lost (``ping -f``)."""
+    quiet: bool = False
+    """Log no line per ping (``ping -q``): warnings, errors and the summary only."""
+    size: int | None = None
+    """Pad each ping's payload with spaces to this many bytes (``ping -s``)."""
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSettings:
@@ -55,6 +59,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         parser,
         environ,
         "--interval",
+        short="-i",
         convert=cli.positive_seconds,
         default=1.0,
         help="seconds between pings (fractions such as 0.01 work)",
@@ -63,6 +68,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         parser,
         environ,
         "--count",
+        short="-c",
         convert=cli.positive_int,
         default=None,
         help="stop after this many pings, once each is answered or timed out",
@@ -71,6 +77,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         parser,
         environ,
         "--timeout",
+        short="-W",
         convert=cli.positive_seconds,
         default=2.0,
         help="seconds to wait for an echo before the ping counts as lost",
@@ -90,6 +97,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         parser,
         environ,
         "--deadline",
+        short="-w",
         convert=cli.positive_seconds,
         default=None,
         help=(
@@ -125,8 +133,26 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         parser,
         environ,
         "--json",
-        help="print one JSON object per event on stdout instead of log lines",
+        help="print one JSON object per event on stdout (the log still goes to stderr)",
     )
+    cli.add_flag(
+        parser,
+        environ,
+        "--quiet",
+        short="-q",
+        help="log nothing per ping: warnings, errors and the summary only, like ping -q",
+    )
+    add(
+        parser,
+        environ,
+        "--size",
+        short="-s",
+        convert=cli.positive_int,
+        default=None,
+        help="pad each ping's timestamp with spaces to this many bytes, to measure what payload "
+        "size costs (default: the timestamp alone)",
+    )
+    cli.add_version(parser, lambda: cli.versions("ping_client", "aiomqtt", "paho-mqtt"))
     args = parser.parse_args(argv)
     connect_timeout = args.connect_timeout
     if connect_timeout is None and args.count is not None:
@@ -146,4 +172,6 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         stats_interval=args.stats_interval,
         json=args.json,
         flood=args.flood,
+        quiet=args.quiet,
+        size=args.size,
     )

@@ -115,7 +115,9 @@ def test_without_broker_exit_is_2_after_connect_timeout(spawn: Spawner, port: in
         "ping_client", "--port", str(port), "--count", "1", "--connect-timeout", "1", timeout=15
     )
     assert result.returncode == 2, result.stderr
-    assert "never connected" in result.stdout
+    # One true line, not "disconnected 0.000 s, 0 reconnects, never connected".
+    assert "never connected: [Errno 111] Connection refused\n" in result.stdout
+    assert "reconnects" not in result.stdout
     assert (
         f"No usable link to 127.0.0.1:{port} within 1 s: [Errno 111] Connection refused."
         in result.stderr
@@ -359,3 +361,30 @@ def test_no_ping_goes_out_before_the_pong_subscription_is_acknowledged(
     # Pings sent before SUBACK had their echoes dropped by the broker: 5 of 5 lost, exit 1.
     assert result.returncode == 0, result.stdout + result.stderr
     assert summary_counts(result.stdout)["received"] == 5
+
+
+def test_ping_style_short_flags_quiet_and_payload_size(spawn: Spawner, port: int) -> None:
+    """-c -i -W -w -s -q -V, as ping and mosquitto_sub users type them."""
+    broker = spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    watcher = MqttProbe(port)
+    watcher.subscribe("/ping")
+    result = spawn.run("ping_client", "--port", str(port), "-c", "3", "-i", "0.1", "-W", "2",
+                       "-w", "20", "-s", "64", "-q", "-V", "3.1.1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert summary_counts(result.stdout)["received"] == 3
+    assert "Publishing" not in result.stderr  # -q: nothing per ping
+    assert "Got b'" not in result.stderr
+    payloads = [payload for _, payload in (watcher.expect() for _ in range(3))]
+    assert all(len(p) == 64 and p.rstrip(b" ").replace(b".", b"").isdigit() for p in payloads)
+    broker.wait_for(r"Client ping_client-\S+ connected from \S+ \(MQTT 3\.1\.1\)")
+    watcher.close()
+
+
+def test_every_program_says_its_version(spawn: Spawner) -> None:
+    for program, words in (("broker", "MQTT 5.0 and 3.1.1"), ("ping_client", "aiomqtt"),
+                           ("echo_client", "paho-mqtt")):  # fmt: skip
+        result = spawn.run(program, "--version", timeout=10)
+        assert result.returncode == 0
+        assert re.match(rf"{program} .*mqtt-pingpong \d", result.stdout)
+        assert words in result.stdout
