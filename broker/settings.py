@@ -8,7 +8,15 @@ from pathlib import Path
 
 from broker.protocol import DEFAULT_MAX_PACKET_SIZE
 from common import cli
-from common.constants import DEFAULT_HOST, DEFAULT_PORT
+from common.constants import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    EXIT_FORCED,
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +117,13 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         prog="broker",
         description=(
             "Run the in-memory MQTT 5.0 and 3.1.1 broker of mqtt-pingpong (amqtt keeps its state)."
+        ),
+        epilog=cli.exit_codes(
+            (EXIT_OK, "stopped by SIGTERM or SIGINT"),
+            (EXIT_USAGE, "bad usage: a malformed flag or environment variable"),
+            (EXIT_UNAVAILABLE, "a port cannot be bound (in use, or not allowed)"),
+            (EXIT_SOFTWARE, "amqtt is not the version this broker was written for"),
+            (EXIT_FORCED, "a shutdown overran its bound and the watchdog ended the process"),
         ),
     )
     add = cli.add_option

@@ -18,8 +18,27 @@ from common.constants import ENV_PREFIX, EXIT_USAGE
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def exit_codes(*codes: tuple[int, str]) -> str:
+    """Return the --help epilog that lists a program's exit codes, one a line."""
+    return "exit status:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in codes)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-paragraph texts, keeps texts of several lines (the exit codes) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit with ``EX_USAGE``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - argparse's
+        """Make the parser; multi-line epilogs (the exit codes) keep their lines."""
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Report a usage error in one line and exit 64."""
@@ -54,13 +73,17 @@ def add_option(
             default = convert(raw)
         except (ValueError, argparse.ArgumentTypeError) as exc:
             parser.error(f"{name}={raw!r}: {exc}")
-    shown = "unset" if default is None else repr(default)
+    if "(default:" in help:
+        suffix = f"[env: {name}]"  # the help says the default in words already
+    else:
+        shown = "unset" if default is None else "none" if default == () else repr(default)
+        suffix = f"[env: {name}; default: {shown}]"
     parser.add_argument(
         *([short] if short else []),
         flag,
         type=_reasoned(convert),
         default=default,
-        help=f"{help} [env: {name}; default: {shown}]",
+        help=f"{help} {suffix}",
         **kwargs,
     )
 

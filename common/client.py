@@ -67,9 +67,11 @@ class ClientSettings:
             )
 
 
-def client_parser(prog: str, description: str, environ: Mapping[str, str]) -> cli.Parser:
+def client_parser(
+    prog: str, description: str, environ: Mapping[str, str], *, epilog: str | None = None
+) -> cli.Parser:
     """Make the command line of a client program: its description, then every client option."""
-    parser = cli.Parser(prog=prog, description=description)
+    parser = cli.Parser(prog=prog, description=description, epilog=epilog)
     add_client_options(parser, environ)
     return parser
 

@@ -24,7 +24,7 @@ from common.client import (
     fallback,
     make_client,
 )
-from common.constants import EXIT_OK
+from common.constants import EXIT_FORCED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
 from common.show import show
@@ -57,6 +57,12 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSetting
         "Republish every message on the ping topic, byte for byte, to the pong topic (or to an "
         "MQTT 5 request's response topic, with its correlation data).",
         environ,
+        epilog=cli.exit_codes(
+            (EXIT_OK, "stopped by SIGTERM or SIGINT"),
+            (EXIT_USAGE, "bad usage: a malformed flag or environment variable"),
+            (EXIT_SOFTWARE, "the installed aiomqtt lacks the internals this client relies on"),
+            (EXIT_FORCED, "a shutdown overran its bound and the watchdog ended the process"),
+        ),
     )
     cli.add_option(
         parser,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from common import cli
 from common.client import ClientSettings, client_parser, client_settings
+from common.constants import EXIT_FORCED, EXIT_SOFTWARE, EXIT_USAGE
 
 DEFAULT_CONNECT_TIMEOUT_WITH_COUNT = 10.0
 DEADLINE_SLACK = 1.0
@@ -50,9 +51,16 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     parser = client_parser(
         "ping_client",
         "Publish a Unix timestamp to the ping topic every interval and time its echo on the "
-        "pong topic, like ping(8). Exit status: 0 all answered, 1 some lost or unanswered, "
-        "2 the link never became usable (no CONNACK or no SUBACK), 64 bad usage.",
+        "pong topic, like ping(8), then print a summary.",
         environ,
+        epilog=cli.exit_codes(
+            (0, "every ping answered"),
+            (1, "some pings lost, or left unanswered when a deadline cut the run short"),
+            (2, "the link never became usable (no CONNACK or no SUBACK); one ERROR line says why"),
+            (EXIT_USAGE, "bad usage: a malformed flag or environment variable"),
+            (EXIT_SOFTWARE, "the installed aiomqtt lacks the internals this client relies on"),
+            (EXIT_FORCED, "a shutdown overran its bound and the watchdog ended the process"),
+        ),
     )
     add = cli.add_option
     add(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import signal
 import socket
 import subprocess
@@ -103,6 +104,17 @@ def test_every_program_has_help(spawn: Spawner) -> None:
         assert result.returncode == 0
         assert "MQTT_PORT" in result.stdout
         assert "--log-level" in result.stdout
+
+
+def test_help_lists_the_exit_codes_and_says_each_default_once(spawn: Spawner) -> None:
+    for program, codes in (("broker", (0, 64, 69, 70, 124)), ("ping_client", (0, 1, 2, 64, 70,
+                           124)), ("echo_client", (0, 64, 70, 124))):  # fmt: skip
+        text = spawn.run(program, "--help", timeout=10).stdout
+        listed = [int(c) for c in re.findall(r"^  (\d+) ", text.split("exit status:")[1], re.M)]
+        assert listed == list(codes), program
+        flat = " ".join(text.split())
+        assert not re.search(r"\(default: [^)]*\) \[env: \w+; default:", flat), program
+        assert "default: ()" not in flat
 
 
 def test_the_brokers_help_names_both_mqtt_versions(spawn: Spawner) -> None:
