@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -138,7 +139,11 @@ def run_and_interrupt(
         make.wait(15)  # raises if make is still running after 15 s
         wait_until(lambda: not any(pid_alive(p) for p in family), 10, "every process to exit")
         assert not port_accepts(port)
-        assert "Stopped." in out_path.read_text()
+        text = out_path.read_text()
+        assert "Stopped." in text
+        # Like ping(8) interrupted: the statistics on the terminal, after the programs stopped.
+        after = text.split("Stopped.", 1)[1]
+        assert re.search(r"--- 127\.0\.0\.1:\d+ ping statistics ---\n\d+ sent, \d+ received", after)
     finally:
         leave_nothing(make, root, env)
 

@@ -70,7 +70,27 @@ on_exit() {
   set +e
   { echo; echo "Stopping..."; } 2>/dev/null
   stop 2>/dev/null
-  exit 0
+  probe_report 2>/dev/null
+  exit "$probe_code"
+}
+
+# Like ping(8) when interrupted: the ping client's statistics on the terminal (its last run's
+# summary, which it writes to its log when supervisord stops it), and its exit status as ours:
+# 0 every ping answered, 1 some lost, 2 never connected.
+probe_code=0
+probe_report() {
+  local log="" file code
+  for file in "${LOGS[@]}"; do
+    [[ $file == *ping_client.log ]] && log=$file
+  done
+  [[ -n $log && -s $log ]] || return 0
+  echo
+  awk '/ ping statistics ---$/ { text = ""; keep = 1 } keep { text = text $0 "\n" }
+       END { printf "%s", text }' "$log"
+  code=$(grep -o 'stopped: ping_client (exit status [0-9]*)' "$(dirname "$log")/supervisord.log" \
+    | tail -n 1 | grep -o '[0-9]*' | tail -n 1)
+  [[ -n $code ]] && probe_code=$code
+  return 0
 }
 
 start
