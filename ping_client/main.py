@@ -466,8 +466,12 @@ async def amain(settings: PingSettings) -> int:
     """Run the probe and print its summary; return the exit status."""
     stop = asyncio.Event()
     install_stop_handlers(stop, hard_limit=CLIENT_SHUTDOWN_LIMIT)
-    reporter = Reporter(json_mode=settings.json, out=sys.stdout)
+    marks = sys.stderr if settings.flood and sys.stderr.isatty() else None
+    reporter = Reporter(json_mode=settings.json, out=sys.stdout, flood=settings.flood,
+                        marks=marks)  # fmt: skip
     summary = await Probe(settings, reporter).run(stop)
+    if marks is not None:
+        marks.write("\n")  # the dots end their line
     if settings.json:
         reporter.write({"event": "summary", "time": round(time.time(), 6), **summary.as_dict()})
         # People watching a JSON run still see the summary, on stderr with the log.

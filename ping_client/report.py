@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from common.constants import EXIT_UNAVAILABLE
 from ping_client.probe import RttStats, Tracker, rtt_stats
@@ -35,13 +35,27 @@ def text(payload: bytes) -> str:
     return repr(payload)
 
 
-class Reporter:
-    """Writes each event as a log line, and also as a JSON object on ``out`` in JSON mode."""
+PER_PING: Final = frozenset({"ping", "pong", "lost", "late", "duplicate", "unexpected"})
+"""Events that come once per ping: not logged in flood mode (the summary counts them)."""
+FLOOD_MARKS: Final = {"ping": ".", "pong": "\b \b"}
+"""ping -f on a terminal: a dot per ping sent, rubbed out by its reply."""
 
-    def __init__(self, *, json_mode: bool, out: TextIO) -> None:
+
+class Reporter:
+    """Writes each event as a log line, and also as a JSON object on ``out`` in JSON mode.
+
+    In flood mode nothing is logged per ping; on a terminal (``marks``) a dot goes out with
+    each ping and comes off with its reply, as ``ping -f`` shows it: the dots left are losses.
+    """
+
+    def __init__(
+        self, *, json_mode: bool, out: TextIO, flood: bool = False, marks: TextIO | None = None
+    ) -> None:
         """Report to the log, and to ``out`` as JSON lines when ``json_mode``."""
         self.json_mode = json_mode
         self.out = out
+        self.flood = flood
+        self.marks = marks if flood else None
 
     def event(
         self,
@@ -52,7 +66,11 @@ class Reporter:
         **data: Any,  # noqa: ANN401
     ) -> None:
         """Log ``message % args`` at ``level``; in JSON mode, also emit ``{"event": name, ...}``."""
-        logger.log(level, message, *args)
+        if not (self.flood and name in PER_PING):
+            logger.log(level, message, *args)
+        elif self.marks is not None and name in FLOOD_MARKS:
+            self.marks.write(FLOOD_MARKS[name])
+            self.marks.flush()
         if self.json_mode:
             self.write({"event": name, "time": round(time.time(), 6), **data})
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 
-from tests.support import MqttProbe, Proc, Spawner, base_env, wait_until
+from tests.support import PYTHON, REPO, MqttProbe, Proc, Spawner, base_env, wait_until
 
 
 def summary_counts(text: str) -> dict[str, int]:
@@ -388,3 +391,45 @@ def test_every_program_says_its_version(spawn: Spawner) -> None:
         assert result.returncode == 0
         assert re.match(rf"{program} .*mqtt-pingpong \d", result.stdout)
         assert words in result.stdout
+
+
+def test_flood_logs_nothing_per_ping(spawn: Spawner, port: int) -> None:
+    """ping -f: 200 pings and no line per ping (there were two each), the summary as usual."""
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    result = spawn.run("ping_client", "--port", str(port), "--flood", "-c", "200")
+    assert result.returncode == 0, result.stderr
+    assert summary_counts(result.stdout)["received"] == 200
+    assert "Publishing" not in result.stderr
+    assert "Got b'" not in result.stderr
+
+
+def test_flood_on_a_terminal_draws_a_dot_per_ping_and_rubs_it_out_per_reply(
+    spawn: Spawner, port: int
+) -> None:
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [PYTHON, "-m", "ping_client", "--port", str(port), "--flood", "-c", "50"],
+            stdout=subprocess.PIPE, stderr=follower, stdin=subprocess.DEVNULL, env=base_env(),
+            cwd=REPO, timeout=30, check=False,
+        )  # fmt: skip
+        os.close(follower)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal has nothing more (EIO once the writer is gone)
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0
+    marks = re.sub(rb"\d{4}-\d\d-\d\d \d\d:[^\n]*\n", b"", screen)  # the log lines out
+    assert marks.count(b".") == 50  # a dot per ping sent
+    assert marks.count(b"\b \b") == 50  # every reply rubbed out its dot
+    assert b"Publishing" not in screen
