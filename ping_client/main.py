@@ -86,6 +86,8 @@ class Probe:
         )
         self.done = asyncio.Event()
         self.deadline_reached = False
+        self.held_back: float | None = None
+        """Seconds before --deadline in which no ping went out (a timed run), once it ended."""
         self.not_sent = 0
         self.started = clock()
         self._sent_event = asyncio.Event()
@@ -223,6 +225,7 @@ class Probe:
             if due > last_send:
                 if self.settings.count is not None:
                     return  # a counted run cut short: the deadline ends it, as unanswered
+                self.held_back = min(interval, self.settings.timeout)
                 break  # a timed run: it ends once the pings sent so far are settled
             delay = due - self.clock()
             if delay > 0:
@@ -246,6 +249,7 @@ class Probe:
             if self.clock() > last_send:
                 if self.settings.count is not None:
                     return  # cut short by the deadline: the rest count as unanswered
+                self.held_back = min(self.settings.interval, timeout)
                 break
             if not self.link.connected.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -421,6 +425,7 @@ class Probe:
             count=self.settings.count,
             deadline=self.settings.deadline if self.deadline_reached else None,
             problem=None if self.link.ever_connected.is_set() else self.link.problem(),
+            held_back=(self.held_back, self.settings.deadline) if self.held_back else None,
         )
 
     async def _connect_deadline(self) -> None:

@@ -103,6 +103,9 @@ class Summary:
     """The --deadline in seconds when it cut the run short, else None."""
     problem: str | None = None
     """Why the link never became usable, when it never did."""
+    held_back: tuple[float, float | None] | None = None
+    """(seconds, --deadline): a timed run sent no ping in its last seconds, so that each one
+    sent could be answered before the deadline."""
 
     @property
     def unanswered(self) -> int:
@@ -185,6 +188,10 @@ class Summary:
             extras.append(f"deadline {self.deadline:g} s reached, {self.unanswered} unanswered")
         elif self.in_flight:
             extras.append(f"{self.in_flight} still in flight at exit (not counted as lost)")
+        if self.held_back is not None and self.deadline is None:
+            held, deadline = self.held_back
+            extras.append(f"no ping in the last {held:g} s before the {deadline:g} s deadline, so "
+                          "that each one sent could be answered")  # fmt: skip
         if self.not_sent:
             extras.append(f"{self.not_sent} ticks skipped while disconnected")
         if self.unexpected:
@@ -206,6 +213,7 @@ def summarize(
     count: int | None = None,
     deadline: float | None = None,
     problem: str | None = None,
+    held_back: tuple[float, float | None] | None = None,
 ) -> Summary:
     """Freeze the tracker's counters into a Summary."""
     return Summary(
@@ -226,6 +234,7 @@ def summarize(
         count=count,
         deadline=deadline,
         problem=problem,
+        held_back=held_back,
     )
 
 

@@ -433,3 +433,13 @@ def test_flood_on_a_terminal_draws_a_dot_per_ping_and_rubs_it_out_per_reply(
     assert marks.count(b".") == 50  # a dot per ping sent
     assert marks.count(b"\b \b") == 50  # every reply rubbed out its dot
     assert b"Publishing" not in screen
+
+
+def test_a_deadline_that_shortens_a_run_says_why(spawn: Spawner, port: int) -> None:
+    """--deadline 1.5 with pings every 0.2 s: none is sent in the last 0.2 s, and the summary
+    says so instead of leaving a short run unexplained."""
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    result = spawn.run("ping_client", "--port", str(port), "-i", "0.2", "-w", "1.5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no ping in the last 0.2 s before the 1.5 s deadline" in result.stdout
