@@ -13,7 +13,16 @@ PICTURE = Path(__file__).with_name("results.png")
 Row = tuple[str, float, float, str, float]
 """(metric, ours, mosquitto, unit, ours / mosquitto), as bench.run builds its table."""
 
-LOWER_IS_BETTER_UNITS = ("ms", "us", "MiB")
+LOWER_IS_BETTER_UNITS = ("ms", "us", "MiB", "KiB")
+
+
+def scale_rows(cells: list[tuple[str, str, str, str]]) -> list[Row]:
+    """The scale table's rows (strings: metric, "3.4 KiB", "1.7 KiB", "1.97x") as Rows."""
+    out: list[Row] = []
+    for metric, ours, theirs, ratio in cells:
+        value, unit = ours.split()[:2]
+        out.append((metric, float(value), float(theirs.split()[0]), unit, float(ratio[:-1])))
+    return out
 
 
 def draw(rows: list[Row], samples: dict[int, dict[str, list[float]]]) -> str:
@@ -25,10 +34,15 @@ def draw(rows: list[Row], samples: dict[int, dict[str, list[float]]]) -> str:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
-    fig = plt.figure(figsize=(12, 10), dpi=100)
-    grid = fig.add_gridspec(2, 2, height_ratios=(2, 3))
+    height = 5.5 + 0.3 * len(rows)  # inches: the histograms, then a bar per row
+    fig = plt.figure(figsize=(13, height), dpi=100)
+    # Two grids: the bars' long labels need a wide left margin the histograms do not.
+    upper = fig.add_gridspec(1, 2, left=0.06, right=0.98, top=1 - 0.7 / height,
+                           bottom=1 - 4.3 / height, wspace=0.2)  # fmt: skip
+    below = fig.add_gridspec(1, 1, left=0.34, right=0.97, top=1 - 5.2 / height,
+                             bottom=0.7 / height)  # fmt: skip
     for column, qos in enumerate((0, 1)):
-        ax = fig.add_subplot(grid[0, column])
+        ax = fig.add_subplot(upper[0, column])
         runs = samples.get(qos, {})
         values = [v for kind in ("ours", "mosquitto") for v in runs.get(kind, [])]
         if values:
@@ -45,25 +59,29 @@ def draw(rows: list[Row], samples: dict[int, dict[str, list[float]]]) -> str:
         ax.set_ylabel("pings")
         ax.grid(alpha=0.3)
 
-    bars = fig.add_subplot(grid[1, :])
-    shown = [row for row in rows if row[4] == row[4]]  # without NaN ratios
+    bars = fig.add_subplot(below[0, 0])
+    shown = [row for row in rows if row[4] == row[4] and row[4] > 0]  # without NaN ratios
     names = [metric for metric, *_ in shown]
     ratios = [ratio for *_, ratio in shown]
-    # Green where ours does better (lower time or memory, higher rate), red where it does worse.
-    colors = [
-        "tab:green" if (ratio <= 1) == (unit in LOWER_IS_BETTER_UNITS) else "tab:red"
-        for _, _, _, unit, ratio in shown
-    ]
-    positions = range(len(shown))
-    bars.barh(positions, ratios, color=colors, alpha=0.8)
+    # Better or worse for us: a lower time or memory, or a higher rate, is better. Told by
+    # colour and by hatching, and each bar says its ratio.
+    better = [(ratio <= 1) == (unit in LOWER_IS_BETTER_UNITS) for _, _, _, unit, ratio in shown]
+    positions = list(range(len(shown)))
+    for y, ratio, good in zip(positions, ratios, better, strict=True):
+        bars.barh(y, ratio - 1, left=1.0, color="tab:green" if good else "tab:red",
+                  hatch=None if good else "//", edgecolor="white", alpha=0.8)  # fmt: skip
+        bars.text(ratio * (1.03 if ratio >= 1 else 0.97), y, f"{ratio:.2f}x", va="center",
+                  ha="left" if ratio >= 1 else "right", fontsize="small")  # fmt: skip
     bars.axvline(1.0, color="black", linewidth=1)
-    bars.set_yticks(list(positions), names, fontsize="x-small")
+    bars.set_yticks(positions, names, fontsize="small")
     bars.invert_yaxis()
     bars.set_xscale("log")
-    bars.set_xlabel("ours / mosquitto (log scale; green: ours better, red: mosquitto better)")
+    low, high = min([*ratios, 1.0]), max([*ratios, 1.0])
+    bars.set_xlim(low / 1.6, high * 1.6)  # room for the labels
+    bars.set_xlabel("ours / mosquitto, bars from 1.0 (log scale): green, ours better; red and "
+                    "hatched, mosquitto better")  # fmt: skip
     bars.grid(axis="x", alpha=0.3)
     fig.suptitle("make bench: ours beside mosquitto, same run")
-    fig.tight_layout()
     fig.savefig(PICTURE)
     plt.close(fig)
     return f"Picture: {PICTURE}"

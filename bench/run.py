@@ -371,7 +371,9 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
         kind: {key: median([r[key] for r in runs]) for key in ("p50_ratio", "cpu_ratio")}
         for kind, runs in res.items()
     }
-    sys.stderr.write(f"  {extra['lean_v5_over_311']}\n")
+    for kind, ratios in extra["lean_v5_over_311"].items():
+        sys.stderr.write(f"  MQTT 5 / 3.1.1, {kind}: p50 {ratios['p50_ratio']:.2f}x, broker CPU "
+                         f"{ratios['cpu_ratio']:.2f}x\n")  # fmt: skip
 
     sys.stderr.write("RTT, whole stack, pings 10 ms apart (MQTT 5)\n")
     samples: dict[int, dict[str, list[float]]] = {0: {}, 1: {}}
@@ -486,7 +488,8 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
         **extra, "restart_samples_s": {"ours": ours_r, "mosquitto": theirs_r},
         "sigterm_samples_s": {"ours": ours_t, "mosquitto": theirs_t}, "scale": scale_result,
     }, indent=2) + "\n")  # fmt: skip
-    sys.stderr.write(picture.draw(rows, samples) + "\n")
+    all_rows = rows + picture.scale_rows(scale.rows(scale_result))
+    sys.stderr.write(picture.draw(all_rows, samples) + "\n")
 
 
 if __name__ == "__main__":

@@ -380,6 +380,17 @@ class Probe:
 
     async def run(self, stop: asyncio.Event) -> Summary:
         """Run until a stop signal, --count completion, or --connect-timeout; return the summary."""
+        settings, client = self.settings, self.client_settings
+        pace = "back to back (flood)" if settings.flood else f"every {settings.interval:g} s"
+        protocol = "3.1.1" if client.protocol == 4 else "5"
+        size = f", {settings.size}-byte payloads" if settings.size else ""
+        # ping's first line: what is pinged, how.
+        self.reporter.event(
+            "start", logging.INFO, "PING %s: %s, QoS %d, MQTT %s, %s -> %s%s.",
+            self.target, pace, client.qos, protocol, client.ping_topic, client.pong_topic, size,
+            target=self.target, interval=None if settings.flood else settings.interval,
+            qos=client.qos, protocol=protocol, size=settings.size,
+        )  # fmt: skip
         logger.info(
             "A second connection, %s, only watches %s: pings from other publishers are then "
             "not taken for duplicates of ours.", self.watcher.client.identifier,

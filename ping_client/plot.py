@@ -8,6 +8,7 @@ Reading is pure and needs no matplotlib; only :func:`draw` imports it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +27,10 @@ _LINES = {
     "lost": re.compile(_STAMP + r"Lost .* on \S+: seq \d+, no echo within (?P<timeout>[\d.e+]+) s"),
     "down": re.compile(_STAMP + r"(Lost connection to|Cannot connect to) "),
     "up": re.compile(_STAMP + r"(Reconnected to|Connected to) "),
+    "start": re.compile(
+        _STAMP + r"PING (?P<target>\S+): (?P<pace>[^,]+), QoS (?P<qos>\d), "
+        r"MQTT (?P<protocol>[\d.]+)"
+    ),
 }
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ")
@@ -45,6 +50,8 @@ class Run:
     """(start, end) of every time without a connection."""
     start: float = 0.0
     """The run's first event, in seconds since the epoch."""
+    facts: dict[str, str] = field(default_factory=dict)
+    """What the probe's first line says: target, pace, QoS, protocol (when it has one)."""
 
     def percentiles(self) -> dict[str, float]:
         """p50, p90 and p99 of the RTTs, in ms (empty without answers)."""
@@ -90,7 +97,14 @@ def from_events(events: list[dict[str, Any]]) -> Run:
     down: float | None = None
     for event in events:
         kind, t = event.get("event"), float(event.get("time", t0)) - t0
-        if kind == "ping":
+        if kind == "start":
+            interval = event.get("interval")
+            run.facts = {
+                "target": str(event.get("target", "?")), "qos": str(event.get("qos", "?")),
+                "protocol": str(event.get("protocol", "?")),
+                "pace": "back to back (flood)" if interval is None else f"every {interval:g} s",
+            }  # fmt: skip
+        elif kind == "ping":
             sent[event["seq"]] = t
         elif kind in ("pong", "late"):
             at = sent.get(event["seq"], t - event["rtt_ms"] / 1000)
@@ -132,10 +146,39 @@ def from_log(lines: list[str]) -> Run:
             elif kind == "up" and down is not None:
                 run.outages.append((down, t))
                 down = None
+            elif kind == "start":
+                run.facts = {k: match[k] for k in ("target", "pace", "qos", "protocol")}
             break
     if down is not None:
         run.outages.append((down, last))
     return run
+
+
+def title(run: Run, source: str) -> str:
+    """Return the picture's title: what was pinged, how and when, then the run's figures."""
+    facts = run.facts
+    when = datetime.fromtimestamp(run.start).strftime("%Y-%m-%d %H:%M") if run.start else "?"
+    if facts:
+        head = (f"ping_client to {facts['target']}, MQTT {facts['protocol']}, QoS {facts['qos']}, "
+                f"{facts['pace']}; {when}")  # fmt: skip
+    else:
+        head = f"ping_client: {source}; {when}"
+    answered = [rtt for _, rtt in run.rtts]
+    received, late, lost = len(answered), len(run.late), len(run.lost)
+    figures = f"{received + late + lost} sent, {received} received, {lost} lost"
+    if late:
+        figures += f" ({late} answered late)"
+    if answered:
+        average = sum(answered) / len(answered)
+        figures += f"; rtt min/avg/max {min(answered):.3f}/{average:.3f}/{max(answered):.3f} ms"
+    # As the probe counts them: outages after the first ping, not the wait for the broker.
+    first = min((t for t, _ in [*run.rtts, *run.late]), default=math.inf)
+    first = min([first, *run.lost])
+    after = [(start, end) for start, end in run.outages if start > first]
+    down = sum(end - start for start, end in after)
+    outages = len(after)
+    figures += f"; {outages} outage{'s' if outages != 1 else ''}, {down:.3f} s without a connection"
+    return f"{head}\n{figures}"
 
 
 def draw(run: Run, out: Path, title: str) -> None:

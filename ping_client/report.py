@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run = plot.load(args.source, every_run=args.every_run)
         if not (run.rtts or run.lost or run.late):
             parser.exit(EXIT_DATAERR, f"ping_client.report: error: {args.source}: no pings in it\n")
-        plot.draw(run, output, args.title or f"ping_client: {args.source.name}")
+        plot.draw(run, output, args.title or plot.title(run, args.source.name))
     except OSError as exc:
         parser.exit(EXIT_NOINPUT, f"ping_client.report: error: {exc.filename}: {exc.strerror}\n")
     except ImportError:

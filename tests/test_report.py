@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -66,6 +67,23 @@ def test_a_run_is_read_from_its_events_and_from_its_log(outage_run: tuple[Path, 
     assert len(from_events.lost) == len(from_log.lost)
 
 
+def test_the_title_says_what_was_pinged_how_when_and_the_figures(
+    outage_run: tuple[Path, Path],
+) -> None:
+    events, log = outage_run
+    titles = [plot.title(plot.load(source), source.name) for source in (events, log)]
+    # The same facts from the events as from the log (the outage's length to the millisecond
+    # may differ: the log's clock is its lines').
+    assert [re.sub(r"\d\.\d{3} s without", "", t) for t in titles[:1]] == [
+        re.sub(r"\d\.\d{3} s without", "", t) for t in titles[1:]
+    ]
+    head, figures = titles[0].split("\n")
+    assert re.match(r"ping_client to 127\.0\.0\.1:\d+, MQTT 5, QoS 0, every 0\.05 s; "
+                    r"\d{4}-\d\d-\d\d \d\d:\d\d$", head), head  # fmt: skip
+    assert re.match(r"60 sent, \d+ received, \d+ lost.*; rtt min/avg/max [\d.]+/[\d.]+/[\d.]+ ms; "
+                    r"1 outage, \d\.\d{3} s without a connection$", figures), figures  # fmt: skip
+
+
 def test_a_log_of_several_runs_is_drawn_from_its_last(outage_run: tuple[Path, Path]) -> None:
     _, log = outage_run
     lines = log.read_text().splitlines()
@@ -114,3 +132,29 @@ def test_bad_input_is_one_line(spawn: Spawner, tmp_path: Path) -> None:
     result = spawn.run("ping_client.report", str(empty))
     assert result.returncode == 65
     assert result.stderr == f"ping_client.report: error: {empty}: no pings in it\n"
+
+
+def test_the_benchmarks_scale_cells_become_rows() -> None:
+    from bench import picture  # noqa: PLC0415 - bench is not an installed package
+
+    cells = [("memory per idle subscribed connection (10,000)", "3.4 KiB", "1.7 KiB", "2.00x"),
+             ("200 pings/s through our clients, p50", "0.859 ms (0 lost)", "0.877 ms (0 lost)",
+              "0.98x")]  # fmt: skip
+    assert picture.scale_rows(cells) == [
+        ("memory per idle subscribed connection (10,000)", 3.4, 1.7, "KiB", 2.0),
+        ("200 pings/s through our clients, p50", 0.859, 0.877, "ms", 0.98),
+    ]
+
+
+@pytest.mark.skipif(not DRAWS and not REQUIRED, reason="the report extra is not installed")
+def test_the_benchmarks_picture_has_a_bar_per_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import picture  # noqa: PLC0415
+
+    monkeypatch.setattr(picture, "PICTURE", tmp_path / "results.png")
+    rows = [(f"metric {i}", 1.0, 1.0, "ms", 0.5 + i / 10) for i in range(12)]
+    samples = {q: {"ours": [1.0, 1.1, 1.2], "mosquitto": [0.9, 1.0, 1.1]} for q in (0, 1)}
+    assert picture.draw(rows, samples) == f"Picture: {tmp_path / 'results.png'}"
+    width, height = png_size(tmp_path / "results.png")
+    assert (width, height) == (1300, int((5.5 + 0.3 * 12) * 100))
