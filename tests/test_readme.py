@@ -99,3 +99,20 @@ def test_every_environment_variable_named_is_a_flag() -> None:
 def test_the_readme_is_the_five_minute_part() -> None:
     """At most 200 lines: the rest belongs in docs/."""
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def test_the_settings_heading_counts_its_table() -> None:
+    """'The six settings you will want first' lists six (it once said five and listed six)."""
+    text = (REPO / "README.md").read_text()
+    heading = re.search(r"^## The (\w+) settings you will want first$", text, re.M)
+    assert heading is not None
+    section = text[heading.end() :].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `MQTT_\w+` \|", section, re.M)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert words.index(heading.group(1)) == len(rows)
+
+
+def test_commands_shown_from_the_venv_name_it() -> None:
+    """supervisord and supervisorctl are installed in .venv/bin, not on PATH."""
+    text = (REPO / "README.md").read_text()
+    assert not re.search(r"(?<![/\w])supervisor(d|ctl) -c", text)
