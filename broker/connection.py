@@ -777,7 +777,7 @@ class Connection(asyncio.Protocol):
         if reason is not None and self.v5 and self.session is not None and not self._ended:
             self.send(v5.disconnect(reason, why, self._max_out))
         if not self._ended and not self._how.startswith("it sent"):
-            self._how = f"closed by the broker ({why})" if why else "closed by the broker"
+            self._how = "closed by the broker"  # why: the line logged just before says it
         self._end(will=will)
         self.flush()
         if self.transport is not None:

@@ -10,6 +10,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,6 +78,14 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port found")
+
+
+def tool(name: str) -> str:
+    """Return the path of a mosquitto command-line tool, or fail with how to get it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: apt-get install mosquitto-clients (.ci/run does)")
+    return path
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:

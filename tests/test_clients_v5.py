@@ -20,9 +20,9 @@ from tests.support import (
     base_env,
     free_port,
     port_accepts,
+    tool,
     wait_until,
 )
-from tests.test_interop import tool
 
 
 def test_the_clients_fall_back_to_311_once_against_a_311_only_broker(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 
 import mqttools
@@ -14,15 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.support import MqttProbe, Spawner, wait_until
-
-
-def tool(name: str) -> str:
-    """Return the path of a mosquitto command-line tool, or fail with how to get it."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: apt-get install mosquitto-clients (.ci/run does)")
-    return path
+from tests.support import MqttProbe, Spawner, tool, wait_until
 
 
 def test_mosquitto_clients_round_trip_through_broker_and_echo(spawn: Spawner, port: int) -> None:

@@ -37,7 +37,7 @@ from paho.mqtt.properties import Properties
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import V5, RawClient
-from tests.support import Proc, Spawner, free_port, port_accepts, wait_until
+from tests.support import Proc, Spawner, free_port, port_accepts, tool, wait_until
 
 KINDS = ["paho-3.1.1", "paho-5", "mosquitto-3.1.1", "mosquitto-5"]
 QOS = [0, 1, 2]
@@ -48,14 +48,6 @@ CELLS = [
 FENCE = b"fence"
 LINE_BUFFERED = ["stdbuf", "-oL"]
 """mosquitto_sub's stdout is block-buffered when it is not a terminal; its lines are read live."""
-
-
-def tool(name: str) -> str:
-    """The path of a mosquitto command-line tool, or a failure that says how to get it."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: apt-get install mosquitto-clients (.ci/run does)")
-    return path
 
 
 def settle(predicate: Any, timeout: float) -> bool:

@@ -255,7 +255,7 @@ def test_json_lines_parse_and_agree_with_the_human_summary(spawn: Spawner, port:
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "connected"
+    assert kinds[:2] == ["start", "connected"]  # ping's first line, then the link
     assert kinds.count("ping") == 4
     assert kinds.count("pong") == 4
     assert kinds[-1] == "summary"
