@@ -86,10 +86,12 @@ class Tracker:
     def next_payload(self, wall: float, decimals: int, size: int | None = None) -> bytes:
         """Return a payload for a ping sent at ``wall``, unique among those in flight.
 
-        ``size`` pads the timestamp with spaces to that many bytes (``ping -s``).
+        Unique too among the pings lately seen from other publishers on the topic (another
+        probe on the same schedule sends the same timestamps): their echoes then cannot be
+        taken for ours. ``size`` pads the timestamp with spaces to that many bytes (``ping -s``).
         """
         payload = stamp(wall, decimals)
-        while self.known(payload) and decimals < 9:
+        while (self.known(payload) or payload in self._foreign) and decimals < 9:
             decimals += 1
             payload = stamp(wall, decimals)
         return payload.ljust(size) if size else payload

@@ -48,8 +48,8 @@ def _no_broker_fault(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test whose broker logged an internal error, a panic or a traceback.
 
     Three places: brokers run in-process (the "broker" logger), brokers started by the spawner
-    (checked in :meth:`Spawner.cleanup`), and broker logs under the test's tmp_path (supervisord
-    and ``make`` write ``logs/broker.log`` there).
+    (checked in :meth:`Spawner.cleanup`), and broker output under the test's tmp_path
+    (supervisord and ``make`` write ``logs/broker.log`` there; a test may keep ``broker.err``).
     """
     tmp_path: Path | None = None
     if "tmp_path" in request.fixturenames:
@@ -63,8 +63,8 @@ def _no_broker_fault(request: pytest.FixtureRequest) -> Iterator[None]:
         broker_logger.removeHandler(handler)
     check_broker_output("the in-process broker", "\n".join(handler.lines))
     if tmp_path is not None:
-        for log in sorted(tmp_path.rglob("broker*.log*")):
-            if log.is_file():
+        for log in sorted(tmp_path.rglob("broker*")):
+            if log.is_file() and (".log" in log.name or log.suffix in (".err", ".out")):
                 check_broker_output(str(log), log.read_text(errors="replace"))
 
 

@@ -74,6 +74,14 @@ def test_payloads_are_timestamps_unique_in_flight() -> None:
     assert t.next_payload(1744796556.75, 0) == b"1744796556.8"
 
 
+def test_a_payload_another_publisher_just_used_is_not_used_again() -> None:
+    """Two probes on one schedule send the same timestamps; the one that sees the other's ping
+    first takes more digits, so no echo can be taken for the wrong probe's."""
+    t = Tracker(timeout=2.0)
+    t.on_ping_copy(b"1744796556.3", now=0.0)  # the other probe's ping, seen by our watcher
+    assert t.next_payload(1744796556.31, 1) == b"1744796556.31"
+
+
 @pytest.mark.parametrize(
     ("interval", "decimals"), [(1.0, 0), (2.5, 0), (0.5, 1), (0.1, 1), (0.05, 2), (0.01, 2)]
 )
