@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import mqtt5
 
+from broker import connect as handshake
 from broker import protocol, v5
 from broker import reasons as rc
 from broker.engine import Engine, Incoming, Message, Session, SubOptions, topic_matches
@@ -48,11 +49,9 @@ from broker.protocol import (
     Publish,
     Subscribe,
     Unsubscribe,
-    UnsupportedProtocol,
     Wanted,
     Will,
     encode_ack,
-    encode_connack,
     encode_publish,
     encode_suback,
 )
@@ -65,7 +64,6 @@ KEEPALIVE_GRACE = 1.5
 QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 """Above this many unsent bytes for a client, QoS 0 messages to it are dropped (at most once)."""
 
-TOPIC_ALIAS_MAXIMUM = 32
 HTTP_METHODS = frozenset({b"GET ", b"HEAD", b"POST", b"PUT ", b"OPTI", b"DELE", b"PATC"})
 """How an HTTP request starts: no MQTT CONNECT does (its first byte is 0x10)."""
 HTTP_REFUSAL = (
@@ -75,15 +73,10 @@ HTTP_REFUSAL = (
 )
 RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
 """MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
-"""Topic aliases an MQTT 5 client may set up per connection."""
 
 
 class Connection(asyncio.Protocol):
     """One client's connection: framing, checks, keepalive, its flows and its writes."""
-
-    _server_keep_alive: int | None = None
-    """MQTT 5: the keep alive the broker told the client to use instead of its own (a class
-    default: set on the few connections that need one)."""
 
     def __init__(self, hub: Hub) -> None:
         """Serve one connection for ``hub``."""
@@ -122,6 +115,7 @@ class Connection(asyncio.Protocol):
         """The largest packet the client accepts (its maximum packet size)."""
         self._aliases: dict[int, str] = {}
         self._assigned = False
+        self._request: handshake.Request  # what CONNECT asked for, from _on_connect on
 
     @property
     def backlog(self) -> bool:
@@ -276,29 +270,18 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        try:
-            connect = protocol.decode_connect(frame)
-        except UnsupportedProtocol as exc:
-            if exc.level == 5:
-                self._on_connect_v5(frame)
-                return
-            if exc.level is not None and exc.level > 5:
-                # In the form a newer client can read: MQTT 5's CONNACK, 0x84 (section 3.2.2.2).
-                self.send(protocol.CONNACK_UNSUPPORTED_V5)
-            elif exc.level is not None:
-                self.send(encode_connack(rc.UNACCEPTABLE_PROTOCOL_VERSION_311))  # [MQTT-3.1.2-2]
-            logger.warning("Refused %s: %s; this broker speaks MQTT 3.1.1 and 5.0.", self.peer,
-                           exc)  # fmt: skip
+        request = handshake.read(frame, self.limits, time.monotonic())
+        if isinstance(request, handshake.Refusal):
+            if request.reply is not None:
+                self.send(request.reply)
+            logger.warning("Refused %s: %s.", self.peer, request.why)
             self.close(will=False)
             return
-        if not connect.client_id and not connect.clean_session:
-            self.send(encode_connack(rc.IDENTIFIER_REJECTED_311))
-            logger.warning(
-                "Refused %s: empty client id without clean session [MQTT-3.1.3-8].", self.peer
-            )
-            self.close(will=False)
-            return
-        self._start(self._connect(connect), "connect")
+        self._request = request
+        self.v5, self.window, self.expiry = request.v5, request.window, request.expiry
+        self._max_out, self._will_props = request.max_out, request.will_props
+        self._will_delay = request.will_delay
+        self._start(self._connect(request.connect), "connect")
 
     async def _connect(self, connect: Connect) -> None:
         hub = self.hub
@@ -315,21 +298,16 @@ class Connection(asyncio.Protocol):
             logger.warning(
                 "Client %s from %s refused: not authorized.", session.client_id, self.peer
             )
-            if self.v5:
-                code = rc.BAD_USER_NAME_OR_PASSWORD if connect.username else rc.NOT_AUTHORIZED
-                self.send(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode(code)).write())
-            else:
-                self.send(encode_connack(rc.NOT_AUTHORIZED_311))
+            self.send(handshake.not_authorized(self._request))
             self.close(will=False)
             return
         if self._ended:
             return
         present = hub.attach(self, connect, session)
         self._will = connect.will
-        if self.v5:
-            self.send(self._connack_v5(present))
-        else:
-            self.send(encode_connack(0, session_present=present))
+        assigned = self.name if self._assigned else None
+        self.send(handshake.connack(self._request, self.limits, present=present,
+                                    assigned=assigned))  # fmt: skip
         logger.info(
             "Client %s connected from %s (MQTT %s).", self.name, self.peer,
             "5.0" if self.v5 else "3.1.1",
@@ -344,58 +322,6 @@ class Connection(asyncio.Protocol):
             self._flows.resume()  # what was in flight [MQTT-4.4.0-1], then what waits
 
     # --- MQTT 5 ---------------------------------------------------------------------------
-
-    def _on_connect_v5(self, frame: Frame) -> None:
-        """Handle an MQTT 5 CONNECT: the codec is chosen once, here, for the connection."""
-        self.v5 = True
-        packet = v5.read(frame)
-        assert isinstance(packet, mqtt5.ConnectPacket)  # noqa: S101 - a CONNECT frame
-        if packet.authentication_method is not None:
-            # Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
-            self.send(
-                mqtt5.ConnAckPacket(
-                    reason_code=mqtt5.ConnAckReasonCode.BAD_AUTHENTICATION_METHOD
-                ).write()
-            )
-            logger.warning("Refused %s: authentication method %r is not offered.", self.peer,
-                           packet.authentication_method)  # fmt: skip
-            self.close(will=False)
-            return
-        will = packet.will
-        self.expiry = packet.session_expiry_interval
-        self.window = min(self.limits.max_inflight, packet.receive_max)
-        self._max_out = packet.max_packet_size
-        if will is not None:
-            self._will_props = Props.of(will, time.monotonic())
-            self._will_delay = will.will_delay_interval
-        password = packet.password
-        keep_alive, cap = packet.keep_alive, self.limits.max_keepalive
-        if keep_alive == 0 or keep_alive > cap:
-            # MQTT 5 section 3.2.2.3.14: the client must use the server keep alive instead.
-            keep_alive = self._server_keep_alive = cap
-        connect = Connect(
-            client_id=packet.client_id,
-            clean_session=packet.clean_start,
-            keep_alive=keep_alive,
-            will=None if will is None else Will(
-                will.topic, will.payload or b"", int(will.qos), will.retain
-            ),
-            username=packet.username,
-            password=None if password is None else password.decode("utf-8", "replace"),
-            session_expiry=packet.session_expiry_interval,
-        )  # fmt: skip
-        self._start(self._connect(connect), "connect")
-
-    def _connack_v5(self, present: bool) -> bytes:
-        limits = self.limits
-        return mqtt5.ConnAckPacket(
-            session_present=present,
-            assigned_client_id=self.name if self._assigned else None,
-            receive_max=min(limits.max_queued, 65535),
-            max_packet_size=limits.max_packet_size,
-            topic_alias_max=TOPIC_ALIAS_MAXIMUM,
-            server_keep_alive=self._server_keep_alive,
-        ).write()
 
     def _handle_v5_frame(self, session: Session, frame: Frame) -> None:
         if frame.packet_type == PUBLISH:
@@ -458,9 +384,10 @@ class Connection(asyncio.Protocol):
         topic = packet.topic
         alias = packet.topic_alias
         if alias is not None:
-            if not 0 < alias <= TOPIC_ALIAS_MAXIMUM:
-                raise ProtocolViolation(f"topic alias {alias} not in 1..{TOPIC_ALIAS_MAXIMUM}",
-                                        "MQTT-3.3.2-9", code=rc.TOPIC_ALIAS_INVALID)  # fmt: skip
+            most = handshake.TOPIC_ALIAS_MAXIMUM
+            if not 0 < alias <= most:
+                raise ProtocolViolation(f"topic alias {alias} not in 1..{most}", "MQTT-3.3.2-9",
+                                        code=rc.TOPIC_ALIAS_INVALID)  # fmt: skip
             if topic:
                 self._aliases[alias] = topic
             elif alias in self._aliases:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -31,11 +30,17 @@ def test_an_internal_error_a_panic_or_a_traceback_fails(line: str) -> None:
         check_broker_output("broker", line)
 
 
-def test_the_spawner_fails_a_test_whose_broker_logged_one(tmp_path: Path) -> None:
-    """A real process standing for a broker writes the line; cleanup then fails."""
-    spawner = Spawner(tmp_path)
-    err = tmp_path / "broker-x.err"
-    out = tmp_path / "broker-x.out"
+def test_the_spawner_fails_a_test_whose_broker_logged_one(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A real process standing for a broker writes the line; cleanup then fails.
+
+    Its files are kept outside this test's tmp_path, which the gate itself reads.
+    """
+    where = tmp_path_factory.mktemp("gate")
+    spawner = Spawner(where)
+    err = where / "broker-x.err"
+    out = where / "broker-x.out"
     with out.open("wb") as o, err.open("wb") as e:
         popen = subprocess.Popen([PYTHON, "-c", f"import sys; sys.stderr.write({INTERNAL!r})"],
                                  stdout=o, stderr=e)  # fmt: skip
