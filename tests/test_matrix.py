@@ -140,8 +140,12 @@ class MosquittoSubscriber:
              "-F", "MSG %q %t %x"],
             stdout=self.handle, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_until(lambda: "Subscribed (mid" in self.text(), 5, f"{kind} SUBACK")
-        assert re.search(rf"Subscribed \(mid: \d+\): {qos}\b", self.text()), self.text()
+        try:
+            wait_until(lambda: "Subscribed (mid" in self.text(), 5, f"{kind} SUBACK")
+            assert re.search(rf"Subscribed \(mid: \d+\): {qos}\b", self.text()), self.text()
+        except BaseException:
+            self.close()  # nobody else holds it yet: leave no process behind
+            raise
 
     def text(self) -> str:
         """What it printed so far."""
