@@ -728,18 +728,16 @@ class Connection(asyncio.Protocol):
             task.cancel()
         hub = self.hub
         session = self.session
-        due = will and self._will is not None and not hub.stopping
-        delay = min(self._will_delay, self.expiry or 0) if due else 0
+        what = self._will if will and not hub.stopping else None  # the will now due, if any
+        delay = min(self._will_delay, self.expiry or 0) if what is not None else 0
         how = self._how
-        if due and self._will is not None:
-            topic = self._will.topic
-            how += (
-                f"; will due on {topic} in {delay} s" if delay else f"; will published on {topic}"
-            )
+        if what is not None:
+            how += (f"; will due on {what.topic} in {delay} s" if delay
+                    else f"; will published on {what.topic}")  # fmt: skip
         hub.detach(self, how)
-        if due and self._will is not None:
+        if what is not None:
             # [MQTT-3.1.2-8]: lost, silent, or closed for a protocol error.
-            what, props = self._will, self._will_props
+            props = self._will_props
             if delay and session is not None:
                 hub.lifetimes.delay_will(session.client_id, delay,
                                lambda: hub.publish_will(session, what, props))  # fmt: skip
