@@ -16,9 +16,9 @@ import mqtt5
 
 from broker import protocol, v5
 from broker import reasons as rc
-from broker.protocol import Connect, Frame, UnsupportedProtocol, Will, encode_connack
+from broker.protocol import Frame, UnsupportedProtocol, encode_connack
+from broker.records import Connect, Props, Will
 from broker.settings import Limits
-from broker.v5 import Props
 
 TOPIC_ALIAS_MAXIMUM = 32
 """Topic aliases an MQTT 5 client may set up per connection."""
@@ -102,7 +102,7 @@ def _read_v5(frame: Frame, limits: Limits, now: float) -> Request | Refusal:
     return Request(
         connect, v5=True, window=min(limits.max_inflight, packet.receive_max),
         expiry=packet.session_expiry_interval, max_out=packet.max_packet_size,
-        will_props=None if will is None else Props.of(will, now),
+        will_props=None if will is None else v5.props_of(will, now),
         will_delay=0 if will is None else will.will_delay_interval,
         server_keep_alive=server_keep_alive,
     )  # fmt: skip

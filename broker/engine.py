@@ -35,7 +35,7 @@ from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
-    from broker.v5 import Props
+    from broker.records import Props
 
 logger = logging.getLogger("broker")
 
@@ -282,7 +282,7 @@ class Message(OutgoingApplicationMessage):
         props: Props | None = None,
         subscription_ids: tuple[int, ...] = (),
     ) -> None:
-        """Make the message as amqtt does, with MQTT 5 properties (a broker.v5.Props)."""
+        """Make the message as amqtt does, with MQTT 5 properties (a broker.records.Props)."""
         super().__init__(packet_id, topic, qos, data, retain)
         self.props = props
         self.subscription_ids = subscription_ids
@@ -297,7 +297,7 @@ class Incoming(IncomingApplicationMessage):
         self, packet_id: int, topic: str, qos: int, data: bytes, retain: bool,
         props: Props | None = None,
     ) -> None:  # fmt: skip
-        """Make the message as amqtt does, with MQTT 5 properties (a broker.v5.Props)."""
+        """Make the message as amqtt does, with MQTT 5 properties (a broker.records.Props)."""
         super().__init__(packet_id, topic, qos, data, retain)
         self.props = props
 

@@ -19,13 +19,13 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from broker import reasons as rc
-from broker import v5
+from broker import replies
 from broker.engine import Engine, Match, Message, Session
 from broker.lifetimes import Lifetimes
-from broker.protocol import Connect, Will, encode_publish
+from broker.protocol import encode_publish
+from broker.records import Connect, Props, Will
 from broker.settings import Limits
 from broker.systopics import Counters
-from broker.v5 import Props
 
 logger = logging.getLogger("broker")
 
@@ -33,11 +33,22 @@ NEVER_EXPIRES = 0xFFFFFFFF
 """MQTT 5: a session expiry interval that never ends (section 3.1.2.11.2)."""
 
 
-class Attached(Protocol):
+class Writer(Protocol):
+    """A connection with writes gathered during a callback."""
+
+    def flush(self) -> None:
+        """Write what was gathered."""
+
+
+class Attached(Writer, Protocol):
     """A client's connection, as the hub sees it."""
 
     session: Session | None
-    peer: str
+
+    @property
+    def peer(self) -> str:
+        """The peer's address, for log lines."""
+
     v5: bool
     expiry: int | None
     """MQTT 5: the session expiry interval the client asked for (seconds)."""
@@ -54,9 +65,6 @@ class Attached(Protocol):
         ids: tuple[int, ...] = (),
     ) -> None:  # fmt: skip
         """Send a message through the session's flows, or queue it."""
-
-    def flush(self) -> None:
-        """Write what was gathered."""
 
     def close(self, *, will: bool, reason: int | None = None, why: str | None = None) -> None:
         """End the connection."""
@@ -79,7 +87,7 @@ class Hub:
         self.batching = False
         self.stopping = False
         self.refused = 0
-        self._dirty: list[Attached] = []
+        self._dirty: list[Writer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropping: dict[str, int] = {}
         """Client id -> messages dropped for it since its queue was last empty."""
@@ -107,7 +115,7 @@ class Hub:
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 
-    def mark(self, connection: Attached) -> None:
+    def mark(self, connection: Writer) -> None:
         """Note that ``connection`` has writes to flush."""
         self._dirty.append(connection)
 
@@ -169,8 +177,8 @@ class Hub:
             ):
                 # MQTT 5, QoS 0, nothing per subscriber: encoded once for all of them.
                 if frame5 is None:
-                    frame5 = v5.encode_publish(topic, payload, 0, None, retain=False, dup=False,
-                                               props=props)  # fmt: skip
+                    frame5 = replies.encode_publish(topic, payload, 0, None, retain=False,
+                                                    dup=False, props=props)  # fmt: skip
                 connection.send_qos0(frame5)
             else:  # QoS 1/2, MQTT 5, or QoS 0 behind waiting messages [MQTT-4.6.0-6]
                 connection.deliver(topic, payload, delivered, retain=keep_retain and retain,
@@ -202,8 +210,17 @@ class Hub:
                 self.put(session, Message(None, topic, delivered, payload, False, props, ids))
                 return
 
-    def publish_will(self, session: Session | None, will: Will, props: Props | None) -> None:
-        """Publish a will [MQTT-3.1.2-8], and retain it if it asks to be."""
+    def publish_will(
+        self, session: Session | None, will: Will, props: Props | None, delay: int = 0
+    ) -> None:
+        """Publish a will [MQTT-3.1.2-8], and retain it if it asks to be.
+
+        MQTT 5: with a ``delay``, the will waits that many seconds for the session to go on.
+        """
+        if delay and session is not None:
+            self.lifetimes.delay_will(session.client_id, delay,
+                                      lambda: self.publish_will(session, will, props))  # fmt: skip
+            return
         self.publish(will.topic, will.payload, will.qos, retain=will.retain, props=props)
         if will.retain:
             self.spawn(

@@ -12,10 +12,7 @@ Pure: bytes in, packets or ProtocolViolation out.
 
 from __future__ import annotations
 
-import math
-import struct
-import time
-from typing import Final, NamedTuple, cast
+from typing import Final, cast
 
 import mqtt5
 
@@ -33,17 +30,16 @@ from broker.protocol import (
     UNSUBSCRIBE,
     Frame,
     ProtocolViolation,
-    Publish,
     check_filter,
     check_publish_at,
     check_text,
     decoded_topic_name,
     read_binary,
     read_string,
-    remaining_length,
     topic_name,
 )
-from broker.reasons import PROTOCOL_ERROR
+from broker.reasons import PROTOCOL_ERROR, TOPIC_ALIAS_INVALID
+from broker.records import Props, Publish, Subscribe, Unsubscribe, Wanted
 
 Packet = (
     mqtt5.ConnectPacket | mqtt5.PublishPacket | mqtt5.PubAckPacket | mqtt5.PubRecPacket
@@ -248,6 +244,97 @@ def read(frame: Frame) -> Packet:
     return cast("Packet", packet)
 
 
+def read_publish(frame: Frame, now: float) -> Publish:
+    """Check and decode an MQTT 5 PUBLISH into the record both versions share.
+
+    Without properties it is read as 3.1.1 reads it (:func:`plain_publish`); ``raw`` is kept
+    when the packet, as received, is what an MQTT 5 QoS 0 subscriber gets. Its message expiry
+    too: it is routed in the same callback, so the time left, rounded up [MQTT-3.3.2-6], is
+    still the interval it came with.
+    """
+    plain = plain_publish(frame)
+    if plain is not None:
+        return plain
+    packet = cast("mqtt5.PublishPacket", read(frame))
+    qos, alias, retain = int(packet.qos), packet.topic_alias, packet.retain
+    same = frame.raw if qos == 0 and not retain and alias is None else None
+    return Publish(packet.topic, packet.payload, qos, retain, packet.packet_id if qos else None,
+                   same, props_of(packet, now), alias)  # fmt: skip
+
+
+def check(frame: Frame) -> Packet | Subscribe | Unsubscribe:
+    """Check and decode a client's MQTT 5 packet other than PUBLISH.
+
+    A SUBSCRIBE or UNSUBSCRIBE comes back as the record both versions share.
+    """
+    packet = read(frame)
+    if isinstance(packet, mqtt5.SubscribePacket):
+        # Checked whole before any filter is subscribed: a protocol error subscribes none.
+        for topic_filter in packet.topic_filters:
+            _check_shared(topic_filter)
+        wanted = tuple(
+            Wanted(f.pattern, int(f.max_qos), f.no_local, f.retain_as_published,
+                   int(f.retain_handling)) for f in packet.topic_filters
+        )  # fmt: skip
+        return Subscribe(packet.packet_id, wanted, packet.subscription_id)
+    if isinstance(packet, mqtt5.UnsubscribePacket):
+        return Unsubscribe(packet.packet_id, tuple(packet.patterns))
+    return packet
+
+
+def _check_shared(wanted: mqtt5.TopicFilter) -> None:
+    """Refuse an invalid shared subscription: a protocol error (0x82), as mosquitto answers.
+
+    No Local set on one [MQTT-3.8.3-4], or no share name (section 4.8.2).
+    """
+    pattern = wanted.pattern
+    if not pattern.startswith("$share/"):
+        return
+    if wanted.no_local:
+        raise ProtocolViolation(f"shared subscription {pattern!r} with No Local set",
+                                "MQTT-3.8.3-4", code=PROTOCOL_ERROR)  # fmt: skip
+    if pattern.count("/") < 2 or not pattern.split("/", 2)[1]:
+        raise ProtocolViolation(f"invalid shared subscription {pattern!r}", "MQTT-4.8.2-1",
+                                code=PROTOCOL_ERROR)  # fmt: skip
+
+
+class Aliases:
+    """The topic aliases one MQTT 5 client set on its PUBLISHes (section 3.3.2.3.4)."""
+
+    def __init__(self, maximum: int) -> None:
+        """Accept aliases 1 to ``maximum`` (what CONNACK announced)."""
+        self.maximum = maximum
+        self._topics: dict[int, str] = {}
+
+    def topic(self, publish: Publish) -> str:
+        """Return the PUBLISH's topic, through its alias if it has one; remember a new one."""
+        topic, alias = publish.topic, publish.alias
+        if alias is None:
+            if not topic:
+                raise ProtocolViolation("PUBLISH with no topic and no alias", "MQTT-3.3.2-8",
+                                        code=PROTOCOL_ERROR)  # fmt: skip
+            return topic
+        if not 0 < alias <= self.maximum:
+            raise ProtocolViolation(f"topic alias {alias} not in 1..{self.maximum}",
+                                    "MQTT-3.3.2-9", code=TOPIC_ALIAS_INVALID)  # fmt: skip
+        if topic:
+            self._topics[alias] = topic
+            return topic
+        if alias not in self._topics:
+            raise ProtocolViolation(f"topic alias {alias} was never set", "MQTT-3.3.4",
+                                    code=PROTOCOL_ERROR)  # fmt: skip
+        return self._topics[alias]
+
+
+def is_utf8(payload: bytes) -> bool:
+    """Whether a payload marked as UTF-8 (payload format indicator 1) is (section 3.3.2.3.2)."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _check_publish_strings(packet: mqtt5.PublishPacket) -> None:
     """Check a PUBLISH's property strings for what valid UTF-8 may still hold (section 1.5.4)."""
     for what, text in (("content type", packet.content_type),
@@ -264,103 +351,14 @@ def _check_publish_strings(packet: mqtt5.PublishPacket) -> None:
         check_text(value, "PUBLISH user property value")
 
 
-class Props(NamedTuple):
-    """The MQTT 5 properties a message carries from its publisher to its subscribers."""
-
-    payload_format_indicator: int = 0
-    content_type: str | None = None
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    user_properties: tuple[tuple[str, str], ...] = ()
-    expires_at: float | None = None
-    """When the message expires (time.monotonic()), from its message expiry interval."""
-
-    @classmethod
-    def of(cls, publish: mqtt5.PublishPacket | mqtt5.Will, now: float) -> Props | None:
-        """Return the properties of a received PUBLISH (or will), or None when it has none."""
-        expiry = publish.message_expiry_interval
-        indicator, content_type = publish.payload_format_indicator, publish.content_type
-        response_topic, correlation = publish.response_topic, publish.correlation_data
-        users = publish.user_properties
-        if (expiry is None and not indicator and content_type is None and response_topic is None
-                and correlation is None and not users):  # fmt: skip
-            return None  # the common case, without building anything
-        return cls(indicator, content_type, response_topic, correlation, tuple(users),
-                   None if expiry is None else now + expiry)  # fmt: skip
-
-    def remaining(self, now: float) -> int | None:
-        """Seconds of expiry left (rounded up), None when it never expires."""
-        if self.expires_at is None:
-            return None
-        return max(0, math.ceil(self.expires_at - now))
-
-    def expired(self, now: float) -> bool:
-        """Whether the message has expired (it is then dropped from every queue)."""
-        return self.expires_at is not None and now >= self.expires_at
-
-
-EMPTY: Final = Props()
-
-
-def encode_publish(
-    topic: str, payload: bytes, qos: int, packet_id: int | None, *, retain: bool, dup: bool,
-    props: Props | None, subscription_ids: list[int] | None = None,
-) -> bytes:  # fmt: skip
-    """Encode a PUBLISH for an MQTT 5 client, its properties forwarded (expiry: what is left)."""
-    if props is None and not subscription_ids:
-        # No properties: the 3.1.1 encoding with an empty property list after the topic (and
-        # the packet id), without a trip through the codec.
-        raw_topic = topic.encode()
-        head = struct.pack("!H", len(raw_topic)) + raw_topic
-        if qos:
-            head += struct.pack("!H", packet_id or 0)
-        first = 0x30 | (0x08 if dup else 0) | qos << 1 | (0x01 if retain else 0)
-        length = remaining_length(len(head) + 1 + len(payload))
-        return bytes((first,)) + length + head + b"\x00" + payload
-    p = props or EMPTY
-    return mqtt5.PublishPacket(
-        topic, payload, qos=mqtt5.QoS(qos), retain=retain, packet_id=packet_id if qos else None,
-        duplicate=dup, payload_format_indicator=p.payload_format_indicator,
-        message_expiry_interval=p.remaining(time.monotonic()), content_type=p.content_type,
-        response_topic=p.response_topic, correlation_data=p.correlation_data,
-        user_properties=list(p.user_properties), subscription_ids=subscription_ids or None,
-    ).write()  # fmt: skip
-
-
-def disconnect(reason: int, text: str | None = None, max_size: int | None = None) -> bytes:
-    """Encode a DISCONNECT from the server with ``reason``, and ``text`` as its reason string.
-
-    The reason string is left out where it would make the packet larger than the client
-    accepts (``max_size``) [MQTT-3.14.2-3]. A DISCONNECT may carry one even when the client
-    asked for no problem information [MQTT-3.1.2-29].
-    """
-    code = mqtt5.DisconnectReasonCode(reason)
-    if text:
-        data = mqtt5.DisconnectPacket(reason_code=code, reason_str=text).write()
-        if max_size is None or len(data) <= max_size:
-            return data
-    return mqtt5.DisconnectPacket(reason_code=code).write()
-
-
-_ACKS: Final = {
-    PUBACK: (mqtt5.PubAckPacket, mqtt5.PubAckReasonCode),
-    PUBREC: (mqtt5.PubRecPacket, mqtt5.PubRecReasonCode),
-    PUBCOMP: (mqtt5.PubCompPacket, mqtt5.PubCompReasonCode),
-}
-
-
-def ack(kind: int, packet_id: int, reason: int) -> bytes:
-    """Encode an MQTT 5 PUBACK, PUBREC or PUBCOMP with a reason code (section 3.4.2.1)."""
-    packet, codes = _ACKS[kind]
-    data: bytes = packet(packet_id, reason_code=codes(reason)).write()
-    return data
-
-
-def suback(packet_id: int, codes: list[int]) -> bytes:
-    """Encode an MQTT 5 SUBACK: a granted QoS or a reason code per filter."""
-    return mqtt5.SubAckPacket(packet_id, [mqtt5.SubAckReasonCode(c) for c in codes]).write()
-
-
-def unsuback(packet_id: int, codes: list[int]) -> bytes:
-    """Encode an MQTT 5 UNSUBACK: a reason code per filter."""
-    return mqtt5.UnsubAckPacket(packet_id, [mqtt5.UnsubAckReasonCode(c) for c in codes]).write()
+def props_of(publish: mqtt5.PublishPacket | mqtt5.Will, now: float) -> Props | None:
+    """Return the properties of a received PUBLISH (or will), or None when it has none."""
+    expiry = publish.message_expiry_interval
+    indicator, content_type = publish.payload_format_indicator, publish.content_type
+    response_topic, correlation = publish.response_topic, publish.correlation_data
+    users = publish.user_properties
+    if (expiry is None and not indicator and content_type is None and response_topic is None
+            and correlation is None and not users):  # fmt: skip
+        return None  # the common case, without building anything
+    return Props(indicator, content_type, response_topic, correlation, tuple(users),
+                 None if expiry is None else now + expiry)  # fmt: skip

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from broker import protocol
 from broker.framing import Framer
 from broker.protocol import Frame, ProtocolViolation, Publish
+from broker.records import Wanted
 from tests import mqtt_raw as m
 
 MAX = 1 << 20
@@ -169,7 +170,8 @@ def test_subscribe_decodes_what_a_client_encodes(
     packet_id: int, filters: list[tuple[str, int]]
 ) -> None:
     (frame,) = frames_of([m.subscribe(packet_id, *filters)])
-    assert protocol.check(frame, connected=True) == protocol.Subscribe(packet_id, tuple(filters))
+    wanted = tuple(Wanted(topic_filter, qos) for topic_filter, qos in filters)
+    assert protocol.check(frame, connected=True) == protocol.Subscribe(packet_id, wanted)
 
 
 @pytest.mark.parametrize("kind", [m.PUBACK, m.PUBREC, m.PUBREL, m.PUBCOMP, m.UNSUBACK])
