@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from broker import protocol
 from broker.framing import Framer
-from broker.protocol import Frame, ProtocolViolation, Publish
-from broker.records import Wanted
+from broker.protocol import Frame, ProtocolViolation
+from broker.records import Publish, Subscribe, Wanted, Will
 from tests import mqtt_raw as m
 
 MAX = 1 << 20
@@ -152,7 +152,7 @@ def test_connect_decodes_what_a_client_encodes(
     assert (connect.client_id, connect.clean_session, connect.keep_alive) == (
         client_id, clean, keepalive,
     )  # fmt: skip
-    assert connect.will == (None if will is None else protocol.Will(*will))
+    assert connect.will == (None if will is None else Will(*will))
     assert connect.username == username
     assert connect.password == (None if username is None else "pw")
 
@@ -171,7 +171,7 @@ def test_subscribe_decodes_what_a_client_encodes(
 ) -> None:
     (frame,) = frames_of([m.subscribe(packet_id, *filters)])
     wanted = tuple(Wanted(topic_filter, qos) for topic_filter, qos in filters)
-    assert protocol.check(frame, connected=True) == protocol.Subscribe(packet_id, wanted)
+    assert protocol.check(frame, connected=True) == Subscribe(packet_id, wanted)
 
 
 @pytest.mark.parametrize("kind", [m.PUBACK, m.PUBREC, m.PUBREL, m.PUBCOMP, m.UNSUBACK])
