@@ -22,7 +22,7 @@ import mqtt5
 from broker import connect as handshake
 from broker import protocol, v5
 from broker import reasons as rc
-from broker.engine import Engine, Incoming, Message, Session, SubOptions, topic_matches
+from broker.engine import Engine, Incoming, Message, Session
 from broker.flows import Flows
 from broker.hub import Hub
 from broker.protocol import (
@@ -38,6 +38,7 @@ from broker.protocol import (
 )
 from broker.records import Connect, Props, Publish, Subscribe, Unsubscribe, Will
 from broker.replies import Replies, Replies5
+from broker.topics import SubOptions, topic_matches
 
 logger = logging.getLogger("broker")
 

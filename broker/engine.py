@@ -21,16 +21,17 @@ import inspect
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import amqtt
 from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
 from amqtt.events import BrokerEvents
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+from broker.lean import Mailbox, SessionState
+from broker.topics import PLAIN, Match, SubOptions, subscribers, topic_matches
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -149,122 +150,17 @@ def _check_broker(broker: Broker) -> None:
         raise EngineMismatch(f"amqtt {amqtt.__version__}: PluginManager.fire_event is missing")
 
 
-class _SessionState:
-    """``Session.transitions`` for the broker's sessions: amqtt's three states, two triggers.
-
-    amqtt builds a ``transitions.Machine`` for every Session: 15.4 KiB each, 60 % of what a
-    connection cost (tracemalloc, 1,000 connections). This holds the same state and calls the
-    same ``_on_enter_*`` hooks of the session, in 56 bytes.
-    """
-
-    __slots__ = ("_session", "state")
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self.state = "new"
-
-    def connect(self) -> None:
-        """new/disconnected -> connected."""
-        if self.state == "connected":
-            raise RuntimeError(f"session {self._session.client_id} is already connected")
-        self.state = "connected"
-        self._session._on_enter_connected()
-
-    def disconnect(self) -> None:
-        """Any state -> disconnected."""
-        self.state = "disconnected"
-        self._session._on_enter_disconnected()
-
-    def is_new(self) -> bool:
-        """Whether the session never connected."""
-        return self.state == "new"
-
-    def is_connected(self) -> bool:
-        """Whether the session is connected."""
-        return self.state == "connected"
-
-    def is_disconnected(self) -> bool:
-        """Whether the session was connected and is not now."""
-        return self.state == "disconnected"
-
-
-class _Mailbox:
-    """A session's message queue with asyncio.Queue's methods, its storage made on first use.
-
-    amqtt gives every Session two asyncio.Queues (4.6 KiB with their locks); the broker never
-    waits on them, and most sessions never queue anything.
-    """
-
-    __slots__ = ("_items",)
-
-    def __init__(self) -> None:
-        self._items: deque[Any] | None = None
-
-    def put_nowait(self, item: Any) -> None:  # noqa: ANN401 - amqtt's message objects
-        """Append ``item``."""
-        if self._items is None:
-            self._items = deque()
-        self._items.append(item)
-
-    async def put(self, item: Any) -> None:  # noqa: ANN401
-        """Append ``item`` (never waits: the mailbox is unbounded; the broker bounds it)."""
-        self.put_nowait(item)
-
-    def get_nowait(self) -> Any:  # noqa: ANN401
-        """Take the oldest item; asyncio.QueueEmpty when there is none."""
-        if not self._items:
-            raise asyncio.QueueEmpty
-        item = self._items.popleft()
-        if not self._items:
-            self._items = None
-        return item
-
-    async def get(self) -> Any:  # noqa: ANN401
-        """Take the oldest item (amqtt only gets from a queue it saw not empty)."""
-        return self.get_nowait()
-
-    def qsize(self) -> int:
-        """How many items wait."""
-        return len(self._items) if self._items else 0
-
-    def empty(self) -> bool:
-        """Whether nothing waits."""
-        return not self._items
-
-
 class LeanSession(Session):
     """amqtt's Session, holding the same state in a fraction of the memory."""
 
     def __init__(self) -> None:
         """Make the session as amqtt does, then give it light queues."""
         super().__init__()
-        self.retained_messages = _Mailbox()
-        self.delivered_message_queue = _Mailbox()
+        self.retained_messages = Mailbox()
+        self.delivered_message_queue = Mailbox()
 
     def _init_states(self) -> None:
-        self.transitions = _SessionState(self)
-
-
-@dataclass(frozen=True, slots=True)
-class SubOptions:
-    """MQTT 5 subscription options that outlive the SUBSCRIBE (section 3.8.3.1)."""
-
-    no_local: bool = False
-    retain_as_published: bool = False
-    subscription_id: int | None = None
-
-
-PLAIN: Final = SubOptions()
-
-
-class Match(NamedTuple):
-    """One subscriber of a topic: its session, QoS and options (a tuple: made per match)."""
-
-    session: Session
-    qos: int
-    no_local: bool
-    retain_as_published: bool
-    subscription_ids: tuple[int, ...]
+        self.transitions = SessionState(self)
 
 
 class Message(OutgoingApplicationMessage):
@@ -530,28 +426,7 @@ class Engine:
         found = self._matches.get(topic)
         if found is not None:
             return found
-        best: dict[str, Match] = {}
-        groups: dict[str, list[Match]] = {}
-        options = self._options
-        for topic_filter, subscriptions in self.broker._subscriptions.items():
-            shared = topic_filter.startswith("$share/")
-            real = topic_filter.split("/", 2)[2] if shared else topic_filter
-            if not topic_matches(topic, real):
-                continue
-            for session, granted in subscriptions:
-                opts = options.get((session.client_id, topic_filter), PLAIN) if options else PLAIN
-                ids = (opts.subscription_id,) if opts.subscription_id else ()
-                match = Match(session, granted, opts.no_local, opts.retain_as_published, ids)
-                if shared:
-                    groups.setdefault(topic_filter, []).append(match)
-                    continue
-                seen = best.get(session.client_id)
-                if seen is not None:
-                    match = Match(session, max(granted, seen.qos), seen.no_local and opts.no_local,
-                                  seen.retain_as_published or opts.retain_as_published,
-                                  seen.subscription_ids + ids)  # fmt: skip
-                best[session.client_id] = match
-        found = (list(best.values()), list(groups.items()))
+        found = subscribers(topic, self.broker._subscriptions, self._options)
         if len(self._matches) >= 10_000:
             self._matches.clear()
         self._matches[topic] = found
@@ -628,23 +503,3 @@ class Engine:
         queue = session.retained_messages
         while not queue.empty():
             queue.get_nowait()
-
-
-def topic_matches(topic: str, topic_filter: str, *, dollar: bool = False) -> bool:
-    """Whether ``topic`` matches ``topic_filter`` (section 4.7; [MQTT-4.7.2-1] for $ topics).
-
-    ``dollar`` lets a leading wildcard match a ``$`` topic too (a deny list's ``#`` covers
-    ``$SYS/#``); the specification's rule is without it.
-    """
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return topic == topic_filter
-    if not dollar and topic.startswith("$") and topic_filter[0] in "+#":
-        return False
-    levels = topic.split("/")
-    wanted = topic_filter.split("/")
-    for index, level in enumerate(wanted):
-        if level == "#":
-            return True
-        if index >= len(levels) or level not in ("+", levels[index]):
-            return False
-    return len(levels) == len(wanted)

@@ -20,12 +20,13 @@ from typing import Any, Protocol
 
 from broker import reasons as rc
 from broker import replies
-from broker.engine import Engine, Match, Message, Session
+from broker.engine import Engine, Message, Session
 from broker.lifetimes import Lifetimes
 from broker.protocol import encode_publish
 from broker.records import Connect, Props, Will
 from broker.settings import Limits
 from broker.systopics import Counters
+from broker.topics import Match
 
 logger = logging.getLogger("broker")
 

@@ -11,7 +11,8 @@ import pytest
 from amqtt.broker import Broker
 from amqtt.session import Session
 
-from broker.engine import EngineMismatch, LeanSession, check_amqtt, topic_matches
+from broker.engine import EngineMismatch, LeanSession, check_amqtt
+from broker.topics import topic_matches
 from tests.support import REPO, Spawner, base_env
 
 BROKEN_AMQTT = """
