@@ -17,11 +17,13 @@ CONF   := supervisord.conf
 # The extras installed with the package. CI adds `report` (matplotlib) so that the test of the
 # pictures draws one; `make run` and `make test` stay without it.
 EXTRAS ?= dev
+# The live page's MQTT client (MQTT.js, from the npm registry), installed into web/node_modules.
+WEB_STAMP := web/node_modules/.installed-stamp
 
-.PHONY: help venv bytecode run start stop status logs cluster report test test-pythons lint typecheck pytest bench bench-full bench-cluster soak add-user clean
+.PHONY: help venv web web-if-npm bytecode run start stop status logs cluster report test test-pythons lint typecheck pytest bench bench-full bench-cluster soak add-user clean
 
 help:
-	@echo "make run | start | stop | status | logs | cluster | report | test | test-pythons | bench | soak | add-user NAME=x | clean"
+	@echo "make run | start | stop | status | logs | web | cluster | report | test | test-pythons | bench | soak | add-user NAME=x | clean"
 
 venv: $(STAMP)
 
@@ -43,11 +45,26 @@ $(REPORT_STAMP): $(STAMP)
 bytecode: $(STAMP)
 	@$(BIN)/python -m compileall -q broker common ping_client echo_client cluster
 
-run: bytecode
+run: bytecode web-if-npm
 	@bash tools/run.sh
 
-start: bytecode
+start: bytecode web-if-npm
 	@bash tools/run.sh --start-only
+
+# MQTT.js for the live page (make run serves it at http://127.0.0.1:10080/). Optional for make
+# run: without npm, or offline, the broker still speaks MQTT over WebSockets and the page says
+# what to run. make test needs it (the browser test).
+web: $(WEB_STAMP)
+
+$(WEB_STAMP): web/package.json
+	@command -v npm >/dev/null 2>&1 || { echo "make web: npm is not installed (apt-get install npm)" >&2; exit 69; }
+	npm install --prefix web --no-audit --no-fund --loglevel=error
+	@touch $(WEB_STAMP)
+
+web-if-npm:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory web || \
+		echo "make run: could not install MQTT.js (make web); the live page will say so."; \
+	else echo "make run: npm not found; the live page needs MQTT.js (apt-get install npm, make web)."; fi
 
 stop:
 	@bash tools/run.sh --stop
@@ -81,7 +98,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: bytecode
+pytest: bytecode web
 	$(BIN)/python -m pytest -n 3 $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -398,7 +398,9 @@ class Client:
         broker logs) as its reason string.
         """
         if reason is not None and self.session is not None and not self.ended:
-            self.wire.send(self.replies.disconnect(reason, why, self._request.max_out))
+            goodbye = self.replies.disconnect(reason, why, self._request.max_out)
+            if goodbye:  # MQTT 3.1.1 has no DISCONNECT from the server
+                self.wire.send(goodbye)
         if not self.ended and not self.how.startswith("it sent"):
             self.how = "closed by the broker"  # why: the line logged just before says it
         self.end(will=will)

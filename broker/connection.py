@@ -39,8 +39,7 @@ HTTP_METHODS = frozenset({b"GET ", b"HEAD", b"POST", b"PUT ", b"OPTI", b"DELE", 
 """How an HTTP request starts: no MQTT CONNECT does (its first byte is 0x10)."""
 HTTP_REFUSAL = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-    b"This is an MQTT port (MQTT 5.0 and 3.1.1 over TCP), not HTTP. MQTT over WebSockets is "
-    b"not enabled on this broker.\n"
+    b"This is an MQTT port (MQTT 5.0 and 3.1.1 over TCP), not HTTP. %s\n"
 )
 
 
@@ -108,12 +107,13 @@ class Connection(asyncio.Protocol):
     def _not_http(self, data: bytes) -> None:
         """Answer an HTTP request (a browser, a WebSocket upgrade) with what this port is."""
         line = data.split(b"\r\n", 1)[0][:80].decode("ascii", "replace")
-        logger.warning(
-            "Closed %s: an HTTP request (%s) on the MQTT TCP port; MQTT over WebSockets is not "
-            "enabled on this broker.", self.peer, line,
-        )  # fmt: skip
+        url = self.hub.websocket_url
+        where = (f"MQTT over WebSockets is at {url}" if url
+                 else "MQTT over WebSockets is not enabled on this broker")  # fmt: skip
+        logger.warning("Closed %s: an HTTP request (%s) on the MQTT TCP port; %s.",
+                       self.peer, line, where)  # fmt: skip
         self.client.ended = True
-        self.send(HTTP_REFUSAL)
+        self.send(HTTP_REFUSAL % f"{where}.".encode())
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - asyncio's

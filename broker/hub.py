@@ -81,6 +81,8 @@ class Hub:
         """Create an empty hub; :attr:`engine` must be set before the first client connects."""
         self.limits = limits
         self.max_connections = max_connections
+        self.websocket_url: str | None = None
+        """Where MQTT over WebSockets is served, if it is (for the TCP port's HTTP answer)."""
         self.engine: Engine | None = None
         self.connections: set[Attached] = set()
         self.online: dict[str, Attached] = {}

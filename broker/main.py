@@ -16,8 +16,10 @@ from broker import systopics
 from broker.connection import Connection
 from broker.engine import Engine, EngineMismatch
 from broker.hub import Hub
+from broker.page import Page
 from broker.server import BindError, Listener, bind, tls_context
 from broker.settings import BrokerSettings, parse
+from broker.websocket import WebSocket
 from common import logs
 from common.constants import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import install_stop_handlers
@@ -26,13 +28,20 @@ logger = logging.getLogger("broker")
 
 
 def listen(settings: BrokerSettings) -> dict[str, Listener]:
-    """Bind the plain listener and, when configured, the TLS one; raise BindError."""
+    """Bind the plain listener and those configured (TLS, WebSockets); raise BindError."""
     listeners: dict[str, Listener] = {}
+    host = settings.host
     try:
-        listeners["default"] = Listener(bind(settings.host, settings.port))
-        if settings.tls_port is not None and settings.tls_cert and settings.tls_key:
+        listeners["default"] = Listener(bind(host, settings.port))
+        context = None
+        if settings.tls_cert and settings.tls_key:
             context = tls_context(settings.tls_cert, settings.tls_key)
-            listeners["tls"] = Listener(bind(settings.host, settings.tls_port), context)
+        if settings.tls_port is not None and context is not None:
+            listeners["tls"] = Listener(bind(host, settings.tls_port), context)
+        if settings.ws_port is not None:
+            listeners["ws"] = Listener(bind(host, settings.ws_port), websocket=True)
+        if settings.wss_port is not None and context is not None:
+            listeners["wss"] = Listener(bind(host, settings.wss_port), context, websocket=True)
     except BindError:
         for listener in listeners.values():
             listener.sock.close()
@@ -63,9 +72,17 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     try:
         # In one direction: the servers first (not serving yet), then the engine over them,
         # then accept; a client never meets a broker whose engine is not up.
+        page = Page(settings.http_dir) if settings.http_dir is not None else None
+        tcp_port = listeners["default"].sock.getsockname()[1]
         for name, listener in listeners.items():
+            factory: Callable[[], asyncio.Protocol] = (
+                functools.partial(WebSocket, hub, page, tcp_port) if listener.websocket
+                else functools.partial(Connection, hub)
+            )  # fmt: skip
+            if listener.websocket and "ws" in name and hub.websocket_url is None:
+                hub.websocket_url = f"{'wss' if listener.tls else 'ws'}://{listener.address}/mqtt"
             servers[name] = await loop.create_server(
-                functools.partial(Connection, hub),
+                factory,
                 sock=listener.sock,
                 ssl=listener.tls,
                 ssl_handshake_timeout=settings.limits.connect_timeout if listener.tls else None,
@@ -134,11 +151,12 @@ async def serve(settings: BrokerSettings) -> int:
         async with running(settings) as broker:
             loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
             for listener in broker.listeners.values():
-                kind = "MQTT over TLS" if listener.tls else "MQTT"
                 logger.info(
                     "Listening on %s for %s (pid %d, %s loop).",
-                    listener.address, kind, os.getpid(), loop,
+                    listener.address, listener.kind, os.getpid(), loop,
                 )  # fmt: skip
+                if listener.websocket and settings.http_dir is not None and not listener.tls:
+                    logger.info("The live page: http://%s/", listener.address)
             if settings.password_file is not None:
                 logger.info("Clients must authenticate: users from %s.", settings.password_file)
             await stop.wait()

@@ -44,10 +44,20 @@ def bind(host: str, port: int) -> socket.socket:
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """A bound socket and, for the TLS listener, its TLS context."""
+    """A bound socket and, for the TLS listeners, its TLS context."""
 
     sock: socket.socket
     tls: ssl.SSLContext | None = None
+    websocket: bool = False
+    """MQTT over WebSockets (and the live page), not over TCP."""
+
+    @property
+    def kind(self) -> str:
+        """What is served, as the log line says it."""
+        if self.websocket:
+            scheme = "wss" if self.tls else "ws"
+            return f"MQTT over WebSockets ({scheme}://{self.address}/mqtt)"
+        return "MQTT over TLS" if self.tls else "MQTT"
 
     @property
     def address(self) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from broker.page import WEB_DIR
 from broker.protocol import DEFAULT_MAX_PACKET_SIZE
 from common import cli
 from common.constants import (
@@ -52,6 +54,12 @@ class BrokerSettings:
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    ws_port: int | None = None
+    """MQTT over WebSockets (and the live page) on this port; off when None."""
+    wss_port: int | None = None
+    """MQTT over secure WebSockets (the TLS certificate and key) on this port."""
+    http_dir: Path | None = None
+    """The live page's directory, served on the WebSocket ports; None serves no page."""
     sys_interval: float = 10.0
     """Seconds between $SYS updates; 0 turns them off."""
     event_loop: str = "auto"
@@ -84,6 +92,16 @@ def password_file(text: str) -> Path:
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def directory(text: str) -> Path | Literal[""]:
+    """Parse a directory that exists, or ``none`` (given back as "": no directory)."""
+    if text.lower() == "none":
+        return ""
+    path = Path(text)
+    if not path.is_dir():
+        raise ValueError(f"{text} is not a directory")
+    return path
 
 
 def event_loop(text: str) -> str:
@@ -243,6 +261,33 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     add(
         parser,
         environ,
+        "--ws-port",
+        convert=cli.port,
+        default=None,
+        help="also listen for MQTT over WebSockets (ws://HOST:PORT/mqtt) on this port, and "
+        "serve the live page there (default: off)",
+    )
+    add(
+        parser,
+        environ,
+        "--wss-port",
+        convert=cli.port,
+        default=None,
+        help="also listen for MQTT over secure WebSockets on this port (needs --tls-cert and "
+        "--tls-key)",
+    )
+    add(
+        parser,
+        environ,
+        "--http-dir",
+        convert=directory,
+        default=None,
+        help="the live page's directory, served on the WebSocket ports (default: web/ of this "
+        "checkout; 'none' serves no page)",
+    )
+    add(
+        parser,
+        environ,
         "--sys-interval",
         convert=cli.seconds,
         default=10.0,
@@ -264,10 +309,15 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         ),
     )
     args = parser.parse_args(argv)
-    if (args.tls_port is None) != (args.tls_cert is None) or (args.tls_cert is None) != (
-        args.tls_key is None
-    ):
-        parser.error("--tls-port, --tls-cert and --tls-key go together")
+    secure = args.tls_port is not None or args.wss_port is not None
+    if secure != (args.tls_cert is not None) or (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-port (or --wss-port), --tls-cert and --tls-key go together")
+    ports = [p for p in (args.port, args.tls_port, args.ws_port, args.wss_port) if p]
+    if len(ports) != len(set(ports)):
+        parser.error(f"two listeners on one port: {', '.join(map(str, ports))}")
+    http_dir = args.http_dir
+    if http_dir is None:  # not given: the checkout's page, if there is one
+        http_dir = WEB_DIR if WEB_DIR.is_dir() else ""
     return BrokerSettings(
         host=args.host,
         port=args.port,
@@ -286,6 +336,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         tls_port=args.tls_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        ws_port=args.ws_port,
+        wss_port=args.wss_port,
+        http_dir=http_dir or None,
         event_loop=args.event_loop,
         sys_interval=args.sys_interval,
     )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.mqtt_raw import RawClient
-from tests.support import Spawner, check_broker_output, free_port
+from tests.support import Spawner, base_env, check_broker_output, free_port
 
 
 @pytest.fixture
@@ -80,3 +81,28 @@ def _collect_garbage() -> Iterator[None]:
     """Collect garbage after each test, so that a leaked resource is blamed on its own test."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+def password_file(tmp_path: Path, spawn: Spawner) -> Path:
+    """A password file with user alice, made by the same command `make add-user` runs."""
+    path = tmp_path / "passwords.txt"
+    result = spawn.run("broker.users", "add", "alice", "--file", str(path),
+                       env=base_env(MQTT_NEW_PASSWORD="wonderland"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().startswith("alice:$argon2")
+    return path
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made now."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key

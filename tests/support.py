@@ -304,12 +304,21 @@ class MqttProbe:
         self.client.loop_stop()
 
 
-def supervisor_conf(tmp: Path, port: int, extra_env: Sequence[str] = ()) -> Path:
-    """Copy the repository's supervisord.conf into ``tmp``: same programs, this port, tmp logs.
+def on_free_ports(conf: str, ws_port: int | None = None) -> str:
+    """Return a supervisord.conf's text with the WebSocket port (10080) on a free port."""
+    fixed = 'MQTT_WS_PORT="10080"'
+    assert fixed in conf, "supervisord.conf no longer sets the broker's WebSocket port"
+    return conf.replace(fixed, f'MQTT_WS_PORT="{ws_port or free_port()}"')
 
-    Only paths and the environment change; every other setting is the one users run.
+
+def supervisor_conf(
+    tmp: Path, port: int, extra_env: Sequence[str] = (), ws_port: int | None = None
+) -> Path:
+    """Copy the repository's supervisord.conf into ``tmp``: same programs, these ports, tmp logs.
+
+    Only paths, ports and the environment change; every other setting is the one users run.
     """
-    text = (REPO / "supervisord.conf").read_text()
+    text = on_free_ports((REPO / "supervisord.conf").read_text(), ws_port)
     (tmp / "logs").mkdir(exist_ok=True)
     (tmp / "run").mkdir(exist_ok=True)
     text = text.replace("%(here)s/.venv/bin/python", PYTHON)
@@ -325,9 +334,11 @@ def supervisor_conf(tmp: Path, port: int, extra_env: Sequence[str] = ()) -> Path
 
 
 @contextlib.contextmanager
-def supervised(tmp: Path, port: int, extra_env: Sequence[str] = ()) -> Iterator[Path]:
+def supervised(
+    tmp: Path, port: int, extra_env: Sequence[str] = (), ws_port: int | None = None
+) -> Iterator[Path]:
     """Run real supervisord on a copy of our config; shut it down and check nothing is left."""
-    conf = supervisor_conf(tmp, port, extra_env)
+    conf = supervisor_conf(tmp, port, extra_env, ws_port)
     subprocess.run([str(BIN / "supervisord"), "-c", str(conf)], check=True, timeout=30)
     pidfile = tmp / "run" / "supervisord.pid"
     wait_until(pidfile.exists, 10, "supervisord's pidfile")

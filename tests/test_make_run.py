@@ -21,6 +21,7 @@ import pytest
 from tests.support import (
     REPO,
     base_env,
+    on_free_ports,
     pid_alive,
     port_accepts,
     supervisor_children,
@@ -34,7 +35,12 @@ def checkout(tmp: Path) -> Path:
     root.mkdir()
     for name in ("supervisord.conf", "Makefile", "pyproject.toml"):
         shutil.copy2(REPO / name, root / name)
+    conf = root / "supervisord.conf"
+    conf.write_text(on_free_ports(conf.read_text()))
     shutil.copytree(REPO / "tools", root / "tools")
+    # The page's files and this run's MQTT.js: make run finds them installed.
+    shutil.copytree(REPO / "web", root / "web", ignore=shutil.ignore_patterns("node_modules"))
+    (root / "web" / "node_modules").symlink_to(REPO / "web" / "node_modules")
     # The venv of the interpreter running the tests: .venv, or .venv-3.12 under make test-pythons.
     (root / ".venv").symlink_to(Path(sys.prefix))
     # The shared .venv is installed already: keep make from seeing pyproject.toml as newer.

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import configparser
-import subprocess
 from pathlib import Path
-
-import pytest
 
 from broker.settings import parse
 from tests.mqtt_raw import RawClient
@@ -24,18 +21,6 @@ def test_supervisord_conf_has_no_inet_server_and_a_private_socket() -> None:
     assert conf.get("unix_http_server", "file") == "%(here)s/run/sv.sock"
     assert conf.get("unix_http_server", "chmod") == "0700"
     assert conf.get("supervisorctl", "serverurl") == "unix://%(here)s/run/sv.sock"
-
-
-@pytest.fixture
-def password_file(tmp_path: Path, spawn: Spawner) -> Path:
-    """A password file with user alice, made by the same command `make add-user` runs."""
-    path = tmp_path / "passwords.txt"
-    result = spawn.run("broker.users", "add", "alice", "--file", str(path),
-                       env=base_env(MQTT_NEW_PASSWORD="wonderland"))  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert path.read_text().startswith("alice:$argon2")
-    return path
 
 
 def test_with_a_password_file_only_known_users_get_in(
@@ -78,19 +63,6 @@ def test_malformed_password_file_is_a_usage_error(spawn: Spawner, tmp_path: Path
     assert result.returncode == 64
     assert "expected 'name:$argon2...'" in result.stderr
     assert result.stderr.count("\n") == 1
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made now."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 def test_tls_listener_carries_the_round_trip(
