@@ -179,6 +179,7 @@ function start() {
       note = ` Back after ${((open.end - open.start) / 1000).toFixed(1)} s without the broker.`;
     }
     setStatus("up", `Connected to ${url} (MQTT 5) as ${clientId}.${note}`);
+    showFigures();
     client.subscribe([responseTopic, PING, PONG, "$SYS/broker/#"], { qos: 0 });
   });
   const down = () => {
@@ -187,6 +188,7 @@ function start() {
     const since = Date.now();
     state.outages.push({ start: since, end: null });
     setStatus("down", `No connection to the broker since ${clock(since)}: reconnecting every second…`);
+    showFigures();
   };
   client.on("close", down);
   client.on("offline", down);
