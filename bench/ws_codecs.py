@@ -19,6 +19,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from typing import Any, cast
 
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
@@ -84,7 +85,8 @@ class Wsproto:
         ws = self.ws
         ws.receive_data(data)
         (event,) = ws.events()
-        return ws.send(self.message(event.data))  # type: ignore[attr-defined]
+        out: bytes = ws.send(self.message(cast("Any", event).data))
+        return out
 
 
 def per_message(make: Callable[[], Websockets | Wsproto]) -> float:
