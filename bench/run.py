@@ -29,7 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import isolation, picture, scale
+from bench import isolation, picture, scale, websocket
 from bench.harness import (
     MQTT_VERSION,
     PYTHON,
@@ -353,6 +353,21 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
             add_paired(f"C clients, QoS 0 RTT {p}", res, p, "ms")
     else:
         sys.stderr.write("  (mosquitto-clients not installed: C-client row skipped)\n")
+
+    sys.stderr.write("MQTT over WebSockets, lean clients, back to back (bench/websocket.py)\n")
+    ws_runs: dict[str, list[dict[str, float]]] = {"ours": [], "mosquitto": []}
+    with workspace() as tmp:
+        for _ in range(rounds):
+            for kind, runs in ws_runs.items():
+                runs.append(websocket.measure(kind, count * 20, tmp))
+    ws_rows = (
+        ("WebSocket, QoS 0 RTT p50", "ws_p50_ms", "ms"),
+        ("same lean client over TCP, QoS 0 RTT p50", "tcp_p50_ms", "ms"),
+        ("WebSocket, broker CPU per round trip", "ws_cpu_us", "us"),
+        ("memory per idle WebSocket connection", "idle_kib", "KiB"),
+    )
+    for label, key, unit in ws_rows:
+        add_paired(label, ws_runs, key, unit)
 
     sys.stderr.write("RTT, whole stack (our echo_client and ping_client), back to back\n")
     ours_p50: dict[tuple[str, int], float] = {}

@@ -20,7 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [Path("README.md"), *sorted(p.relative_to(REPO) for p in (REPO / "docs").glob("*.md"))]
 PROGRAMS = ("broker", "ping_client", "echo_client")
 # Modules the docs may run that are not one of the three programs (`make` runs these too).
-OTHER_MODULES = ("broker.users", "bench.run", "bench.soak", "bench.cluster", "cluster")
+OTHER_MODULES = (
+    "broker.users",
+    "bench.run",
+    "bench.soak",
+    "bench.cluster",
+    "bench.websocket",
+    "bench.ws_codecs",
+    "cluster",
+)
 # Tools whose flags the docs show, checked against their --help like the programs'.
 TOOLS = ("ping_client.report",)
 
