@@ -16,10 +16,8 @@ from broker import systopics
 from broker.connection import Connection
 from broker.engine import Engine, EngineMismatch
 from broker.hub import Hub
-from broker.page import Page
 from broker.server import BindError, Listener, bind, tls_context
 from broker.settings import BrokerSettings, parse
-from broker.websocket import WebSocket
 from common import logs
 from common.constants import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import install_stop_handlers
@@ -49,6 +47,19 @@ def listen(settings: BrokerSettings) -> dict[str, Listener]:
     return listeners
 
 
+def _websockets(settings: BrokerSettings) -> Callable[[Hub, int], asyncio.Protocol]:
+    """Make the WebSocket listeners' protocols, with the live page if there is one.
+
+    Imported only when a WebSocket listener is asked for: a broker without one does not load
+    ``websockets`` at start-up (tests/test_deferred.py).
+    """
+    from broker.page import Page  # noqa: PLC0415
+    from broker.websocket import WebSocket  # noqa: PLC0415
+
+    page = Page(settings.http_dir) if settings.http_dir is not None else None
+    return lambda hub, tcp_port: WebSocket(hub, page, tcp_port)
+
+
 @dataclass(frozen=True, slots=True)
 class Running:
     """A broker serving: its hub (connections, routing), its engine (amqtt) and its sockets."""
@@ -72,11 +83,11 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     try:
         # In one direction: the servers first (not serving yet), then the engine over them,
         # then accept; a client never meets a broker whose engine is not up.
-        page = Page(settings.http_dir) if settings.http_dir is not None else None
+        web = _websockets(settings) if any(x.websocket for x in listeners.values()) else None
         tcp_port = listeners["default"].sock.getsockname()[1]
         for name, listener in listeners.items():
             factory: Callable[[], asyncio.Protocol] = (
-                functools.partial(WebSocket, hub, page, tcp_port) if listener.websocket
+                functools.partial(web, hub, tcp_port) if web is not None and listener.websocket
                 else functools.partial(Connection, hub)
             )  # fmt: skip
             if listener.websocket and "ws" in name and hub.websocket_url is None:

@@ -15,8 +15,6 @@ from typing import Final
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-WEB_DIR: Final = Path(__file__).resolve().parent.parent / "web"
-"""The page's directory in a checkout (the default of --http-dir)."""
 MQTTJS: Final = "node_modules/mqtt/dist/mqtt.min.js"
 """Where ``npm install`` puts the browser build of MQTT.js, under the page's directory."""
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from broker.page import WEB_DIR
 from broker.protocol import DEFAULT_MAX_PACKET_SIZE
 from common import cli
 from common.constants import (
@@ -19,6 +18,9 @@ from common.constants import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+"""The live page's directory in a checkout (the default of --http-dir)."""
 
 
 @dataclass(frozen=True, slots=True)
