@@ -137,6 +137,7 @@ class WebSocket(asyncio.Protocol):
                     mqtt = []
                     logger.warning("Closed %s: a text frame; MQTT over WebSockets is binary "
                                    "[MQTT-6.0.0-1].", self._name)  # fmt: skip
+                    self._closed_by_us()
                     self.close(CloseCode.UNSUPPORTED_DATA, "MQTT takes binary frames")
         self._deliver(mqtt)
         if ws.state is State.CONNECTING and ws.handshake_exc is not None and not self._answered:
@@ -149,6 +150,7 @@ class WebSocket(asyncio.Protocol):
             # websockets failed the connection itself (a frame too large: 1009; a protocol
             # error: 1002), and queued its close frame.
             logger.warning("Closed %s: %s.", self._name, ws.parser_exc)
+            self._closed_by_us()
             self.closing = True
         self._write()
 
@@ -185,6 +187,11 @@ class WebSocket(asyncio.Protocol):
     def _name(self) -> str:
         inner = self.inner
         return inner.client.name if inner is not None else self.peer
+
+    def _closed_by_us(self) -> None:
+        """Have the MQTT connection's last line say the broker closed it (the line before: why)."""
+        if self.inner is not None and not self.inner.client.ended:
+            self.inner.client.how = "closed by the broker"
 
     def _upgrade(self, request: Request) -> None:
         self._answered = True
