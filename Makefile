@@ -62,7 +62,7 @@ $(WEB_STAMP): web/package.json
 	@touch $(WEB_STAMP)
 
 web-if-npm:
-	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory web || \
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory -s web || \
 		echo "make run: could not install MQTT.js (make web); the live page will say so."; \
 	else echo "make run: npm not found; the live page needs MQTT.js (apt-get install npm, make web)."; fi
 
