@@ -20,10 +20,10 @@ EXTRAS ?= dev
 # The live page's MQTT client (MQTT.js, from the npm registry), installed into web/node_modules.
 WEB_STAMP := web/node_modules/.installed-stamp
 
-.PHONY: help venv web web-if-npm bytecode run start stop status logs cluster report test test-pythons lint typecheck pytest bench bench-full bench-cluster soak add-user clean
+.PHONY: help venv web web-if-npm bytecode run start stop status reload logs cluster report test test-pythons lint typecheck pytest bench bench-full bench-cluster soak add-user clean
 
 help:
-	@echo "make run | start | stop | status | logs | web | cluster | report | test | test-pythons | bench | soak | add-user NAME=x | clean"
+	@echo "make run | start | stop | status | reload | logs | web | cluster | report | test | test-pythons | bench | soak | add-user NAME=x | clean"
 
 venv: $(STAMP)
 
@@ -71,6 +71,10 @@ stop:
 
 status:
 	@$(BIN)/supervisorctl -c $(CONF) status || true
+
+# Re-read the broker's password file and ACL without a restart (SIGHUP; clients stay connected).
+reload:
+	@$(BIN)/supervisorctl -c $(CONF) signal HUP broker
 
 logs:
 	@mkdir -p logs

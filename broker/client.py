@@ -7,15 +7,14 @@ replies go through the version's encoder (:mod:`broker.replies`). As in mosquitt
 per packet kind serves MQTT 3.1.1 and 5, branching on the version inside where they differ.
 
 It does no I/O: the connection (:mod:`broker.connection`, the asyncio protocol) hands it whole
-frames and gives it a :class:`Wire` to write, close, run awaited work and time keepalive.
+frames and gives it a :class:`~broker.wire.Wire` to write, close, run awaited work and time
+keepalive.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any, Protocol
 
 import mqtt5
 
@@ -39,40 +38,13 @@ from broker.protocol import (
 from broker.records import Connect, Props, Publish, Subscribe, Unsubscribe, Will
 from broker.replies import Replies, Replies5
 from broker.topics import SubOptions, topic_matches
+from broker.wire import Wire
 
 logger = logging.getLogger("broker")
 
 ACKNOWLEDGEMENTS = frozenset({PUBACK, PUBREC, PUBREL, PUBCOMP})
 RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
 """MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
-
-
-class Wire(Protocol):
-    """What a client's handlers use of its connection."""
-
-    peer: str
-    peer_address: tuple[str, int]
-
-    def send(self, data: bytes) -> None:
-        """Write ``data`` (gathered until the end of the callback)."""
-
-    def send_qos0(self, frame: bytes) -> None:
-        """Write a QoS 0 PUBLISH, or drop it when the client lags too far behind."""
-
-    def flush(self) -> None:
-        """Write what was gathered."""
-
-    def start(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        """Run ``coro`` before any later packet of this connection is handled."""
-
-    def watch(self, keep_alive: int) -> None:
-        """Close the connection when the client is silent for too long [MQTT-3.1.2-24]."""
-
-    def close(self) -> None:
-        """Write what is gathered, then close the socket."""
-
-    def abort(self) -> None:
-        """Close the socket now, dropping anything unsent."""
 
 
 class Client:
@@ -100,6 +72,8 @@ class Client:
         self._will: Will | None = None
         self._request: handshake.Request  # what CONNECT asked for, from _on_connect on
         self._aliases = v5.Aliases(handshake.TOPIC_ALIAS_MAXIMUM)
+        self._denied_topics: set[str] = set()
+        """Topics this client was refused publishing to (each logged once)."""
 
     @property
     def peer(self) -> str:
@@ -181,7 +155,12 @@ class Client:
         session.keep_alive = connect.keep_alive
         session.username = connect.username
         session.password = connect.password
-        if not await hub.state.authenticate(session):
+        identity = self.wire.identity
+        if identity is not None:
+            # --use-identity-as-username: the verified certificate is the credential (as in
+            # mosquitto), its common name the user the ACL sees.
+            session.username, session.password = identity, None
+        elif not await hub.state.authenticate(session):
             # Before take-over and session lookup: a client that fails to log in must not
             # knock off, or end the session of, the client whose id it used.
             logger.warning(
@@ -227,6 +206,9 @@ class Client:
                 kind = PUBACK if qos == 1 else PUBREC
                 self.wire.send(self.replies.ack(kind, packet_id, rc.PAYLOAD_FORMAT_INVALID))
                 return
+        if not self.hub.writable(session, topic):
+            self._denied(topic, qos, packet_id)
+            return
         if qos == 2:
             # Kept until PUBREL, then delivered once however often it is resent [MQTT-4.3.3-2].
             self._flows.hold(Incoming(packet_id, topic, 2, payload, publish.retain, props))
@@ -240,6 +222,21 @@ class Client:
         if qos == 1:
             # The message is ours once PUBACK is sent [MQTT-4.3.2-2]; it is already on its way.
             self.wire.send(self.replies.ack(PUBACK, packet_id, _matched(matched)))
+
+    def _denied(self, topic: str, qos: int, packet_id: int) -> None:
+        """Drop a PUBLISH the ACL does not allow; tell MQTT 5 so (0x87), but not 3.1.1.
+
+        As mosquitto: a 3.1.1 client is acknowledged as usual (it has no way to hear no), and
+        the message dropped. Logged once per client and topic, and counted.
+        """
+        self.hub.counters.denied += 1
+        if topic not in self._denied_topics:
+            self._denied_topics.add(topic)
+            logger.warning("Client %s may not publish to %s: dropped (%d denied so far).",
+                           self.name, topic, self.hub.counters.denied)  # fmt: skip
+        if qos:
+            kind = PUBACK if qos == 1 else PUBREC
+            self.wire.send(self.replies.ack(kind, packet_id, rc.NOT_AUTHORIZED))
 
     def _on_pubrel(self, session: Session, packet_id: int) -> None:
         # After a reconnect the client resends PUBREL for a message stored before: deliver it
@@ -282,6 +279,11 @@ class Client:
                 codes.append(rc.NOT_AUTHORIZED)
                 fresh.append(False)
                 continue
+            if not self.hub.subscribable(session, topic_filter):
+                logger.info("Client %s may not subscribe to %s (ACL).", self.name, topic_filter)
+                codes.append(rc.NOT_AUTHORIZED)
+                fresh.append(False)
+                continue
             options = (
                 SubOptions(want.no_local, want.retain_as_published, subscription_id)
                 if self.v5 else None
@@ -303,6 +305,8 @@ class Client:
             if handling == RETAIN_NEVER or (handling == RETAIN_IF_NEW and not new):
                 continue
             for topic, payload, retained_qos, props in engine.retained(want.topic_filter, now):
+                if not self.hub.readable(session, topic):
+                    continue  # checked when it would be delivered, as every message
                 self.deliver(topic, payload, min(granted, retained_qos), retain=True,
                              props=props, ids=ids)  # fmt: skip
 

@@ -27,6 +27,7 @@ from broker.client import Client
 from broker.framing import Framer
 from broker.hub import Hub
 from broker.protocol import ProtocolViolation
+from broker.server import common_name
 
 logger = logging.getLogger("broker")
 
@@ -60,6 +61,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.peer_address: tuple[str, int] = ("?", 0)
+        self.identity: str | None = None
+        """The common name of the client's TLS certificate, when it is the user name."""
         self._out: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
         self._paused: set[str] = set()
@@ -80,6 +83,8 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_address = (str(peer[0]), int(peer[1]))
         self.peer = f"{peer[0]}:{peer[1]}"
+        if self.limits.identity_as_username:
+            self.identity = common_name(transport.get_extra_info("peercert"))
         hub = self.hub
         if hub.max_connections and len(hub.connections) >= hub.max_connections:
             # amqtt's own limit (a semaphore) made the extra client wait without a word.

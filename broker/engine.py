@@ -148,6 +148,8 @@ def _check_broker(broker: Broker) -> None:
         getattr(manager, "_event_plugin_callbacks", None), dict
     ):
         raise EngineMismatch(f"amqtt {amqtt.__version__}: PluginManager.fire_event is missing")
+    if not isinstance(getattr(manager, "_auth_plugins", None), list):
+        raise EngineMismatch(f"amqtt {amqtt.__version__}: PluginManager._auth_plugins is missing")
 
 
 class LeanSession(Session):
@@ -374,6 +376,33 @@ class Engine:
             )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._auth_pool, self._authenticate_in_thread, session)
+
+    async def reload_passwords(self) -> int:
+        """Re-read the password file into amqtt's file plugin; return how many users it has.
+
+        In the password threads' pool, so that no check runs against a half-read file. Raise
+        EngineMismatch if amqtt's plugin no longer reads its file the way this relies on.
+        """
+        # Imported here: only a broker with a password file reloads one.
+        from amqtt.plugins.authentication import FileAuthPlugin  # noqa: PLC0415
+
+        if not callable(getattr(FileAuthPlugin, "_read_password_file", None)):
+            raise EngineMismatch(f"amqtt {amqtt.__version__}: FileAuthPlugin cannot re-read")
+        plugins = [p for p in self.broker.plugins_manager._auth_plugins
+                   if isinstance(p, FileAuthPlugin)]  # fmt: skip
+        if not plugins:
+            return 0
+
+        def reread() -> int:
+            for plugin in plugins:
+                plugin._users = {}
+                plugin._read_password_file()
+            return sum(len(plugin._users) for plugin in plugins)
+
+        if self._auth_pool is None:
+            return reread()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._auth_pool, reread)
 
     def _authenticate_in_thread(self, session: Session) -> bool:
         # A loop of the worker thread's own: the plugins' coroutines are CPU work (argon2) and

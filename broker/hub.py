@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from broker import reasons as rc
 from broker import replies
+from broker.acl import Acl, Checker
 from broker.engine import Engine, Message, Session
 from broker.lifetimes import Lifetimes
 from broker.protocol import encode_publish
@@ -81,6 +82,9 @@ class Hub:
         """Create an empty hub; :attr:`engine` must be set before the first client connects."""
         self.limits = limits
         self.max_connections = max_connections
+        self.acl: Acl | None = None
+        """Who may read and write what (--acl-file); None lets everyone do everything."""
+        self._checkers: dict[tuple[str, str | None], Checker] = {}
         self.websocket_url: str | None = None
         """Where MQTT over WebSockets is served, if it is (for the TCP port's HTTP answer)."""
         self.engine: Engine | None = None
@@ -129,6 +133,36 @@ class Hub:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    # --- access control ---------------------------------------------------------------------
+
+    def set_acl(self, acl: Acl | None) -> None:
+        """Use ``acl`` from now on: every next subscribe and delivery is decided by it."""
+        self.acl = acl
+        self._checkers.clear()
+
+    def checker(self, session: Session) -> Checker:
+        """Return the ACL's decisions for a session's client (its user and client id)."""
+        key = (session.client_id, session.username)
+        found = self._checkers.get(key)
+        if found is None:
+            assert self.acl is not None  # noqa: S101 - callers check hub.acl first
+            if len(self._checkers) >= 100_000:
+                self._checkers.clear()
+            found = self._checkers[key] = Checker(self.acl, session.username, session.client_id)
+        return found
+
+    def readable(self, session: Session, topic: str) -> bool:
+        """Whether the session's client may receive a message on ``topic``."""
+        return self.acl is None or self.checker(session).may_read(topic)
+
+    def writable(self, session: Session, topic: str) -> bool:
+        """Whether the session's client may publish to ``topic``."""
+        return self.acl is None or self.checker(session).may_write(topic)
+
+    def subscribable(self, session: Session, topic_filter: str) -> bool:
+        """Whether the session's client may subscribe to ``topic_filter``."""
+        return self.acl is None or self.checker(session).may_subscribe(topic_filter)
+
     # --- routing --------------------------------------------------------------------------------
 
     @property
@@ -156,10 +190,13 @@ class Hub:
         """
         plain, shared = self.state.matches(topic)
         online = self.online
+        acl = self.acl
         for match in plain:
             session, granted, no_local, keep_retain, ids = match
             if no_local and session.client_id == origin:
                 continue  # MQTT 5 [MQTT-3.8.3-3]
+            if acl is not None and not self.checker(session).may_read(topic):
+                continue  # a wildcard granted, this topic not readable: checked per message
             delivered = _downgrade(qos, granted)
             connection = online.get(session.client_id)
             if connection is None or connection.session is not session:
@@ -198,6 +235,10 @@ class Hub:
 
         Members take turns; an online member comes before an offline one.
         """
+        if self.acl is not None:
+            members = [m for m in members if self.checker(m.session).may_read(topic)]
+            if not members:
+                return
         turn = self._turns.get(group, 0)
         self._turns[group] = turn + 1
         ordered = members[turn % len(members) :] + members[: turn % len(members)]
@@ -223,6 +264,12 @@ class Hub:
         if delay and session is not None:
             self.lifetimes.delay_will(session.client_id, delay,
                                       lambda: self.publish_will(session, will, props))  # fmt: skip
+            return
+        if session is not None and not self.writable(session, will.topic):
+            # Checked when it would be published: the rules of that moment.
+            logger.warning("Client %s may not publish to %s: its will is dropped.",
+                           session.client_id, will.topic)  # fmt: skip
+            self.counters.denied += 1
             return
         self.publish(will.topic, will.payload, will.qos, retain=will.retain, props=props)
         if will.retain:

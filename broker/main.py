@@ -8,18 +8,21 @@ import functools
 import logging
 import os
 import resource
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from broker import systopics
+from broker import acl, systopics
 from broker.connection import Connection
 from broker.engine import Engine, EngineMismatch
 from broker.hub import Hub
 from broker.server import BindError, Listener, bind, tls_context
 from broker.settings import BrokerSettings, parse
+from broker.settings import password_file as checked_password_file
 from common import logs
-from common.constants import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
+from common.constants import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import install_stop_handlers
 
 logger = logging.getLogger("broker")
@@ -33,7 +36,8 @@ def listen(settings: BrokerSettings) -> dict[str, Listener]:
         listeners["default"] = Listener(bind(host, settings.port))
         context = None
         if settings.tls_cert and settings.tls_key:
-            context = tls_context(settings.tls_cert, settings.tls_key)
+            context = tls_context(settings.tls_cert, settings.tls_key, settings.tls_ca,
+                                  require=settings.require_certificate)  # fmt: skip
         if settings.tls_port is not None and context is not None:
             listeners["tls"] = Listener(bind(host, settings.tls_port), context)
         if settings.ws_port is not None:
@@ -76,8 +80,10 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     Raise BindError when a socket cannot be bound, EngineMismatch when amqtt is not the one
     the engine was written for.
     """
+    rules = acl.load(settings.acl_file) if settings.acl_file is not None else None
     listeners = listen(settings)
     hub = Hub(settings.limits, settings.max_connections)
+    hub.set_acl(rules)
     loop = asyncio.get_running_loop()
     servers: dict[str, asyncio.Server] = {}
     try:
@@ -136,6 +142,41 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
             listener.sock.close()
 
 
+def warn_unknown_users(rules: acl.Acl, password_file: Path | None) -> None:
+    """Warn of each ACL user the password file does not know (they could never log in)."""
+    if password_file is None:
+        return
+    known = {line.split(":", 1)[0].strip() for line in password_file.read_text().splitlines()}
+    for user in sorted(set(rules.users) - known):
+        logger.warning("The ACL names user %s, who is not in %s.", user, password_file)
+
+
+async def reload(broker: Running, settings: BrokerSettings) -> None:
+    """SIGHUP: re-read the ACL and the password file, as mosquitto does.
+
+    Connected clients stay connected; their next subscribe, and every next delivery, use the
+    new rules. A file that does not read keeps the old rules, and the log says why.
+    """
+    logger.info("Got SIGHUP: reloading.")
+    if settings.acl_file is not None:
+        try:
+            rules = acl.load(settings.acl_file)
+        except acl.AclError as exc:
+            logger.warning("Reload: kept the old topic access rules: %s.", exc)
+        else:
+            broker.hub.set_acl(rules)
+            logger.info("Reload: topic access from %s: %s.", settings.acl_file, rules)
+            warn_unknown_users(rules, settings.password_file)
+    if settings.password_file is not None:
+        try:
+            checked_password_file(str(settings.password_file))
+            users = await broker.engine.reload_passwords()
+        except (ValueError, OSError, EngineMismatch) as exc:
+            logger.warning("Reload: kept the old passwords: %s.", exc)
+        else:
+            logger.info("Reload: %d users from %s.", users, settings.password_file)
+
+
 def raise_open_files() -> None:
     """Let the broker hold as many connections as the hard limit allows, and say so.
 
@@ -170,6 +211,17 @@ async def serve(settings: BrokerSettings) -> int:
                     logger.info("The live page: http://%s/", listener.address)
             if settings.password_file is not None:
                 logger.info("Clients must authenticate: users from %s.", settings.password_file)
+            if broker.hub.acl is not None:
+                logger.info("Topic access from %s: %s.", settings.acl_file, broker.hub.acl)
+                warn_unknown_users(broker.hub.acl, settings.password_file)
+            reloading: set[asyncio.Task[None]] = set()
+
+            def on_hup() -> None:
+                task = asyncio.ensure_future(reload(broker, settings))
+                reloading.add(task)
+                task.add_done_callback(reloading.discard)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
             await stop.wait()
             logger.info("Shutting down.")
     except BindError as exc:
@@ -178,6 +230,9 @@ async def serve(settings: BrokerSettings) -> int:
     except EngineMismatch as exc:
         sys.stderr.write(f"broker: error: {exc}; this broker was written for amqtt 0.12.1\n")
         return EXIT_SOFTWARE
+    except acl.AclError as exc:
+        sys.stderr.write(f"broker: error: {exc}\n")
+        return EXIT_CONFIG
     logger.info("Stopped.")
     return EXIT_OK
 

@@ -66,12 +66,33 @@ class Listener:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """Build a server TLS context (TLS 1.2 or newer) for the certificate chain and key."""
+def tls_context(
+    cert: Path, key: Path, client_ca: Path | None = None, *, require: bool = False
+) -> ssl.SSLContext:
+    """Build a server TLS context (TLS 1.2 or newer) for the certificate chain and key.
+
+    With ``client_ca``, clients' certificates are checked against it: optional, or, with
+    ``require``, a client without one signed by it fails the handshake (as mosquitto's
+    ``require_certificate``).
+    """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.load_verify_locations(client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
     except (ssl.SSLError, OSError) as exc:
         raise BindError(f"cannot load TLS certificate {cert} and key {key}: {exc}") from exc
     return context
+
+
+def common_name(peercert: object) -> str | None:
+    """Return the common name (CN) of a verified peer certificate (``getpeercert()``'s)."""
+    if not isinstance(peercert, dict):
+        return None
+    for rdn in peercert.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None

@@ -36,6 +36,8 @@ class Limits:
     """Unacknowledged QoS 1/2 messages per client; the rest wait in its session, in order."""
     max_queued: int = 1000
     """QoS 1/2 messages waiting per session (offline, or behind the window); more are dropped."""
+    identity_as_username: bool = False
+    """TLS: a client certificate's common name is the user name (--use-identity-as-username)."""
     max_keepalive: int = 65535
     """MQTT 5: a client asking for more (or for none, 0) is told this in CONNACK's server keep
     alive, and held to it. As mosquitto's max_keepalive: 3.1.1 clients are left as they ask."""
@@ -56,6 +58,12 @@ class BrokerSettings:
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_ca: Path | None = None
+    """CA certificates that sign the clients' certificates (TLS listeners)."""
+    require_certificate: bool = False
+    """TLS: a client without a certificate from --tls-ca is refused in the handshake."""
+    acl_file: Path | None = None
+    """Who may read and write what (mosquitto's acl_file format); None allows everything."""
     ws_port: int | None = None
     """MQTT over WebSockets (and the live page) on this port; off when None."""
     wss_port: int | None = None
@@ -263,6 +271,36 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     add(
         parser,
         environ,
+        "--tls-ca",
+        convert=readable_file,
+        default=None,
+        help="PEM CA certificates that sign client certificates (TLS listeners)",
+    )
+    cli.add_flag(
+        parser,
+        environ,
+        "--require-certificate",
+        help="TLS listeners: refuse a client without a certificate signed by --tls-ca",
+    )
+    cli.add_flag(
+        parser,
+        environ,
+        "--use-identity-as-username",
+        help="TLS listeners: the client certificate's common name is the user name (for the "
+        "ACL), and the certificate is the client's credential (no password asked)",
+    )
+    add(
+        parser,
+        environ,
+        "--acl-file",
+        convert=readable_file,
+        default=None,
+        help="who may read and write which topics, in mosquitto's acl_file format; "
+        "SIGHUP re-reads it (default: everyone everything)",
+    )
+    add(
+        parser,
+        environ,
         "--ws-port",
         convert=cli.port,
         default=None,
@@ -314,6 +352,12 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     secure = args.tls_port is not None or args.wss_port is not None
     if secure != (args.tls_cert is not None) or (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-port (or --wss-port), --tls-cert and --tls-key go together")
+    if args.require_certificate and args.tls_ca is None:
+        parser.error("--require-certificate needs --tls-ca (the CA of the client certificates)")
+    if args.use_identity_as_username and not args.require_certificate:
+        parser.error("--use-identity-as-username needs --require-certificate")
+    if args.tls_ca is not None and not secure:
+        parser.error("--tls-ca needs a TLS listener (--tls-port or --wss-port)")
     ports = [p for p in (args.port, args.tls_port, args.ws_port, args.wss_port) if p]
     if len(ports) != len(set(ports)):
         parser.error(f"two listeners on one port: {', '.join(map(str, ports))}")
@@ -333,11 +377,15 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
             max_inflight=args.max_inflight,
             max_queued=args.max_queued,
             max_keepalive=args.max_keepalive,
+            identity_as_username=args.use_identity_as_username,
         ),
         password_file=args.password_file,
         tls_port=args.tls_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        require_certificate=args.require_certificate,
+        acl_file=args.acl_file,
         ws_port=args.ws_port,
         wss_port=args.wss_port,
         http_dir=http_dir or None,

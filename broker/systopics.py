@@ -34,6 +34,8 @@ class Counters:
     """Messages dropped for a client: its queue full, it not reading, or too large for it."""
     maximum: int = 0
     """The most clients connected at once."""
+    denied: int = 0
+    """Messages the ACL did not let a client publish."""
 
 
 @dataclass(slots=True)
