@@ -12,6 +12,7 @@ from common import cli
 from common.constants import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    EXIT_CONFIG,
     EXIT_FORCED,
     EXIT_OK,
     EXIT_SOFTWARE,
@@ -151,6 +152,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
             (EXIT_USAGE, "bad usage: a malformed flag or environment variable"),
             (EXIT_UNAVAILABLE, "a port cannot be bound (in use, or not allowed)"),
             (EXIT_SOFTWARE, "amqtt is not the version this broker was written for"),
+            (EXIT_CONFIG, "the ACL file is malformed (its line is named)"),
             (EXIT_FORCED, "a shutdown overran its bound and the watchdog ended the process"),
         ),
     )
