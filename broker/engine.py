@@ -5,19 +5,15 @@ loads). The connection layer (broker/connection.py) owns the wire: framing, code
 routing and limits; it keeps its state here, in amqtt's objects, through the functions below.
 
 amqtt 0.12.1 offers no public API for a broker that does its own I/O, so some names used here
-are private. :func:`check_amqtt` verifies every name this module and the connection layer rely
-on, with the shape they expect, before the broker starts: an amqtt that renamed one fails at
-start-up with one line (exit 70), rather than silently dropping deliveries later.
-
-Elsewhere, a session (``amqtt.session.Session``) is used only through the attributes listed in
-``SESSION_ATTRIBUTES``, which are checked too.
+are private. :func:`check_amqtt` verifies every one (listed in :mod:`broker.reliance`), with
+the shape expected, before the broker starts. Elsewhere, a session (``amqtt.session.Session``)
+is used only through the attributes listed in ``reliance.SESSION_ATTRIBUTES``, checked too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import threading
@@ -30,7 +26,9 @@ from amqtt.contexts import ListenerType
 from amqtt.events import BrokerEvents
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from broker import reliance
 from broker.lean import Mailbox, SessionState
+from broker.reliance import EngineMismatch
 from broker.topics import PLAIN, Match, SubOptions, subscribers, topic_matches
 
 if TYPE_CHECKING:
@@ -61,95 +59,12 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUTH_NICENESS)
 
 
-class EngineMismatch(Exception):  # noqa: N818 - it names what happened, not an error kind
-    """The installed amqtt lacks a name, or a shape, that the engine relies on."""
-
-
-# Methods of amqtt's Broker the engine calls or replaces, with the parameters it passes.
-BROKER_METHODS: dict[str, tuple[str, ...]] = {
-    "start": (),
-    "shutdown": (),
-    "add_subscription": ("subscription", "session"),
-    "retain_message": ("source_session", "topic_name", "data", "qos"),
-    "_del_subscription": ("a_filter", "session"),
-    "_authenticate": ("session", "_"),
-    "_create_server_instance": ("listener_name", "listener_type", "address", "port", "ssl_context"),
-    "_run_broadcast": ("running_tasks",),
-}
-# Attributes a Broker has once constructed, and their types.
-BROKER_ATTRIBUTES: dict[str, type] = {
-    "_sessions": dict,
-    "_subscriptions": dict,
-    "_retained_messages": dict,
-    "_broadcast_queue": asyncio.Queue,
-}
-# Attributes of a new Session the connection layer and the engine read or set.
-SESSION_ATTRIBUTES: dict[str, type | None] = {
-    "client_id": None, "clean_session": None, "keep_alive": int, "username": None,
-    "password": None, "remote_address": None, "remote_port": None, "will_flag": bool,
-    "will_topic": None, "will_message": None, "will_qos": None, "will_retain": None,
-    "inflight_in": dict, "inflight_out": dict, "retained_messages": asyncio.Queue,
-    "transitions": None, "is_anonymous": bool,
-}  # fmt: skip
-MESSAGE_PARAMETERS = ("packet_id", "topic", "qos", "data", "retain")
-
-
-def _parameters(function: Callable[..., Any]) -> tuple[str, ...]:
-    return tuple(name for name in inspect.signature(function).parameters if name != "self")
-
-
-def check_amqtt() -> None:  # noqa: PLR0912 - one flat list of checks
+def check_amqtt() -> None:
     """Raise EngineMismatch, naming the first difference, unless amqtt has what we rely on."""
-    where = f"amqtt {getattr(amqtt, '__version__', '?')}"
-    for name, wanted in BROKER_METHODS.items():
-        method = getattr(Broker, name, None)
-        if not callable(method):
-            raise EngineMismatch(f"{where}: Broker.{name} is missing")
-        found = _parameters(method)
-        if found[: len(wanted)] != wanted:
-            raise EngineMismatch(
-                f"{where}: Broker.{name} takes ({', '.join(found)}), not ({', '.join(wanted)})"
-            )
-    try:
-        session = Session()
-    except Exception as exc:
-        raise EngineMismatch(f"{where}: Session() failed: {exc!r}") from exc
-    for name, kind in SESSION_ATTRIBUTES.items():
-        if not hasattr(session, name):
-            raise EngineMismatch(f"{where}: Session.{name} is missing")
-        if kind is not None and not isinstance(getattr(session, name), kind):
-            raise EngineMismatch(f"{where}: Session.{name} is no longer a {kind.__name__}")
-    for name in ("connect", "disconnect", "is_connected"):
-        if not callable(getattr(session.transitions, name, None)):
-            raise EngineMismatch(f"{where}: Session.transitions.{name} is missing")
-    for name in ("_init_states", "_on_enter_connected", "_on_enter_disconnected", "clear_queues"):
-        if not callable(getattr(Session, name, None)):
-            raise EngineMismatch(f"{where}: Session.{name} is missing")
-    if list(getattr(Session, "states", ())) != ["new", "connected", "disconnected"]:
-        raise EngineMismatch(f"{where}: Session.states changed: {getattr(Session, 'states', None)}")
-    if not isinstance(getattr(Session, "next_packet_id", None), property):
-        raise EngineMismatch(f"{where}: Session.next_packet_id is missing")
-    for cls in (OutgoingApplicationMessage, IncomingApplicationMessage):
-        if _parameters(cls.__init__) != MESSAGE_PARAMETERS:
-            raise EngineMismatch(f"{where}: {cls.__name__}{inspect.signature(cls)} changed")
-    if not hasattr(OutgoingApplicationMessage(1, "t", 1, b"", False), "pubrec_packet"):
-        raise EngineMismatch(f"{where}: OutgoingApplicationMessage.pubrec_packet is missing")
-    for event in ("CLIENT_CONNECTED", "CLIENT_DISCONNECTED"):
-        if not hasattr(BrokerEvents, event):
-            raise EngineMismatch(f"{where}: BrokerEvents.{event} is missing")
-
-
-def _check_broker(broker: Broker) -> None:
-    for name, kind in BROKER_ATTRIBUTES.items():
-        if not isinstance(getattr(broker, name, None), kind):
-            raise EngineMismatch(f"amqtt {amqtt.__version__}: Broker().{name} is missing")
-    manager = getattr(broker, "plugins_manager", None)
-    if not callable(getattr(manager, "fire_event", None)) or not isinstance(
-        getattr(manager, "_event_plugin_callbacks", None), dict
-    ):
-        raise EngineMismatch(f"amqtt {amqtt.__version__}: PluginManager.fire_event is missing")
-    if not isinstance(getattr(manager, "_auth_plugins", None), list):
-        raise EngineMismatch(f"amqtt {amqtt.__version__}: PluginManager._auth_plugins is missing")
+    reliance.check(
+        reliance.Amqtt(str(getattr(amqtt, "__version__", "?")), Broker, Session, BrokerEvents,
+                       OutgoingApplicationMessage, IncomingApplicationMessage)
+    )  # fmt: skip
 
 
 class LeanSession(Session):
@@ -288,7 +203,7 @@ class Engine:
     async def start(self) -> None:
         """Start amqtt over the listeners' servers."""
         broker = _Broker(self._config, self._servers, self._broadcast)
-        _check_broker(broker)
+        reliance.check_broker(broker, self.amqtt_version)
         self._broker = broker
         await broker.start()
 
