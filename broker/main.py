@@ -142,6 +142,23 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
             listener.sock.close()
 
 
+async def serve_metrics(broker: Running, settings: BrokerSettings) -> asyncio.Server | None:
+    """Serve the $SYS figures to Prometheus, when --metrics-port asks; raise BindError."""
+    if settings.metrics_port is None:
+        return None
+    # Imported only when asked for: prometheus_client is not part of a plain broker's start.
+    from broker.metrics import registry  # noqa: PLC0415
+    from common.metrics import MetricsPortError, serve  # noqa: PLC0415
+
+    try:
+        server = await serve(registry(broker.hub), settings.host, settings.metrics_port)
+    except MetricsPortError as exc:
+        raise BindError(f"--metrics-port: {exc}") from exc
+    logger.info("Metrics for Prometheus at http://%s:%d/metrics.", settings.host,
+                settings.metrics_port)  # fmt: skip
+    return server
+
+
 def warn_unknown_users(rules: acl.Acl, password_file: Path | None) -> None:
     """Warn of each ACL user the password file does not know (they could never log in)."""
     if password_file is None:
@@ -214,6 +231,7 @@ async def serve(settings: BrokerSettings) -> int:
             if broker.hub.acl is not None:
                 logger.info("Topic access from %s: %s.", settings.acl_file, broker.hub.acl)
                 warn_unknown_users(broker.hub.acl, settings.password_file)
+            metrics = await serve_metrics(broker, settings)
             reloading: set[asyncio.Task[None]] = set()
 
             def on_hup() -> None:
@@ -223,6 +241,8 @@ async def serve(settings: BrokerSettings) -> int:
 
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
             await stop.wait()
+            if metrics is not None:
+                metrics.close()
             logger.info("Shutting down.")
     except BindError as exc:
         sys.stderr.write(f"broker: error: {exc}\n")

@@ -69,6 +69,8 @@ class BrokerSettings:
     """MQTT over WebSockets (and the live page) on this port; off when None."""
     wss_port: int | None = None
     """MQTT over secure WebSockets (the TLS certificate and key) on this port."""
+    metrics_port: int | None = None
+    """Prometheus metrics at http://HOST:PORT/metrics; off when None."""
     http_dir: Path | None = None
     """The live page's directory, served on the WebSocket ports; None serves no page."""
     sys_interval: float = 10.0
@@ -330,6 +332,15 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
     add(
         parser,
         environ,
+        "--metrics-port",
+        convert=cli.port,
+        default=None,
+        help="serve the $SYS figures as Prometheus metrics at http://HOST:PORT/metrics "
+        "(default: off)",
+    )
+    add(
+        parser,
+        environ,
         "--sys-interval",
         convert=cli.seconds,
         default=10.0,
@@ -360,7 +371,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         parser.error("--use-identity-as-username needs --require-certificate")
     if args.tls_ca is not None and not secure:
         parser.error("--tls-ca needs a TLS listener (--tls-port or --wss-port)")
-    ports = [p for p in (args.port, args.tls_port, args.ws_port, args.wss_port) if p]
+    ports = [p for p in (args.port, args.tls_port, args.ws_port, args.wss_port,
+                         args.metrics_port) if p]  # fmt: skip
     if len(ports) != len(set(ports)):
         parser.error(f"two listeners on one port: {', '.join(map(str, ports))}")
     http_dir = args.http_dir
@@ -389,6 +401,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         require_certificate=args.require_certificate,
         acl_file=args.acl_file,
         ws_port=args.ws_port,
+        metrics_port=args.metrics_port,
         wss_port=args.wss_port,
         http_dir=http_dir or None,
         event_loop=args.event_loop,

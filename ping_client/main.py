@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from common import logs
 from common.client import fallback, make_client
+from common.constants import EXIT_UNAVAILABLE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
 from common.show import show
@@ -103,6 +104,8 @@ class Probe:
     def _on_link(self, event: str, data: dict[str, object]) -> None:
         if self.reporter.json_mode:
             self.reporter.write({"event": event, "time": round(self.wall(), 6), **data})
+        for observer in self.reporter.observers:
+            observer(event, data)
         if event == "connected":
             # Pings lost to the outage say nothing about the echo side.
             self._unanswered_since = None
@@ -485,7 +488,28 @@ async def amain(settings: PingSettings) -> int:
     marks = sys.stderr if settings.flood and sys.stderr.isatty() else None
     reporter = Reporter(json_mode=settings.json, out=sys.stdout, flood=settings.flood,
                         marks=marks)  # fmt: skip
-    summary = await Probe(settings, reporter).run(stop)
+    probe = Probe(settings, reporter)
+    server = None
+    if settings.metrics_port is not None:
+        # Imported only when asked for: prometheus_client is not part of a plain probe's start.
+        from common.metrics import MetricsPortError  # noqa: PLC0415
+        from common.metrics import serve as serve_metrics  # noqa: PLC0415
+        from ping_client.metrics import ProbeMetrics  # noqa: PLC0415
+
+        metrics = ProbeMetrics(probe.target)
+        reporter.observers.append(metrics.on_event)
+        try:
+            server = await serve_metrics(metrics.registry, "127.0.0.1", settings.metrics_port)
+        except MetricsPortError as exc:
+            sys.stderr.write(f"ping_client: error: --metrics-port: {exc}\n")
+            return EXIT_UNAVAILABLE
+        logger.info("Metrics for Prometheus at http://127.0.0.1:%d/metrics.",
+                    settings.metrics_port)  # fmt: skip
+    try:
+        summary = await probe.run(stop)
+    finally:
+        if server is not None:
+            server.close()
     if marks is not None:
         marks.write("\n")  # the dots end their line
     if settings.json:

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -56,6 +56,8 @@ class Reporter:
         self.out = out
         self.flood = flood
         self.marks = marks if flood else None
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []
+        """Told every event, with its data (the metrics)."""
 
     def event(
         self,
@@ -73,6 +75,8 @@ class Reporter:
             self.marks.flush()
         if self.json_mode:
             self.write({"event": name, "time": round(time.time(), 6), **data})
+        for observer in self.observers:
+            observer(name, data)
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one JSON object on its own line and flush, so pipes see it at once."""

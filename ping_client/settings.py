@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from common import cli
 from common.client import ClientSettings, client_parser, client_settings
-from common.constants import EXIT_FORCED, EXIT_SOFTWARE, EXIT_USAGE
+from common.constants import EXIT_FORCED, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
 
 DEFAULT_CONNECT_TIMEOUT_WITH_COUNT = 10.0
 DEADLINE_SLACK = 1.0
@@ -44,6 +44,8 @@ class PingSettings:
     """Log no line per ping (``ping -q``): warnings, errors and the summary only."""
     size: int | None = None
     """Pad each ping's payload with spaces to this many bytes (``ping -s``)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (a blackbox exporter)."""
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSettings:
@@ -58,6 +60,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
             (1, "some pings lost, or left unanswered when a deadline cut the run short"),
             (2, "the link never became usable (no CONNACK or no SUBACK); one ERROR line says why"),
             (EXIT_USAGE, "bad usage: a malformed flag or environment variable"),
+            (EXIT_UNAVAILABLE, "--metrics-port cannot be bound (in use, or not allowed)"),
             (EXIT_SOFTWARE, "the installed aiomqtt lacks the internals this client relies on"),
             (EXIT_FORCED, "a shutdown overran its bound and the watchdog ended the process"),
         ),
@@ -160,6 +163,15 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         help="pad each ping's timestamp with spaces to this many bytes, to measure what payload "
         "size costs (default: the timestamp alone)",
     )
+    add(
+        parser,
+        environ,
+        "--metrics-port",
+        convert=cli.port,
+        default=None,
+        help="serve Prometheus metrics (RTT histogram, pings sent, answered, lost, late, "
+        "reconnects, link up) at http://127.0.0.1:PORT/metrics (default: off)",
+    )
     cli.add_version(parser, lambda: cli.versions("ping_client", "aiomqtt", "paho-mqtt"))
     args = parser.parse_args(argv)
     connect_timeout = args.connect_timeout
@@ -182,4 +194,5 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         flood=args.flood,
         quiet=args.quiet,
         size=args.size,
+        metrics_port=args.metrics_port,
     )
