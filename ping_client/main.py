@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -485,6 +486,8 @@ async def amain(settings: PingSettings) -> int:
     """Run the probe and print its summary; return the exit status."""
     stop = asyncio.Event()
     install_stop_handlers(stop, hard_limit=CLIENT_SHUTDOWN_LIMIT)
+    if settings.devices > 1:
+        return await fleet_main(settings, stop)
     marks = sys.stderr if settings.flood and sys.stderr.isatty() else None
     reporter = Reporter(json_mode=settings.json, out=sys.stdout, flood=settings.flood,
                         marks=marks)  # fmt: skip
@@ -520,6 +523,22 @@ async def amain(settings: PingSettings) -> int:
         sys.stdout.write(summary.as_text())
         sys.stdout.flush()
     return exit_code(summary)
+
+
+async def fleet_main(settings: PingSettings, stop: asyncio.Event) -> int:
+    """Run a fleet of devices (--devices N) and print its summary; return the exit status."""
+    from ping_client.fleet import Fleet, fleet_exit_code  # noqa: PLC0415
+
+    progress = sys.stderr if sys.stderr.isatty() and not settings.json else None
+    summary = await Fleet(settings, progress=progress).run(stop)
+    if settings.json:
+        record = {"event": "summary", "time": round(time.time(), 6), **summary.as_dict()}
+        sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
+        sys.stderr.write(summary.as_text())
+    else:
+        sys.stdout.write(summary.as_text())
+    sys.stdout.flush()
+    return fleet_exit_code(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

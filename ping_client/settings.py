@@ -44,6 +44,12 @@ class PingSettings:
     """Log no line per ping (``ping -q``): warnings, errors and the summary only."""
     size: int | None = None
     """Pad each ping's payload with spaces to this many bytes (``ping -s``)."""
+    devices: int = 1
+    """Simulated devices, each its own connection (``--devices``; 1: the plain probe)."""
+    connect_rate: float = 0.0
+    """Devices brought up per second (0: as fast as the broker takes them)."""
+    jitter: float = 0.0
+    """Each device's first ping waits up to this many seconds, so they do not fire together."""
     metrics_port: int | None = None
     """Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (a blackbox exporter)."""
 
@@ -166,6 +172,33 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     add(
         parser,
         environ,
+        "--devices",
+        convert=cli.positive_int,
+        default=1,
+        help="simulate this many devices, each its own MQTT 5 connection and client id "
+        "(<client-id>-<i>), pinging every interval with its own response topic",
+    )
+    add(
+        parser,
+        environ,
+        "--connect-rate",
+        convert=cli.positive_seconds,
+        default=None,
+        help="with --devices: devices brought up per second (default: as fast as the broker "
+        "takes them)",
+    )
+    add(
+        parser,
+        environ,
+        "--jitter",
+        convert=cli.seconds,
+        default=None,
+        help="with --devices: each device's first ping waits a random 0..JITTER s (default: "
+        "one interval), so that the fleet does not fire in lockstep",
+    )
+    add(
+        parser,
+        environ,
         "--metrics-port",
         convert=cli.port,
         default=None,
@@ -174,6 +207,12 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     )
     cli.add_version(parser, lambda: cli.versions("ping_client", "aiomqtt", "paho-mqtt"))
     args = parser.parse_args(argv)
+    if args.devices > 1:
+        if args.protocol != 5:
+            parser.error("--devices needs MQTT 5: each device is answered on its own response "
+                         "topic (MQTT 5 request/response)")  # fmt: skip
+        if args.flood or args.metrics_port is not None:
+            parser.error("--devices goes without --flood and --metrics-port (for now)")
     connect_timeout = args.connect_timeout
     if connect_timeout is None and args.count is not None:
         connect_timeout = DEFAULT_CONNECT_TIMEOUT_WITH_COUNT
@@ -195,4 +234,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         quiet=args.quiet,
         size=args.size,
         metrics_port=args.metrics_port,
+        devices=args.devices,
+        connect_rate=args.connect_rate or 0.0,
+        jitter=args.interval if args.jitter is None else args.jitter,
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import queue
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -37,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import V5, RawClient
-from tests.support import Proc, Spawner, free_port, port_accepts, tool, wait_until
+from tests.support import Proc, Spawner, free_port, tool, wait_until
 
 KINDS = ["paho-3.1.1", "paho-5", "mosquitto-3.1.1", "mosquitto-5"]
 QOS = [0, 1, 2]
@@ -637,24 +636,6 @@ def test_a_qos2_delivery_dropped_between_pubrec_and_pubrel_completes_once_after_
 
 
 # --- our clients against another broker ---------------------------------------------------------
-
-
-@pytest.fixture
-def mosquitto(tmp_path: Path, port: int) -> Iterator[int]:
-    """The reference broker on a free port, anonymous, for our clients."""
-    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(path).exists():
-        pytest.fail("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen([path, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_until(lambda: port_accepts(port), 10, "mosquitto to listen")
-        yield port
-    finally:
-        broker.terminate()
-        broker.wait(10)
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

@@ -1,0 +1,334 @@
+"""A fleet of simulated devices in one process: ``ping_client --devices N``.
+
+Each device is its own MQTT connection (client id ``<client-id>-<i>``, the 100 ms reconnect
+loop of :class:`common.reconnect.Link`) and pings every ``--interval`` with MQTT 5
+request/response: its own response topic (``<pong-topic>/<client-id>-<i>``) and the payload as
+correlation data, so one echo_client (or several with ``--share``) answers them all and no
+device sees another's echoes. Devices come up at ``--connect-rate`` per second, and each one's
+first ping is delayed by up to ``--jitter`` seconds, so that N devices do not fire in lockstep.
+
+The summary is ping(8)'s, for the whole fleet: sent, received, lost, late; RTT min/avg/max/mdev
+and p50/p90/p99/p99.9; connect times; reconnects; the devices that lost anything, worst first.
+On a terminal a one-line progress display is redrawn every second (not in logs or ``--json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from common.client import make_client
+from common.reconnect import Link
+from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
+from ping_client.settings import PingSettings
+
+logger = logging.getLogger("client")
+
+
+@dataclass
+class Device:
+    """One simulated device: its link, its pings, and when it first came up."""
+
+    index: int
+    response_topic: str
+    link: Link
+    tracker: Tracker
+    started: float = 0.0
+    connect_time: float | None = None
+    not_sent: int = 0
+
+
+VERDICTS = {"MATCHED": ("pong", logging.DEBUG), "LATE": ("late", logging.WARNING),
+            "DUPLICATE": ("duplicate", logging.WARNING)}  # fmt: skip
+"""How each kind of echo is reported (a device's pongs are not logged one by one)."""
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """What the fleet's final report says."""
+
+    target: str
+    devices: int
+    ever_up: int
+    sent: int
+    received: int
+    lost: int
+    late: int
+    duplicates: int
+    not_sent: int
+    in_flight: int
+    elapsed: float
+    reconnects: int
+    rtts: list[float] = field(repr=False)
+    connect_times: list[float] = field(repr=False)
+    worst: list[tuple[int, int]] = field(default_factory=list)
+    """(device index, pings lost), worst first: the devices that lost anything."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the summary as JSON-ready data."""
+        stats = rtt_stats(self.rtts)
+        ordered = sorted(self.rtts)
+        connects = sorted(self.connect_times)
+        return {
+            "target": self.target, "devices": self.devices, "devices_ever_up": self.ever_up,
+            "sent": self.sent, "received": self.received, "lost": self.lost, "late": self.late,
+            "duplicates": self.duplicates, "not_sent": self.not_sent,
+            "in_flight": self.in_flight, "elapsed_s": round(self.elapsed, 3),
+            "reconnects": self.reconnects,
+            "rtt_ms": None if stats is None else {
+                "min": _ms(stats.minimum), "avg": _ms(stats.average), "max": _ms(stats.maximum),
+                "mdev": _ms(stats.mdev), "p50": _ms(stats.p50), "p90": _ms(stats.p90),
+                "p99": _ms(stats.p99), "p99_9": _ms(percentile(ordered, 99.9)),
+            },
+            "connect_ms": None if not connects else {
+                "p50": _ms(percentile(connects, 50)), "p99": _ms(percentile(connects, 99)),
+            },
+            "worst": [{"device": d, "lost": n} for d, n in self.worst[:10]],
+        }  # fmt: skip
+
+    def as_text(self) -> str:
+        """Return ping(8)'s statistics block, for the fleet."""
+        data = self.as_dict()
+        loss = 100.0 * self.lost / self.sent if self.sent else 0.0
+        lines = [
+            f"--- {self.target} fleet ping statistics ---",
+            f"{self.devices} devices ({self.ever_up} came up), {self.sent} sent, "
+            f"{self.received} received, {self.lost} lost, {self.late} late, {loss:.1f}% loss, "
+            f"time {self.elapsed:.1f} s",
+        ]
+        rtt = data["rtt_ms"]
+        if rtt is not None:
+            lines.append(
+                f"rtt min/avg/max/mdev = {rtt['min']:.3f}/{rtt['avg']:.3f}/{rtt['max']:.3f}/"
+                f"{rtt['mdev']:.3f} ms, p50/p90/p99/p99.9 = {rtt['p50']:.3f}/{rtt['p90']:.3f}/"
+                f"{rtt['p99']:.3f}/{rtt['p99_9']:.3f} ms"
+            )
+        connect = data["connect_ms"]
+        if connect is not None:
+            lines.append(f"connect p50/p99 = {connect['p50']:.1f}/{connect['p99']:.1f} ms, "
+                         f"reconnects {self.reconnects}")  # fmt: skip
+        if self.not_sent:
+            lines.append(f"{self.not_sent} pings not sent (a device's link was down)")
+        if self.worst:
+            shown = ", ".join(f"{d} ({n} lost)" for d, n in self.worst[:10])
+            more = f" and {len(self.worst) - 10} more" if len(self.worst) > 10 else ""
+            lines.append(f"devices that lost pings, worst first: {shown}{more}")
+        return "\n".join(lines) + "\n"
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def fleet_exit_code(summary: FleetSummary) -> int:
+    """0 every ping answered, 1 some lost (or unanswered), 2 no device ever usable."""
+    if not summary.ever_up:
+        return 2
+    if summary.lost or summary.in_flight or summary.received < summary.sent:
+        return 1
+    return 0
+
+
+class Fleet:
+    """N devices, each pinging through the broker; one summary."""
+
+    def __init__(
+        self, settings: PingSettings, *, out: TextIO = sys.stdout, progress: TextIO | None = None
+    ) -> None:
+        """Prepare ``settings.devices`` devices; nothing connects until :meth:`run`."""
+        self.settings = settings
+        client = settings.client
+        self.target = f"{client.host}:{client.port}"
+        self.out = out
+        self.progress = progress
+        base = client.client_id
+        self.devices: list[Device] = []
+        for index in range(settings.devices):
+            own = replace(client, client_id=f"{base}-{index}")
+            response = f"{client.pong_topic}/{own.client_id}"
+            link = Link(
+                make_client(own), address=self.target, interval=client.reconnect_interval,
+                topics=[(response, client.qos)], quiet=True,
+                listener=functools.partial(self._on_link, index),
+            )  # fmt: skip
+            self.devices.append(Device(index, response, link, Tracker(timeout=settings.timeout)))
+        self.started = time.monotonic()
+        self.done = asyncio.Event()
+        self._decimals = decimals_for(settings.interval)
+        self._up = 0
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _event(self, name: str, device: Device, level: int, message: str, **data: Any) -> None:  # noqa: ANN401
+        logger.log(level, message)
+        if self.settings.json:
+            record = {"event": name, "time": round(time.time(), 6), "device": device.index, **data}
+            self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def _on_link(self, index: int, event: str, data: dict[str, object]) -> None:
+        device = self.devices[index]
+        if event == "connected":
+            self._up += 1
+            if device.connect_time is None:
+                device.connect_time = time.monotonic() - device.started
+            self._event("connected", device, logging.DEBUG,
+                        f"Device {device.index} up.", **data)  # fmt: skip
+        elif event == "disconnected":
+            self._up -= 1
+            self._event("disconnected", device, logging.WARNING,
+                        f"Device {device.index} lost its link: {data.get('reason')}.",
+                        **data)  # fmt: skip
+
+    async def _session(self, device: Device, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            now = time.monotonic()
+            echo = device.tracker.on_echo(payload, now)
+            kind = VERDICTS.get(echo.verdict.name)
+            if kind is not None and echo.ping is not None:
+                name, level = kind
+                rtt = {} if echo.rtt is None else {"rtt_ms": _ms(echo.rtt)}
+                self._event(name, device, level, f"Device {device.index}: {name} "
+                            f"{payload!r}, seq {echo.ping.seq}.", seq=echo.ping.seq,
+                            **rtt)  # fmt: skip
+            self._maybe_done()
+
+    # --- pings ------------------------------------------------------------------------------
+
+    async def _ticker(self, device: Device) -> None:
+        settings = self.settings
+        await device.link.connected.wait()  # the first ping goes to a usable link
+        await asyncio.sleep(random.uniform(0, settings.jitter))  # noqa: S311 - not a secret
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        sent = 0
+        while settings.count is None or sent < settings.count:
+            if device.link.connected.is_set():
+                await self._ping(device)
+            else:
+                device.not_sent += 1
+            sent += 1
+            next_at += settings.interval
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+        self._maybe_done()
+
+    async def _ping(self, device: Device) -> None:
+        tracker = device.tracker
+        payload = tracker.next_payload(time.time(), self._decimals, self.settings.size)
+        ping = tracker.on_sent(payload, time.monotonic())
+        self._event("ping", device, logging.DEBUG, f"Device {device.index}: ping {payload!r}.",
+                    seq=ping.seq)  # fmt: skip
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ResponseTopic = device.response_topic
+        properties.CorrelationData = payload
+        properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
+        try:
+            await device.link.client.publish(self.settings.client.ping_topic, payload,
+                                             qos=self.settings.client.qos,
+                                             properties=properties)  # fmt: skip
+        except aiomqtt.MqttError as exc:
+            logger.debug("Device %d: publish failed: %s", device.index, exc)
+
+    async def _expirer(self) -> None:
+        step = min(0.25, self.settings.timeout / 4)
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            for device in self.devices:
+                for ping in device.tracker.expire(now):
+                    self._event("lost", device, logging.WARNING,
+                                f"Device {device.index}: lost ping seq {ping.seq}, no echo "
+                                f"within {self.settings.timeout:g} s.", seq=ping.seq)  # fmt: skip
+            self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        count = self.settings.count
+        if count is None:
+            return
+        if all(d.tracker.sent + d.not_sent >= count and not d.tracker.outstanding
+               for d in self.devices):  # fmt: skip
+            self.done.set()
+
+    async def _show_progress(self) -> None:
+        out = self.progress
+        if out is None:
+            return
+        while True:
+            await asyncio.sleep(1.0)
+            s = self.summary()
+            recent = sorted(s.rtts[-1000:])
+            p50 = f", p50 {percentile(recent, 50) * 1000:.2f} ms" if recent else ""
+            out.write(f"\r{self._up}/{s.devices} devices up, {s.sent} sent, {s.received} "
+                      f"received, {s.lost} lost{p50}   ")  # fmt: skip
+            out.flush()
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> FleetSummary:
+        """Bring the fleet up at --connect-rate, ping until a stop or --count; summarize."""
+        settings = self.settings
+        logger.info(
+            "PING %s: a fleet of %d devices, each every %g s, QoS %d, MQTT 5, %s -> "
+            "%s/<device>.", self.target, settings.devices, settings.interval,
+            settings.client.qos, settings.client.ping_topic, settings.client.pong_topic,
+        )  # fmt: skip
+        spacing = 1.0 / settings.connect_rate if settings.connect_rate else 0.0
+        async with asyncio.TaskGroup() as tg:
+            tasks: list[asyncio.Task[Any]] = [
+                tg.create_task(self._expirer()), tg.create_task(self._show_progress())
+            ]  # fmt: skip
+            for device in self.devices:
+                device.started = time.monotonic()
+                session = functools.partial(self._session, device)
+                tasks.append(tg.create_task(device.link.run(session)))
+                tasks.append(tg.create_task(self._ticker(device)))
+                if spacing:
+                    await asyncio.sleep(spacing)
+            ends: list[asyncio.Task[Any]] = [
+                tg.create_task(stop.wait()), tg.create_task(self.done.wait())
+            ]  # fmt: skip
+            if settings.deadline is not None:
+                ends.append(tg.create_task(asyncio.sleep(settings.deadline)))
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            for device in self.devices:
+                device.link.stop()
+            for task in [*tasks, *ends]:
+                task.cancel()
+        if self.progress is not None:
+            self.progress.write("\n")
+        return self.summary()
+
+    def summary(self) -> FleetSummary:
+        """Return what the fleet has seen so far."""
+        trackers = [d.tracker for d in self.devices]
+        worst = sorted(((d.index, d.tracker.lost) for d in self.devices if d.tracker.lost),
+                       key=lambda x: (-x[1], x[0]))  # fmt: skip
+        return FleetSummary(
+            target=self.target,
+            devices=len(self.devices),
+            ever_up=sum(1 for d in self.devices if d.connect_time is not None),
+            sent=sum(t.sent for t in trackers),
+            received=sum(t.received for t in trackers),
+            lost=sum(t.lost for t in trackers),
+            late=sum(t.late for t in trackers),
+            duplicates=sum(t.duplicates for t in trackers),
+            not_sent=sum(d.not_sent for d in self.devices),
+            in_flight=sum(len(t.outstanding) for t in trackers),
+            elapsed=time.monotonic() - self.started,
+            reconnects=sum(d.link.reconnects for d in self.devices),
+            rtts=[r for t in trackers for r in t.rtts],
+            connect_times=[d.connect_time for d in self.devices if d.connect_time is not None],
+            worst=worst,
+        )

@@ -1,0 +1,59 @@
+"""ping_client --devices N: a fleet of simulated devices, each its own connection."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.support import Spawner
+
+
+def events(out: str) -> list[dict[str, object]]:
+    """The JSON events a run printed."""
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_a_fleet_pings_through_one_echo_and_sums_up(spawn: Spawner, port: int) -> None:
+    broker = spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping")
+    result = spawn.run("ping_client", "--port", str(port), "--devices", "20", "--count", "3",
+                       "--interval", "0.1", "--client-id", "fleet", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    seen = events(result.stdout)
+    summary = seen[-1]
+    assert summary["event"] == "summary"
+    assert (summary["devices"], summary["devices_ever_up"]) == (20, 20)
+    assert (summary["sent"], summary["received"], summary["lost"]) == (60, 60, 0)
+    assert summary["connect_ms"] is not None
+    assert summary["rtt_ms"] is not None
+    assert {e["device"] for e in seen if e["event"] == "pong"} == set(range(20))
+    # Each device its own connection and client id, answered on its own response topic.
+    ids = set(re.findall(r"Client (fleet-\d+) connected", broker.err()))
+    assert ids == {f"fleet-{i}" for i in range(20)}
+    assert "20 devices (20 came up), 60 sent, 60 received, 0 lost" in result.stderr
+
+
+def test_a_fleet_works_against_mosquitto(spawn: Spawner, mosquitto: int) -> None:
+    spawn.start("echo_client", "--port", str(mosquitto), name="echo").wait_for(r"Subscribed to")
+    result = spawn.run("ping_client", "--port", str(mosquitto), "--devices", "10", "--count",
+                       "2", "--interval", "0.1", "--connect-rate", "200")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "10 devices (10 came up), 20 sent, 20 received, 0 lost" in result.stdout
+
+
+def test_a_fleet_without_an_echo_names_the_devices_that_lost(spawn: Spawner, port: int) -> None:
+    spawn.broker(port)
+    result = spawn.run("ping_client", "--port", str(port), "--devices", "3", "--count", "2",
+                       "--interval", "0.1", "--timeout", "0.3")  # fmt: skip
+    assert result.returncode == 1
+    assert "3 devices (3 came up), 6 sent, 0 received, 6 lost" in result.stdout
+    assert "devices that lost pings, worst first: 0 (2 lost), 1 (2 lost), 2 (2 lost)" in (
+        result.stdout
+    )
+
+
+def test_a_fleet_needs_mqtt5(spawn: Spawner, port: int) -> None:
+    result = spawn.run("ping_client", "--port", str(port), "--devices", "3", "--protocol", "3.1.1")
+    assert result.returncode == 64
+    assert result.stderr.count("\n") <= 3  # usage, then the one-line reason
+    assert "--devices needs MQTT 5" in result.stderr
