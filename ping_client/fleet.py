@@ -75,6 +75,11 @@ class FleetSummary:
     connect_times: list[float] = field(repr=False)
     worst: list[tuple[int, int]] = field(default_factory=list)
     """(device index, pings lost), worst first: the devices that lost anything."""
+    recoveries: list[tuple[float, float]] = field(default_factory=list)
+    """Per outage: seconds until every device was up again, from the first loss and from the
+    first device back (the broker up again)."""
+    problem: str | None = None
+    """Why no device ever came up (the first device's link says), when none did."""
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready data."""
@@ -96,6 +101,9 @@ class FleetSummary:
                 "p50": _ms(percentile(connects, 50)), "p99": _ms(percentile(connects, 99)),
             },
             "worst": [{"device": d, "lost": n} for d, n in self.worst[:10]],
+            "problem": self.problem,
+            "fleet_back_s": [{"after_loss": round(a, 3), "after_first_back": round(b, 3)}
+                             for a, b in self.recoveries],
         }  # fmt: skip
 
     def as_text(self) -> str:
@@ -108,6 +116,8 @@ class FleetSummary:
             f"{self.received} received, {self.lost} lost, {self.late} late, {loss:.1f}% loss, "
             f"time {self.elapsed:.1f} s",
         ]
+        if self.problem is not None:
+            lines.append(f"no device ever connected: {self.problem}")
         rtt = data["rtt_ms"]
         if rtt is not None:
             lines.append(
@@ -119,6 +129,9 @@ class FleetSummary:
         if connect is not None:
             lines.append(f"connect p50/p99 = {connect['p50']:.1f}/{connect['p99']:.1f} ms, "
                          f"reconnects {self.reconnects}")  # fmt: skip
+        for after_loss, after_back in self.recoveries:
+            lines.append(f"fleet back in {after_back:.3f} s after the broker answered again "
+                         f"({after_loss:.3f} s after the first loss)")  # fmt: skip
         if self.not_sent:
             lines.append(f"{self.not_sent} pings not sent (a device's link was down)")
         if self.worst:
@@ -168,6 +181,16 @@ class Fleet:
         self.done = asyncio.Event()
         self._decimals = decimals_for(settings.interval)
         self._up = 0
+        self._stopping = False
+        """Set before the tasks are cancelled: a cancellation that a library swallows (Python
+        3.11's asyncio.wait_for can, when what it waits for completes at that moment) still
+        ends the ticker at its next tick."""
+        self._all_up_once = False
+        self._outage: tuple[float, float | None] | None = None
+        """(when the first device lost its link, when the first came back), during an outage."""
+        self.recoveries: list[tuple[float, float]] = []
+        """Per outage of the fleet: seconds from the first loss, and from the first device
+        back, until every device was up again."""
 
     # --- events -----------------------------------------------------------------------------
 
@@ -179,13 +202,32 @@ class Fleet:
 
     def _on_link(self, index: int, event: str, data: dict[str, object]) -> None:
         device = self.devices[index]
+        now = time.monotonic()
         if event == "connected":
             self._up += 1
             if device.connect_time is None:
-                device.connect_time = time.monotonic() - device.started
+                device.connect_time = now - device.started
+            if self._outage is not None:
+                lost_at, back_at = self._outage
+                if back_at is None:
+                    back_at = now
+                    self._outage = (lost_at, back_at)
+                if self._up == len(self.devices):
+                    self._outage = None
+                    self.recoveries.append((now - lost_at, now - back_at))
+                    logger.warning(
+                        "Fleet back: all %d devices up again %.3f s after the first lost its "
+                        "link, %.3f s after the first came back.", self._up, now - lost_at,
+                        now - back_at,
+                    )  # fmt: skip
+            elif self._up == len(self.devices) and not self._all_up_once:
+                self._all_up_once = True
+                logger.info("All %d devices up after %.3f s.", self._up, now - self.started)
             self._event("connected", device, logging.DEBUG,
                         f"Device {device.index} up.", **data)  # fmt: skip
         elif event == "disconnected":
+            if self._all_up_once and self._outage is None:
+                self._outage = (now, None)
             self._up -= 1
             self._event("disconnected", device, logging.WARNING,
                         f"Device {device.index} lost its link: {data.get('reason')}.",
@@ -213,8 +255,16 @@ class Fleet:
         await asyncio.sleep(random.uniform(0, settings.jitter))  # noqa: S311 - not a secret
         loop = asyncio.get_running_loop()
         next_at = loop.time()
+        # Under a deadline, as the single probe: no ping in the last min(interval, timeout)
+        # seconds, so that every ping sent has time to be answered before the run ends.
+        last = math.inf
+        if settings.deadline is not None:
+            last = next_at + settings.deadline - (time.monotonic() - self.started)
+            last -= min(settings.interval, settings.timeout)
         sent = 0
-        while settings.count is None or sent < settings.count:
+        while (settings.count is None or sent < settings.count) and not self._stopping:
+            if next_at > last:
+                break
             if device.link.connected.is_set():
                 await self._ping(device)
             else:
@@ -252,6 +302,12 @@ class Fleet:
                                 f"Device {device.index}: lost ping seq {ping.seq}, no echo "
                                 f"within {self.settings.timeout:g} s.", seq=ping.seq)  # fmt: skip
             self._maybe_done()
+
+    async def _connect_deadline(self, seconds: float) -> None:
+        """End the run if no device is usable within --connect-timeout (exit 2)."""
+        await asyncio.sleep(seconds)
+        if any(d.connect_time is not None for d in self.devices):
+            await asyncio.Event().wait()  # some came up: the run goes on
 
     def _maybe_done(self) -> None:
         count = self.settings.count
@@ -301,7 +357,10 @@ class Fleet:
             ]  # fmt: skip
             if settings.deadline is not None:
                 ends.append(tg.create_task(asyncio.sleep(settings.deadline)))
+            if settings.connect_timeout is not None:
+                ends.append(tg.create_task(self._connect_deadline(settings.connect_timeout)))
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            self._stopping = True
             for device in self.devices:
                 device.link.stop()
             for task in [*tasks, *ends]:
@@ -313,12 +372,13 @@ class Fleet:
     def summary(self) -> FleetSummary:
         """Return what the fleet has seen so far."""
         trackers = [d.tracker for d in self.devices]
+        ever_up = sum(1 for d in self.devices if d.connect_time is not None)
         worst = sorted(((d.index, d.tracker.lost) for d in self.devices if d.tracker.lost),
                        key=lambda x: (-x[1], x[0]))  # fmt: skip
         return FleetSummary(
             target=self.target,
             devices=len(self.devices),
-            ever_up=sum(1 for d in self.devices if d.connect_time is not None),
+            ever_up=ever_up,
             sent=sum(t.sent for t in trackers),
             received=sum(t.received for t in trackers),
             lost=sum(t.lost for t in trackers),
@@ -331,4 +391,6 @@ class Fleet:
             rtts=[r for t in trackers for r in t.rtts],
             connect_times=[d.connect_time for d in self.devices if d.connect_time is not None],
             worst=worst,
+            recoveries=list(self.recoveries),
+            problem=None if ever_up else self.devices[0].link.problem(),
         )

@@ -57,3 +57,24 @@ def test_a_fleet_needs_mqtt5(spawn: Spawner, port: int) -> None:
     assert result.returncode == 64
     assert result.stderr.count("\n") <= 3  # usage, then the one-line reason
     assert "--devices needs MQTT 5" in result.stderr
+
+
+def test_a_killed_broker_has_the_fleet_back_and_says_how_fast(spawn: Spawner, port: int) -> None:
+    """The 100 ms reconnect loop at fleet scale: every device back, and the time it took."""
+    broker = spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping")
+    fleet = spawn.start("ping_client", "--port", str(port), "--devices", "100", "--interval",
+                        "0.2", "--deadline", "8", "--json", name="fleet")  # fmt: skip
+    fleet.wait_for(r"All 100 devices up after", 15)
+    broker.kill()
+    fleet.wait_for(r"Device \d+ lost its link", 5)
+    spawn.broker(port)
+    back = fleet.wait_for(r"Fleet back: all 100 devices up again [\d.]+ s after the first lost "
+                          r"its link, ([\d.]+) s after the first came back\.", 15)  # fmt: skip
+    assert float(back.group(1)) < 2.0
+    assert fleet.wait(20) in (0, 1)  # QoS 0 pings in the dying broker's hands may be lost
+    summary = json.loads(fleet.out().splitlines()[-1])
+    assert summary["reconnects"] == 100
+    assert len(summary["fleet_back_s"]) == 1
+    assert summary["lost"] <= 100  # at most the one ping each device had in flight
+    assert "fleet back in " in fleet.err()
