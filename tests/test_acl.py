@@ -298,8 +298,11 @@ def test_a_malformed_acl_stops_the_start_with_its_line(spawn: Spawner, tmp_path:
 def make_ca(tmp: Path, name: str) -> tuple[Path, Path]:
     """A certificate authority: its certificate and key."""
     cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    # The extensions a real CA has: Python 3.13's default TLS context checks them (X509_STRICT).
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
+                    "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                    "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)  # fmt: skip
     return cert, key
 
@@ -311,8 +314,13 @@ def client_certificate(tmp: Path, ca: tuple[Path, Path], cn: str) -> tuple[Path,
     subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
                     "-keyout", str(key), "-out", str(csr)],
                    check=True, capture_output=True, timeout=60)  # fmt: skip
+    extensions = tmp / f"{name}.ext"
+    extensions.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                          "extendedKeyUsage=clientAuth\nsubjectKeyIdentifier=hash\n"
+                          "authorityKeyIdentifier=keyid\n")  # fmt: skip
     subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey",
-                    str(ca[1]), "-CAcreateserial", "-days", "1", "-out", str(cert)],
+                    str(ca[1]), "-CAcreateserial", "-days", "1", "-extfile", str(extensions),
+                    "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)  # fmt: skip
     return cert, key
 
