@@ -25,6 +25,7 @@ OTHER_MODULES = (
     "bench.run",
     "bench.soak",
     "bench.cluster",
+    "bench.fleet",
     "bench.websocket",
     "bench.ws_codecs",
     "cluster",
