@@ -178,23 +178,21 @@ class Checker:
                 allowed = allowed or bool(rule.access & access)
         return allowed
 
+    def _cached(self, cache: dict[str, bool], topic: str, access: int) -> bool:
+        known = cache.get(topic)
+        if known is None:
+            if len(cache) >= CACHE_LIMIT:
+                cache.clear()
+            known = cache[topic] = self._decide(topic, access)
+        return known
+
     def may_read(self, topic: str) -> bool:
         """Whether the client may receive a message on ``topic``."""
-        known = self._read.get(topic)
-        if known is None:
-            if len(self._read) >= CACHE_LIMIT:
-                self._read.clear()
-            known = self._read[topic] = self._decide(topic, READ)
-        return known
+        return self._cached(self._read, topic, READ)
 
     def may_write(self, topic: str) -> bool:
         """Whether the client may publish to ``topic`` (never to ``$SYS``)."""
-        known = self._write.get(topic)
-        if known is None:
-            if len(self._write) >= CACHE_LIMIT:
-                self._write.clear()
-            known = self._write[topic] = not topic.startswith("$SYS") and self._decide(topic, WRITE)
-        return known
+        return not topic.startswith("$SYS") and self._cached(self._write, topic, WRITE)
 
     def may_subscribe(self, topic_filter: str) -> bool:
         """Whether a SUBSCRIBE to ``topic_filter`` is granted (its messages are checked after)."""
