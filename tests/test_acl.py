@@ -185,7 +185,7 @@ def acl_broker(spawn: Spawner, port: int, tmp_path: Path, users: Path, rules: st
     acl = tmp_path / "acl.txt"
     acl.write_text(rules)
     broker = spawn.broker(port, "--password-file", str(users), "--acl-file", str(acl))
-    broker.wait_for(r"Topic access from \S+: \d+ rules, 2 users, 2 patterns\.")
+    broker.wait_for(r"Topic access from \S+: \d+ rules, \d+ users, 2 patterns\.")
     return broker
 
 
@@ -366,3 +366,20 @@ def refused_in_handshake(port: int, server_cert: Path, cert: tuple[Path, Path] |
                 return tls.recv(4) == b""  # TLS 1.3: the refusal comes after the handshake
         except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
             return True
+
+
+def test_reload_reads_new_users_and_warns_of_unknown_ones(
+    spawn: Spawner, port: int, tmp_path: Path, users: Path
+) -> None:
+    broker = acl_broker(spawn, port, tmp_path, users, RULES + "user carol\ntopic read dev/#\n")
+    broker.wait_for(r"The ACL names user carol, who is not in \S+passwords\.txt\.")
+    result = spawn.run("broker.users", "add", "carol", "--file", str(users),
+                       env=base_env(MQTT_NEW_PASSWORD="lorac"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    broker.signal(signal.SIGHUP)
+    broker.wait_for(r"Reload: 3 users from ")
+    carol = peer(port, "carol-1", "5", "carol")  # logs in without a restart
+    try:
+        assert carol.subscribe("dev/#") == 1
+    finally:
+        carol.close()

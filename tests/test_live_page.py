@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
-from tests.support import REPO, free_port, program_log, supervised, supervisorctl, wait_until
+from tests.support import (
+    REPO,
+    Spawner,
+    free_port,
+    program_log,
+    supervised,
+    supervisorctl,
+    wait_until,
+)
 
 CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome")
 """Debian's binary first: /usr/bin/chromium is a shell wrapper around it."""
@@ -103,3 +111,21 @@ def test_the_live_page_pings_shows_traffic_and_survives_a_broker_kill(
         page.screenshot(path=str(tmp_path / "live-page.png"), full_page=True)
         shutil.copy(tmp_path / "live-page.png", ARTIFACTS / "live-page.png")
         assert problems == []
+
+
+def test_without_mqttjs_the_page_says_in_one_line_what_to_run(
+    spawn: Spawner, port: int, tmp_path: Path, browser: Browser
+) -> None:
+    page_dir = tmp_path / "web"
+    shutil.copytree(REPO / "web", page_dir, ignore=shutil.ignore_patterns("node_modules"))
+    ws_port = free_port()
+    broker = spawn.broker(port, "--ws-port", str(ws_port), "--http-dir", str(page_dir))
+    broker.wait_for(rf"Listening on 127\.0\.0\.1:{ws_port} for MQTT over WebSockets")
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{ws_port}/")
+    status = page.locator("#status")
+    page.wait_for_function("document.getElementById('status').dataset.state === 'missing'",
+                           timeout=10_000)  # fmt: skip
+    assert status.inner_text() == (
+        "MQTT.js is not installed next to the page: run `make web` (it needs npm), then reload."
+    )

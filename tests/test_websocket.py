@@ -298,3 +298,27 @@ def test_wss_carries_mqtt_with_the_tls_certificate(
     with pytest.raises((ssl.SSLError, InvalidStatus, OSError)):
         connect(f"wss://127.0.0.1:{ws_port}/mqtt", subprotocols=["mqtt"],  # type: ignore[list-item]
                 ssl=context, open_timeout=5).close()  # fmt: skip
+
+
+def test_without_mqttjs_the_page_says_what_to_run(
+    spawn: Spawner, port: int, ws_port: int, tmp_path: Path
+) -> None:
+    page = tmp_path / "web"
+    shutil.copytree(REPO / "web", page, ignore=shutil.ignore_patterns("node_modules"))
+    ws_broker(spawn, port, ws_port, "--http-dir", str(page))
+    missing = http(ws_port, b"GET /mqtt.min.js HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert b"/mqtt.min.js is not installed (run `make web` to install MQTT.js)." in missing
+
+
+def test_websocket_clients_log_in_as_tcp_ones_do(
+    spawn: Spawner, port: int, ws_port: int, password_file: Path
+) -> None:
+    broker = ws_broker(spawn, port, ws_port, "--password-file", str(password_file))
+    with ws(ws_port) as conn:
+        conn.send(m.connect("anon"))
+        assert conn.recv(5) == b"\x20\x02\x00\x05"  # not authorized
+    with ws(ws_port) as conn:
+        conn.send(m.connect("alice-ws", username="alice", password="wonderland"))
+        assert conn.recv(5) == b"\x20\x02\x00\x00"
+    broker.wait_for(r"Client anon from \S+ refused: not authorized\.")
