@@ -31,6 +31,8 @@ from broker.topics import Match
 
 logger = logging.getLogger("broker")
 
+FLUSH_AFTER = 32
+"""Connections with gathered writes after which they are written at once (a fan-out)."""
 NEVER_EXPIRES = 0xFFFFFFFF
 """MQTT 5: a session expiry interval that never ends (section 3.1.2.11.2)."""
 
@@ -123,8 +125,19 @@ class Hub:
             self._all_closed.set()
 
     def mark(self, connection: Writer) -> None:
-        """Note that ``connection`` has writes to flush."""
-        self._dirty.append(connection)
+        """Note that ``connection`` has writes to flush; past FLUSH_AFTER of them, write now.
+
+        Gathering saves writes when a read brings several packets for the same connections.
+        A fan-out to many is another case: each gets one packet, and the first would wait
+        for the last to be encoded. So once FLUSH_AFTER connections have gathered something,
+        their writes go out at once, and gathering goes on for the rest of the callback.
+        """
+        dirty = self._dirty
+        dirty.append(connection)
+        if len(dirty) >= FLUSH_AFTER:
+            self._dirty = []
+            for waiting in dirty:
+                waiting.flush()
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run ``coro`` as a task the hub keeps until it ends (and cancels at shutdown)."""
