@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import amqtt
 from amqtt.broker import Broker
@@ -181,6 +181,8 @@ class Engine:
         self._broker: _Broker | None = None
         self._matches: dict[str, tuple[list[Match], list[tuple[str, list[Match]]]]] = {}
         self._options: dict[tuple[str, str], SubOptions] = {}
+        self._filters: dict[str, set[str]] = {}
+        """Client id -> its filters: found without scanning every filter (disconnect storms)."""
         """(client id, filter) -> MQTT 5 subscription options other than the defaults."""
         self._retained_props: dict[str, Props] = {}
         """Topic -> the MQTT 5 properties of its retained message (amqtt keeps none)."""
@@ -242,15 +244,12 @@ class Engine:
             return
         session = entry[0]
         subscriptions = self.broker._subscriptions
-        for topic_filter in [f for f, subs in subscriptions.items()
-                             if any(s is session for s, _ in subs)]:  # fmt: skip
+        for topic_filter in self._filters.pop(client_id, ()):
             self.broker._del_subscription(topic_filter, session)
-            if not subscriptions[topic_filter]:
+            if not subscriptions.get(topic_filter, True):
                 del subscriptions[topic_filter]
+            self._options.pop((client_id, topic_filter), None)
         self._matches.clear()
-        if self._options:
-            for key in [k for k in self._options if k[0] == client_id]:
-                del self._options[key]
         session.inflight_in.clear()
         session.inflight_out.clear()
         self.drain(session)
@@ -334,10 +333,14 @@ class Engine:
         amqtt's table keeps (session, QoS) per filter; MQTT 5's options ride beside it.
         """
         self._matches.clear()
-        existed = any(s is session for s, _ in self.broker._subscriptions.get(topic_filter, ()))
+        filters = self._filters.setdefault(session.client_id, set())
+        existed = topic_filter in filters
         if existed:  # [MQTT-3.8.4-3]: a new subscription replaces the old one
             self.broker._del_subscription(topic_filter, session)
+            filters.discard(topic_filter)
         granted = int(await self.broker.add_subscription((topic_filter, qos), session))
+        if granted < 0x80:
+            filters.add(topic_filter)
         key = (session.client_id, topic_filter)
         if options is None or options == PLAIN:
             self._options.pop(key, None)
@@ -351,6 +354,7 @@ class Engine:
         existed = bool(self.broker._del_subscription(topic_filter, session))
         if existed and not subscriptions.get(topic_filter):
             subscriptions.pop(topic_filter, None)
+        self._filters.get(session.client_id, set()).discard(topic_filter)
         self._options.pop((session.client_id, topic_filter), None)
         self._matches.clear()
         return existed
@@ -436,10 +440,7 @@ class Engine:
     def dequeue(session: Session) -> Message | None:
         """Take the oldest message waiting for ``session``, or None."""
         queue = session.retained_messages
-        if queue.empty():
-            return None
-        message: Message = queue.get_nowait()
-        return message
+        return None if queue.empty() else cast("Message", queue.get_nowait())
 
     @staticmethod
     def drain(session: Session) -> None:
