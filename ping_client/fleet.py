@@ -34,7 +34,7 @@ from common.reconnect import Link
 from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
 from ping_client.settings import PingSettings
 
-logger = logging.getLogger("client")
+logger = logging.getLogger("ping_client")
 
 
 @dataclass

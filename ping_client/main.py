@@ -29,11 +29,15 @@ from common.constants import EXIT_UNAVAILABLE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
 from common.show import show
-from ping_client.probe import Tracker, Verdict, decimals_for, percentile
+from ping_client.probe import Ping, Tracker, Verdict, decimals_for, percentile
 from ping_client.report import Reporter, Summary, ms, summarize, text
 from ping_client.settings import PingSettings, parse
 
 logger = logging.getLogger("ping_client")
+
+DUPLICATE_GRACE: Final = 0.5
+"""Seconds an extra echo waits to be told apart: the watcher's report of another client's ping
+with the same payload can come after that client's echo, on the other connection."""
 
 EXIT_ANSWERED: Final = 0
 EXIT_LOSS: Final = 1
@@ -57,7 +61,8 @@ class Probe:
         self.reporter = reporter
         self.clock = clock
         self.wall = wall
-        self.tracker = Tracker(timeout=settings.timeout, memory=max(60.0, 10 * settings.timeout))
+        self.tracker = Tracker(timeout=settings.timeout, memory=max(60.0, 10 * settings.timeout),
+                               grace=DUPLICATE_GRACE)  # fmt: skip
         self.target = f"{settings.client.host}:{settings.client.port}"
         self.link = Link(
             make_client(settings.client),
@@ -145,6 +150,13 @@ class Probe:
         if echo.verdict is Verdict.FOREIGN or ping is None:
             logger.debug("Echo %s belongs to another ping client; ignored.", show(payload))
             return
+        if echo.verdict is Verdict.UNSETTLED:
+            logger.debug(
+                "Extra echo %s: a duplicate unless another client's ping of the same payload "
+                "shows up within %g s.", show(payload), DUPLICATE_GRACE,
+            )  # fmt: skip
+            self._sent_event.set()  # the expirer settles it
+            return
         rtt = now - ping.sent
         if echo.verdict is Verdict.MATCHED:
             self.reporter.event(
@@ -175,16 +187,19 @@ class Probe:
             )
             self._heard(now)
         else:
-            self.reporter.event(
-                "duplicate",
-                logging.WARNING,
-                "Duplicate echo %s on %s: seq %d.",
-                show(payload),
-                pong,
-                ping.seq,
-                seq=ping.seq,
-                payload=text(payload),
-            )
+            self._duplicate(ping)
+
+    def _duplicate(self, ping: Ping) -> None:
+        self.reporter.event(
+            "duplicate",
+            logging.WARNING,
+            "Duplicate echo %s on %s: seq %d.",
+            show(ping.payload),
+            self.client_settings.pong_topic,
+            ping.seq,
+            seq=ping.seq,
+            payload=text(ping.payload),
+        )
 
     def _heard(self, now: float) -> None:
         if self._silent:
@@ -333,6 +348,8 @@ class Probe:
                     seq=ping.seq,
                     payload=text(ping.payload),
                 )
+            for ping in self.tracker.settle(now):
+                self._duplicate(ping)
             self._check_silence(now)
             self._maybe_done()
 

@@ -19,6 +19,9 @@ class Verdict(enum.Enum):
     DUPLICATE = "duplicate"
     FOREIGN = "foreign"
     UNEXPECTED = "unexpected"
+    UNSETTLED = "unsettled"
+    """A second echo that may be a stranger's whose ping the watcher has not reported yet:
+    decided by :meth:`Tracker.settle` (a duplicate, unless the stranger's copy shows up)."""
 
 
 @dataclass(slots=True)
@@ -34,6 +37,9 @@ class Ping:
     foreign_copies: int = 0
     """Other publishers' pings with the same payload; each earns one echo that is not ours."""
     own_copy_seen: bool = False
+    unsettled: int = 0
+    """Extra echoes not yet explained by a stranger's copy of the ping (see Tracker.grace)."""
+    unsettled_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,10 @@ class Tracker:
     timeout: float
     memory: float = 60.0
     """How long (s) a resolved ping is remembered, to tell late and duplicate echoes apart."""
+    grace: float = 0.0
+    """Seconds an extra echo waits for a stranger's copy of its ping before it counts as a
+    duplicate. The probe watches the ping topic on a second connection, which may report a
+    stranger's copy after the stranger's echo arrived on the first; 0 decides at once."""
     sent: int = 0
     received: int = 0
     lost: int = 0
@@ -78,6 +88,7 @@ class Tracker:
     _forget: deque[tuple[float, bytes]] = field(default_factory=deque)
     _foreign: dict[bytes, int] = field(default_factory=dict)
     _foreign_forget: deque[tuple[float, bytes]] = field(default_factory=deque)
+    _unsettled: deque[Ping] = field(default_factory=deque)
 
     def known(self, payload: bytes) -> bool:
         """Return whether ``payload`` is still in flight or remembered."""
@@ -109,6 +120,8 @@ class Tracker:
         ping = self.outstanding.get(payload) or self._resolved.get(payload)
         if ping is not None and not ping.own_copy_seen:
             ping.own_copy_seen = True
+        elif ping is not None and ping.unsettled:
+            ping.unsettled -= 1  # the extra echo that came first was this stranger's
         elif ping is not None:
             ping.foreign_copies += 1
         else:
@@ -138,18 +151,43 @@ class Tracker:
             ping.echoes = 1
             self.late += 1
             return Echo(Verdict.LATE, ping, now - ping.sent)
+        return self._extra_echo(ping, now)
+
+    def _extra_echo(self, ping: Ping, now: float) -> Echo:
+        """Classify an echo of a ping already answered: a stranger's, a duplicate, or unsettled."""
         if ping.foreign_copies > 0:
             ping.foreign_copies -= 1
             return Echo(Verdict.FOREIGN, ping)
+        if self.grace > 0:
+            ping.unsettled += 1
+            ping.unsettled_at = now
+            self._unsettled.append(ping)
+            return Echo(Verdict.UNSETTLED, ping)
         ping.echoes += 1
         self.duplicates += 1
         return Echo(Verdict.DUPLICATE, ping)
 
+    def settle(self, now: float) -> list[Ping]:
+        """Count as duplicates the extra echoes no stranger's copy explained within the grace.
+
+        Return one entry per duplicate.
+        """
+        found: list[Ping] = []
+        while self._unsettled and self._unsettled[0].unsettled_at + self.grace <= now:
+            ping = self._unsettled.popleft()
+            if ping.unsettled:
+                ping.unsettled -= 1
+                ping.echoes += 1
+                self.duplicates += 1
+                found.append(ping)
+        return found
+
     def next_deadline(self) -> float | None:
-        """Return when the oldest outstanding ping times out, or None when none is in flight."""
-        for ping in self.outstanding.values():
-            return ping.sent + self.timeout
-        return None
+        """Return when the oldest outstanding ping times out (or an extra echo is settled)."""
+        due = [ping.sent + self.timeout for ping in self.outstanding.values()][:1]
+        if self._unsettled:
+            due.append(self._unsettled[0].unsettled_at + self.grace)
+        return min(due) if due else None
 
     def expire(self, now: float) -> list[Ping]:
         """Declare lost every ping whose timeout has passed; return them in send order."""

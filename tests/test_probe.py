@@ -66,6 +66,31 @@ def test_another_clients_ping_with_our_payload_does_not_make_duplicates() -> Non
     assert (t.sent, t.received, t.duplicates, t.unexpected) == (2, 2, 0, 0)
 
 
+def test_a_strangers_echo_before_the_watcher_saw_its_ping_is_not_a_duplicate() -> None:
+    """The watcher's connection can report another client's ping after its echo arrived."""
+    t = Tracker(timeout=2.0, grace=0.5)
+    t.on_sent(b"1.5", 0.0)
+    t.on_ping_copy(b"1.5", 0.001)  # our own copy
+    assert t.on_echo(b"1.5", 0.002).verdict is Verdict.MATCHED
+    assert t.on_echo(b"1.5", 0.003).verdict is Verdict.UNSETTLED  # the stranger's echo, first
+    t.on_ping_copy(b"1.5", 0.010)  # then the watcher sees the stranger's ping
+    assert t.settle(1.0) == []
+    assert (t.received, t.duplicates) == (1, 0)
+
+
+def test_an_extra_echo_nothing_explains_is_a_duplicate_after_the_grace() -> None:
+    t = Tracker(timeout=2.0, grace=0.5)
+    t.on_sent(b"2.5", 0.0)
+    t.on_ping_copy(b"2.5", 0.001)
+    t.on_echo(b"2.5", 0.002)
+    assert t.on_echo(b"2.5", 0.003).verdict is Verdict.UNSETTLED
+    assert t.next_deadline() == pytest.approx(0.503)
+    assert t.settle(0.4) == []  # not yet
+    (ping,) = t.settle(0.6)
+    assert ping.seq == 1
+    assert t.duplicates == 1
+
+
 def test_payloads_are_timestamps_unique_in_flight() -> None:
     t = Tracker(timeout=2.0)
     first = t.next_payload(1744796556.25, 0)
