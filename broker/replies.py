@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import ClassVar, Final
+from typing import Final
 
 import mqtt5
 
@@ -97,8 +97,6 @@ def unsuback(packet_id: int, codes: list[int]) -> bytes:
 class Replies:
     """MQTT 3.1.1's replies: the reason codes MQTT 5 would carry are left out."""
 
-    v5: ClassVar[bool] = False
-
     @staticmethod
     def ack(kind: int, packet_id: int, reason: int = rc.SUCCESS) -> bytes:  # noqa: ARG004
         """PUBACK, PUBREC, PUBREL or PUBCOMP (3.1.1 has no reason code)."""
@@ -130,8 +128,6 @@ class Replies:
 
 class Replies5(Replies):
     """MQTT 5's replies, with their reason codes."""
-
-    v5: ClassVar[bool] = True
 
     @staticmethod
     def ack(kind: int, packet_id: int, reason: int = rc.SUCCESS) -> bytes:

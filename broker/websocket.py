@@ -240,7 +240,7 @@ class WebSocket(asyncio.Protocol):
                 b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
                 b"\r\nThis is an MQTT over WebSockets port (ws://host:port/mqtt).\n"
             )
-        self.abort_after_write()
+        self.close_after_write()
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -250,7 +250,7 @@ class WebSocket(asyncio.Protocol):
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
             )
-        self.abort_after_write()
+        self.close_after_write()
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -271,7 +271,7 @@ class WebSocket(asyncio.Protocol):
             self.ws.send_close(code, reason)
         self.closing = True
         self._write()
-        self.abort_after_write()
+        self.close_after_write()
 
     def abort(self) -> None:
         """Close the socket now."""
@@ -279,7 +279,7 @@ class WebSocket(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def abort_after_write(self) -> None:
+    def close_after_write(self) -> None:
         """Close the socket once what is queued is written."""
         self.closing = True
         if self.transport is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import math
 import random
@@ -32,6 +31,7 @@ from paho.mqtt.properties import Properties
 from common.client import make_client
 from common.reconnect import Link
 from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
+from ping_client.report import Reporter
 from ping_client.settings import PingSettings
 
 logger = logging.getLogger("ping_client")
@@ -164,7 +164,8 @@ class Fleet:
         self.settings = settings
         client = settings.client
         self.target = f"{client.host}:{client.port}"
-        self.out = out
+        self.reporter = Reporter(json_mode=settings.json, out=out)
+        """Writes the JSON events (the log lines go through ``logger``)."""
         self.progress = progress
         base = client.client_id
         self.devices: list[Device] = []
@@ -197,8 +198,9 @@ class Fleet:
     def _event(self, name: str, device: Device, level: int, message: str, **data: Any) -> None:  # noqa: ANN401
         logger.log(level, message)
         if self.settings.json:
-            record = {"event": name, "time": round(time.time(), 6), "device": device.index, **data}
-            self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self.reporter.write(
+                {"event": name, "time": round(time.time(), 6), "device": device.index, **data}
+            )
 
     def _on_link(self, index: int, event: str, data: dict[str, object]) -> None:
         device = self.devices[index]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -547,10 +546,11 @@ async def fleet_main(settings: PingSettings, stop: asyncio.Event) -> int:
     from ping_client.fleet import Fleet, fleet_exit_code  # noqa: PLC0415
 
     progress = sys.stderr if sys.stderr.isatty() and not settings.json else None
-    summary = await Fleet(settings, progress=progress).run(stop)
+    fleet = Fleet(settings, progress=progress)
+    summary = await fleet.run(stop)
     if settings.json:
-        record = {"event": "summary", "time": round(time.time(), 6), **summary.as_dict()}
-        sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
+        fleet.reporter.write({"event": "summary", "time": round(time.time(), 6),
+                              **summary.as_dict()})  # fmt: skip
         sys.stderr.write(summary.as_text())
     else:
         sys.stdout.write(summary.as_text())
