@@ -111,7 +111,7 @@ class Client:
         if kind in ACKNOWLEDGEMENTS:
             self._on_ack(session, kind, protocol.packet_id_of(frame), packet)
         elif isinstance(packet, Subscribe):
-            self.wire.start(self._subscribe(session, packet), "subscribe")
+            self._subscribe(session, packet)
         elif isinstance(packet, Unsubscribe):
             self._unsubscribe(session, packet)
         elif kind == PINGREQ:
@@ -145,10 +145,7 @@ class Client:
         self._request = request
         self.v5, self.window, self.expiry = request.v5, request.window, request.expiry
         self.replies = Replies5 if request.v5 else Replies
-        self.wire.start(self._connect(request.connect), "connect")
-
-    async def _connect(self, connect: Connect) -> None:
-        hub = self.hub
+        connect = request.connect
         session = Engine.new_session(
             connect.client_id, clean=connect.ends_with_connection, peer=self.wire.peer_address
         )
@@ -160,7 +157,23 @@ class Client:
             # --use-identity-as-username: the verified certificate is the credential (as in
             # mosquitto), its common name the user the ACL sees.
             session.username, session.password = identity, None
-        elif not await hub.state.authenticate(session):
+            self._admit(connect, session, allowed=True)
+            return
+        allowed = self.hub.state.authenticate_now(session)
+        if allowed is None:  # a password to check, in a worker thread
+            self.wire.start(self._authenticate(connect, session), "connect")
+        else:
+            self._admit(connect, session, allowed=allowed)
+
+    async def _authenticate(self, connect: Connect, session: Session) -> None:
+        allowed = await self.hub.state.authenticate(session)
+        if not self.ended:
+            self._admit(connect, session, allowed=allowed)
+
+    def _admit(self, connect: Connect, session: Session, *, allowed: bool) -> None:
+        """CONNACK the client, or refuse it; attach its session to the hub."""
+        hub = self.hub
+        if not allowed:
             # Before take-over and session lookup: a client that fails to log in must not
             # knock off, or end the session of, the client whose id it used.
             logger.warning(
@@ -168,8 +181,6 @@ class Client:
             )
             self.wire.send(handshake.not_authorized(self._request))
             self.close(will=False)
-            return
-        if self.ended:
             return
         present = hub.attach(self, connect, session)
         self._will = connect.will
@@ -265,7 +276,7 @@ class Client:
             self.wire.start(self.hub.state.retain(session, topic, payload, qos, props), "retain")
         return matched
 
-    async def _subscribe(self, session: Session, packet: Subscribe) -> None:
+    def _subscribe(self, session: Session, packet: Subscribe) -> None:
         """SUBSCRIBE, both versions: subscribe each filter, SUBACK, then retained messages."""
         engine = self.hub.state
         codes: list[int] = []
@@ -288,11 +299,9 @@ class Client:
                 SubOptions(want.no_local, want.retain_as_published, subscription_id)
                 if self.v5 else None
             )  # fmt: skip
-            granted, existed = await engine.subscribe(session, topic_filter, want.qos, options)
+            granted, existed = engine.subscribe(session, topic_filter, want.qos, options)
             codes.append(granted)
             fresh.append(not existed)
-        if self.ended:
-            return
         self.wire.send(self.replies.suback(packet.packet_id, codes))
         # [MQTT-3.3.1-6]: a new subscription gets the retained messages it matches, RETAIN 1,
         # as its retain handling asks (MQTT 5); none for a shared one (section 4.8.2).

@@ -71,7 +71,7 @@ class Connection(asyncio.Protocol):
         """The keepalive timer, or until the first packet the CONNECT timer."""
         self._limit = 0.0
         self._heard_at = 0.0
-        self._loop = asyncio.get_running_loop()  # protocols are made by the running server
+        self._loop = hub.loop  # protocols are made by the running server
         self._closed = False
         self._counted = False
         self._dropped_qos0 = 0

@@ -1,8 +1,9 @@
 """The engine: amqtt's sessions, subscriptions, retained messages, auth plugins and lifecycle.
 
-This is the only module that reaches into amqtt (broker/plugins.py holds the plugins amqtt
-loads). The connection layer (broker/connection.py) owns the wire: framing, codecs, keepalive,
-routing and limits; it keeps its state here, in amqtt's objects, through the functions below.
+This is the only module that reaches into amqtt's state (broker/plugins.py holds what the
+broker plugs into amqtt: its auth plugin, and its session and message classes). The connection
+layer (broker/connection.py) owns the wire: framing, codecs, keepalive, routing and limits; it
+keeps its state here, in amqtt's objects, through the functions below.
 
 amqtt 0.12.1 offers no public API for a broker that does its own I/O, so some names used here
 are private. :func:`check_amqtt` verifies every one (listed in :mod:`broker.reliance`), with
@@ -13,10 +14,8 @@ is used only through the attributes listed in ``reliance.SESSION_ATTRIBUTES``, c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,36 +26,18 @@ from amqtt.events import BrokerEvents
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from broker import reliance
-from broker.lean import Mailbox, SessionState
+from broker.plugins import AllowAnonymous, Incoming, LeanSession, Message, learn_defaults
 from broker.reliance import EngineMismatch
 from broker.topics import PLAIN, Match, SubOptions, subscribers, topic_matches
+from broker.worker import Worker
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
-
     from broker.records import Props
 
 logger = logging.getLogger("broker")
 
-__all__ = [
-    "Engine",
-    "EngineMismatch",
-    "IncomingApplicationMessage",
-    "OutgoingApplicationMessage",
-    "Session",
-    "check_amqtt",
-]
-
-AUTH_WORKERS = 1
-"""Password checks run in this many threads; more wait their turn (failed logins slow down)."""
-AUTH_NICENESS = 10
-"""How much lower the password threads' CPU priority is than the event loop's (Linux nice)."""
-
-
-def _lower_priority() -> None:
-    """Run this thread (and the threads argon2 starts from it) below the event loop."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUTH_NICENESS)
+__all__ = ["Engine", "EngineMismatch", "Incoming", "LeanSession", "Message", "Session",
+           "check_amqtt"]  # fmt: skip
 
 
 def check_amqtt() -> None:
@@ -65,54 +46,7 @@ def check_amqtt() -> None:
         reliance.Amqtt(str(getattr(amqtt, "__version__", "?")), Broker, Session, BrokerEvents,
                        OutgoingApplicationMessage, IncomingApplicationMessage)
     )  # fmt: skip
-
-
-class LeanSession(Session):
-    """amqtt's Session, holding the same state in a fraction of the memory."""
-
-    def __init__(self) -> None:
-        """Make the session as amqtt does, then give it light queues."""
-        super().__init__()
-        self.retained_messages = Mailbox()
-        self.delivered_message_queue = Mailbox()
-
-    def _init_states(self) -> None:
-        self.transitions = SessionState(self)
-
-
-class Message(OutgoingApplicationMessage):
-    """amqtt's outgoing message, with what MQTT 5 adds to it."""
-
-    __slots__ = ("props", "subscription_ids")
-
-    def __init__(  # noqa: PLR0917 - amqtt's positional order, extended
-        self,
-        packet_id: int | None,
-        topic: str,
-        qos: int,
-        data: bytes,
-        retain: bool,
-        props: Props | None = None,
-        subscription_ids: tuple[int, ...] = (),
-    ) -> None:
-        """Make the message as amqtt does, with MQTT 5 properties (a broker.records.Props)."""
-        super().__init__(packet_id, topic, qos, data, retain)
-        self.props = props
-        self.subscription_ids = subscription_ids
-
-
-class Incoming(IncomingApplicationMessage):
-    """amqtt's incoming QoS 2 message, kept until PUBREL, with its MQTT 5 properties."""
-
-    __slots__ = ("props",)
-
-    def __init__(  # noqa: PLR0917 - amqtt's positional order, extended
-        self, packet_id: int, topic: str, qos: int, data: bytes, retain: bool,
-        props: Props | None = None,
-    ) -> None:  # fmt: skip
-        """Make the message as amqtt does, with MQTT 5 properties (a broker.records.Props)."""
-        super().__init__(packet_id, topic, qos, data, retain)
-        self.props = props
+    learn_defaults()
 
 
 Broadcast = Callable[[str, bytes, int | None], object]
@@ -176,14 +110,14 @@ class Engine:
         self._config = config
         self._servers = servers
         self._broadcast = broadcast
-        self._auth_in_thread = password_file is not None
-        self._auth_pool: ThreadPoolExecutor | None = None
+        self._passwords = Worker() if password_file is not None else None
+        """The password thread, where there is a password file to check."""
         self._broker: _Broker | None = None
         self._matches: dict[str, tuple[list[Match], list[tuple[str, list[Match]]]]] = {}
         self._options: dict[tuple[str, str], SubOptions] = {}
+        """(client id, filter) -> MQTT 5 subscription options other than the defaults."""
         self._filters: dict[str, set[str]] = {}
         """Client id -> its filters: found without scanning every filter (disconnect storms)."""
-        """(client id, filter) -> MQTT 5 subscription options other than the defaults."""
         self._retained_props: dict[str, Props] = {}
         """Topic -> the MQTT 5 properties of its retained message (amqtt keeps none)."""
         self._events: set[asyncio.Future[None]] = set()
@@ -205,15 +139,16 @@ class Engine:
     async def start(self) -> None:
         """Start amqtt over the listeners' servers."""
         broker = _Broker(self._config, self._servers, self._broadcast)
-        reliance.check_broker(broker, self.amqtt_version)
+        reliance.check_broker(broker, self.amqtt_version, anonymous=self._passwords is None,
+                              allow=AllowAnonymous)  # fmt: skip
         self._broker = broker
         await broker.start()
 
     async def shutdown(self) -> None:
         """Stop amqtt: plugins, sessions, retained messages, and the listeners' servers."""
         await self.broker.shutdown()
-        if self._auth_pool is not None:
-            self._auth_pool.shutdown(wait=False, cancel_futures=True)
+        if self._passwords is not None:
+            self._passwords.shutdown()
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -277,19 +212,20 @@ class Engine:
 
     # --- authentication -------------------------------------------------------------------------
 
+    def authenticate_now(self, session: Session) -> bool | None:  # noqa: ARG002 - the API
+        """Answer at once where the answer is known; None when the plugins must be asked.
+
+        Without a password file the only auth plugin is AllowAnonymous (checked at start-up),
+        which accepts everyone: asking it through amqtt's plugin manager cost a task and a
+        gather per CONNECT, a third of what a connect cost the broker.
+        """
+        return None if self._passwords is not None else True
+
     async def authenticate(self, session: Session) -> bool:
         """Ask amqtt's auth plugins; password checks run in a worker thread, a few at a time."""
-        if not self._auth_in_thread:
+        if self._passwords is None:
             return bool(await self.broker._authenticate(session, None))
-        if self._auth_pool is None:
-            # Imported here: only a broker with a password file needs threads.
-            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-            self._auth_pool = ThreadPoolExecutor(
-                AUTH_WORKERS, thread_name_prefix="auth", initializer=_lower_priority
-            )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._auth_pool, self._authenticate_in_thread, session)
+        return await self._passwords.run(lambda: self._authenticate_in_thread(session))
 
     async def reload_passwords(self) -> int:
         """Re-read the password file into amqtt's file plugin; return how many users it has.
@@ -313,10 +249,9 @@ class Engine:
                 plugin._read_password_file()
             return sum(len(plugin._users) for plugin in plugins)
 
-        if self._auth_pool is None:
+        if self._passwords is None:
             return reread()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._auth_pool, reread)
+        return await self._passwords.run(reread)
 
     def _authenticate_in_thread(self, session: Session) -> bool:
         # A loop of the worker thread's own: the plugins' coroutines are CPU work (argon2) and
@@ -325,28 +260,31 @@ class Engine:
 
     # --- subscriptions --------------------------------------------------------------------------
 
-    async def subscribe(
+    def subscribe(
         self, session: Session, topic_filter: str, qos: int, options: SubOptions | None = None
     ) -> tuple[int, bool]:
-        """Add or replace a subscription: (granted QoS or 0x80, whether it existed before).
+        """Add or replace a subscription: (granted QoS, whether it existed before).
 
-        amqtt's table keeps (session, QoS) per filter; MQTT 5's options ride beside it.
+        amqtt's table keeps (session, QoS) per filter; MQTT 5's options ride beside it. The
+        entry is made as amqtt's add_subscription makes it, less what that does and the broker
+        has done before: the codec checked the filter [MQTT-4.7.1], no topic plugin is loaded
+        (checked at start-up), and no max-qos is set. add_subscription, a coroutine, cost a
+        quarter of what a CONNECT and SUBSCRIBE cost the broker.
         """
         self._matches.clear()
         filters = self._filters.setdefault(session.client_id, set())
         existed = topic_filter in filters
         if existed:  # [MQTT-3.8.4-3]: a new subscription replaces the old one
             self.broker._del_subscription(topic_filter, session)
-            filters.discard(topic_filter)
-        granted = int(await self.broker.add_subscription((topic_filter, qos), session))
-        if granted < 0x80:
+        else:
             filters.add(topic_filter)
+        self.broker._subscriptions.setdefault(topic_filter, []).append((session, qos))
         key = (session.client_id, topic_filter)
         if options is None or options == PLAIN:
             self._options.pop(key, None)
         else:
             self._options[key] = options
-        return granted, existed
+        return qos, existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         """Remove a subscription; return whether there was one."""
@@ -413,7 +351,13 @@ class Engine:
         [MQTT-3.3.2-5].
         """
         found = []
-        for topic, message in list(self.broker._retained_messages.items()):
+        kept = self.broker._retained_messages
+        if "+" not in topic_filter and "#" not in topic_filter:  # one topic: no scan
+            message = kept.get(topic_filter)
+            items = [] if message is None else [(topic_filter, message)]
+        else:
+            items = list(kept.items())
+        for topic, message in items:
             if not topic_matches(topic, topic_filter):
                 continue
             props = self._retained_props.get(topic)

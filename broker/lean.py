@@ -1,6 +1,6 @@
 """Light stand-ins for the per-session machinery amqtt builds and the broker never uses.
 
-Pure and amqtt-free: :class:`broker.engine.LeanSession` puts them in amqtt's Session.
+Pure and amqtt-free: :class:`broker.plugins.LeanSession` puts them in amqtt's Session.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The amqtt plugin the broker loads for anonymous access (FileAuthPlugin, with a password file).
+"""What the broker plugs into amqtt: its auth plugin, and its session and message classes.
+
+AllowAnonymous is the plugin amqtt loads for anonymous access (FileAuthPlugin, with a password
+file). LeanSession, Message and Incoming are amqtt's classes with less in them, or more: the
+engine (broker/engine.py) keeps its state in them.
 
 amqtt's default plugin set logs every packet and event and publishes $SYS topics; each costs time
 per message. The connection layer logs connects and disconnects itself.
@@ -6,10 +10,18 @@ per message. The connection layer logs connects and disconnects itself.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+from broker import reliance
+from broker.lean import Mailbox, SessionState
+
+if TYPE_CHECKING:
+    from broker.records import Props
 
 
 class AllowAnonymous(BaseAuthPlugin):
@@ -26,3 +38,68 @@ class AllowAnonymous(BaseAuthPlugin):
     async def authenticate(self, *, session: Session) -> bool:  # noqa: ARG002 - amqtt's signature
         """Accept the client."""
         return True
+
+
+class LeanSession(Session):
+    """amqtt's Session, holding the same state in a fraction of the memory and time."""
+
+    _defaults: ClassVar[dict[str, object]] = {}
+
+    def __init__(self) -> None:
+        """Make the session amqtt's Session() makes, with light queues and state.
+
+        Its plain values are copied from one real Session, made once: its two asyncio.Queues,
+        made and dropped for every session, were a fifth of what a CONNECT cost the broker.
+        """
+        defaults = self._defaults or learn_defaults()
+        self.__dict__.update(defaults)
+        self.attributes: dict[str, Any] = {}
+        self.inflight_out: OrderedDict[int, OutgoingApplicationMessage] = OrderedDict()
+        self.inflight_in: OrderedDict[int, IncomingApplicationMessage] = OrderedDict()
+        self.retained_messages = Mailbox()
+        self.delivered_message_queue = Mailbox()
+        self._init_states()
+
+    def _init_states(self) -> None:
+        self.transitions = SessionState(self)
+
+
+def learn_defaults() -> dict[str, object]:
+    """Read amqtt's per-session defaults from one Session (EngineMismatch if they changed)."""
+    LeanSession._defaults = reliance.session_defaults(vars(Session()))
+    return LeanSession._defaults
+
+
+class Message(OutgoingApplicationMessage):
+    """amqtt's outgoing message, with what MQTT 5 adds to it."""
+
+    __slots__ = ("props", "subscription_ids")
+
+    def __init__(  # noqa: PLR0917 - amqtt's positional order, extended
+        self,
+        packet_id: int | None,
+        topic: str,
+        qos: int,
+        data: bytes,
+        retain: bool,
+        props: Props | None = None,
+        subscription_ids: tuple[int, ...] = (),
+    ) -> None:
+        """Make the message as amqtt does, with MQTT 5 properties (a broker.records.Props)."""
+        super().__init__(packet_id, topic, qos, data, retain)
+        self.props = props
+        self.subscription_ids = subscription_ids
+
+
+class Incoming(IncomingApplicationMessage):
+    """amqtt's incoming QoS 2 message, kept until PUBREL, with its MQTT 5 properties."""
+
+    __slots__ = ("props",)
+
+    def __init__(  # noqa: PLR0917 - amqtt's positional order, extended
+        self, packet_id: int, topic: str, qos: int, data: bytes, retain: bool,
+        props: Props | None = None,
+    ) -> None:  # fmt: skip
+        """Make the message as amqtt does, with MQTT 5 properties (a broker.records.Props)."""
+        super().__init__(packet_id, topic, qos, data, retain)
+        self.props = props

@@ -36,7 +36,6 @@ class EngineMismatch(Exception):  # noqa: N818 - it names what happened, not an 
 BROKER_METHODS: dict[str, tuple[str, ...]] = {
     "start": (),
     "shutdown": (),
-    "add_subscription": ("subscription", "session"),
     "retain_message": ("source_session", "topic_name", "data", "qos"),
     "_del_subscription": ("a_filter", "session"),
     "_authenticate": ("session", "_"),
@@ -58,6 +57,11 @@ SESSION_ATTRIBUTES: dict[str, type | None] = {
     "inflight_in": dict, "inflight_out": dict, "retained_messages": asyncio.Queue,
     "transitions": None, "is_anonymous": bool,
 }  # fmt: skip
+# What LeanSession makes afresh for each session; every other attribute of a new Session must
+# be a plain value it can copy.
+SESSION_MADE = frozenset({"attributes", "inflight_out", "inflight_in", "retained_messages",
+                          "delivered_message_queue", "transitions"})  # fmt: skip
+PLAIN_VALUES = (type(None), bool, int, float, str, bytes)
 MESSAGE_PARAMETERS = ("packet_id", "topic", "qos", "data", "retain")
 
 
@@ -109,8 +113,28 @@ def check(amqtt: Amqtt) -> None:  # noqa: PLR0912 - one flat list of checks
             raise EngineMismatch(f"{where}: BrokerEvents.{event} is missing")
 
 
-def check_broker(broker: object, version: str) -> None:
-    """Raise EngineMismatch unless a constructed Broker has the attributes we rely on."""
+def session_defaults(made: dict[str, Any]) -> dict[str, Any]:
+    """Return the plain values of a new Session (``vars(Session())``), for LeanSession to copy.
+
+    EngineMismatch if one that is not a plain value is not one LeanSession makes itself.
+    """
+    missing = SESSION_MADE - made.keys()
+    if missing:
+        raise EngineMismatch(f"amqtt: Session().{min(missing)} is missing")
+    defaults = {name: value for name, value in made.items() if name not in SESSION_MADE}
+    for name, value in defaults.items():
+        if not isinstance(value, PLAIN_VALUES):
+            raise EngineMismatch(f"amqtt: Session().{name} is a {type(value).__name__}, which "
+                                 "a LeanSession would share between sessions")  # fmt: skip
+    return defaults
+
+
+def check_broker(broker: object, version: str, *, anonymous: bool, allow: type) -> None:
+    """Raise EngineMismatch unless a constructed Broker has the attributes we rely on.
+
+    ``anonymous``: the broker was configured with ``allow`` as its only auth plugin, which
+    the engine then answers for without asking (Engine.authenticate_now).
+    """
     for name, kind in BROKER_ATTRIBUTES.items():
         if not isinstance(getattr(broker, name, None), kind):
             raise EngineMismatch(f"amqtt {version}: Broker().{name} is missing")
@@ -119,5 +143,12 @@ def check_broker(broker: object, version: str) -> None:
         getattr(manager, "_event_plugin_callbacks", None), dict
     ):
         raise EngineMismatch(f"amqtt {version}: PluginManager.fire_event is missing")
-    if not isinstance(getattr(manager, "_auth_plugins", None), list):
+    plugins = getattr(manager, "_auth_plugins", None)
+    if not isinstance(plugins, list):
         raise EngineMismatch(f"amqtt {version}: PluginManager._auth_plugins is missing")
+    if anonymous and not (plugins and all(isinstance(p, allow) for p in plugins)):
+        raise EngineMismatch(f"amqtt {version}: the auth plugins are {plugins}, not {allow}")
+    if getattr(manager, "_topic_plugins", None) != []:
+        # The engine adds subscriptions to amqtt's table itself, as add_subscription does
+        # when no topic plugin is loaded (which would ask each plugin first, in a task).
+        raise EngineMismatch(f"amqtt {version}: PluginManager._topic_plugins is not empty")

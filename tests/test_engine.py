@@ -6,12 +6,15 @@ import asyncio
 import re
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from amqtt.broker import Broker
 from amqtt.session import Session
 
+from broker import reliance
 from broker.engine import EngineMismatch, LeanSession, check_amqtt
+from broker.plugins import AllowAnonymous
 from broker.topics import topic_matches
 from tests.support import REPO, Spawner, base_env
 
@@ -37,16 +40,38 @@ def test_a_missing_method_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_changed_signature_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def add_subscription(self: Broker, topic_filter: str, qos: int) -> int:  # noqa: ARG001
+    def _del_subscription(self: Broker, topic_filter: str, qos: int) -> int:  # noqa: ARG001
         return 0
 
-    monkeypatch.setattr(Broker, "add_subscription", add_subscription)
+    monkeypatch.setattr(Broker, "_del_subscription", _del_subscription)
     with pytest.raises(
         EngineMismatch,
-        match=r"Broker\.add_subscription takes \(topic_filter, qos\), "
-        r"not \(subscription, session\)$",
+        match=r"Broker\._del_subscription takes \(topic_filter, qos\), "
+        r"not \(a_filter, session\)$",
     ):
         check_amqtt()
+
+
+def _constructed(auth: list[object], topic: list[object]) -> SimpleNamespace:
+    """A constructed Broker's attributes, as check_broker reads them, with these plugins."""
+    manager = SimpleNamespace(fire_event=lambda *_: None, _event_plugin_callbacks={},
+                              _auth_plugins=auth, _topic_plugins=topic)  # fmt: skip
+    return SimpleNamespace(_sessions={}, _subscriptions={}, _retained_messages={},
+                           _broadcast_queue=asyncio.Queue(), plugins_manager=manager)  # fmt: skip
+
+
+def test_what_the_engine_answers_for_amqtt_is_checked_at_start_up() -> None:
+    # Subscriptions go into amqtt's table without asking topic plugins; anonymous CONNECTs are
+    # accepted without asking the auth plugin: both only while amqtt is configured so.
+    reliance.check_broker(_constructed([AllowAnonymous.__new__(AllowAnonymous)], []), "x",
+                          anonymous=True, allow=AllowAnonymous)  # fmt: skip
+    reliance.check_broker(_constructed([object()], []), "x", anonymous=False, allow=AllowAnonymous)
+    with pytest.raises(EngineMismatch, match=r"_topic_plugins is not empty"):
+        reliance.check_broker(_constructed([], [object()]), "x", anonymous=False,
+                              allow=AllowAnonymous)  # fmt: skip
+    with pytest.raises(EngineMismatch, match=r"the auth plugins are"):
+        reliance.check_broker(_constructed([object()], []), "x", anonymous=True,
+                              allow=AllowAnonymous)  # fmt: skip
 
 
 def test_a_missing_session_attribute_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -330,20 +330,21 @@ def test_echo_silence_is_reported_once_and_its_end_too(spawn: Spawner, port: int
 
 SLOW_SUBSCRIBE_BROKER = """
 import asyncio, sys
-from broker import engine
+from broker import client
 
-registered = engine.Engine.subscribe
+registered = client.Client._subscribe
 
 
-async def late(self, session, topic_filter, *args):
+def late(self, session, packet):
     # The fault: a busy broker registers the pong subscription half a second late (its SUBACK
     # goes out only after the registration).
-    if topic_filter == "/pong":
-        await asyncio.sleep(0.5)
-    return await registered(self, session, topic_filter, *args)
+    if any(want.topic_filter == "/pong" for want in packet.filters):
+        asyncio.get_running_loop().call_later(0.5, registered, self, session, packet)
+        return
+    registered(self, session, packet)
 
 
-engine.Engine.subscribe = late
+client.Client._subscribe = late
 from broker.main import main
 main(sys.argv[1:])
 """
