@@ -17,9 +17,14 @@ LOWER_IS_BETTER_UNITS = ("ms", "us", "MiB", "KiB")
 
 
 def scale_rows(cells: list[tuple[str, str, str, str]]) -> list[Row]:
-    """The scale table's rows (strings: metric, "3.4 KiB", "1.7 KiB", "1.97x") as Rows."""
+    """The scale table's rows (strings: metric, "3.4 KiB", "1.7 KiB", "1.97x") as Rows.
+
+    A row without a ratio (a count, such as the deliveries seen) is not drawn.
+    """
     out: list[Row] = []
     for metric, ours, theirs, ratio in cells:
+        if not ratio:  # a count, not a figure to compare
+            continue
         value, unit = ours.split()[:2]
         out.append((metric, float(value), float(theirs.split()[0]), unit, float(ratio[:-1])))
     return out

@@ -250,9 +250,10 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         """Write ``data``: at the end of the current callback if gathering, else now."""
         if self.hub.batching:
-            if not self._out:
+            out = self._out
+            out.append(data)
+            if len(out) == 1:  # after the append: mark() may write it at once
                 self.hub.mark(self)
-            self._out.append(data)
             return
         transport = self.transport
         if transport is not None and not transport.is_closing():

@@ -676,3 +676,25 @@ def test_replies_keep_their_place_among_held_writes(broker_port: int) -> None:
         (m.PUBACK, 1), (m.PUBACK, 2), (m.PUBACK, 3), (m.PINGRESP, None), (m.PUBACK, 4),
         (m.PUBACK, 5),
     ]  # fmt: skip
+
+
+def test_a_fan_out_reaches_every_subscriber_every_time(broker_port: int) -> None:
+    """One publish to more subscribers than the broker gathers writes for (FLUSH_AFTER, 32).
+
+    Each of 100 subscribers must get all 6 messages, QoS 0 and 1. The 32nd connection marked
+    for a write was once written before its packet was added, and kept it, and every later one
+    it was sent, unwritten: a fan-out of 1,000 reached about 31 subscribers after a few messages.
+    """
+    topic = uid("fan")
+    subscribers = [new(broker_port) for _ in range(100)]
+    for sub in subscribers:
+        assert sub.subscribe(1, (topic, 1)) == [1]
+    publisher = new(broker_port)
+    sent = [(f"m{n}".encode(), n % 2) for n in range(6)]
+    for n, (payload, qos) in enumerate(sent):
+        publisher.send(m.publish(topic, payload, qos=qos, packet_id=n + 1))
+    for index, sub in enumerate(subscribers):
+        got = [sub.message() for _ in sent]
+        assert [(g.payload, g.qos) for g in got] == sent, f"subscriber {index}"
+    for sub in [*subscribers, publisher]:
+        sub.close()
