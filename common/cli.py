@@ -179,6 +179,37 @@ def host(text: str) -> str:
     return value
 
 
+def broker_address(text: str) -> str:
+    """Accept ``HOST`` or ``HOST:PORT`` (``[IPv6]:PORT``); the text comes back as given."""
+    value = host(text)
+    where, colon, port_text = value.rpartition(":")
+    if colon and (value.count(":") == 1 or where.endswith("]")):
+        host(where.strip("[]") or " ")
+        port(port_text)
+    return value
+
+
+def split_address(text: str, default_port: int) -> tuple[str, int]:
+    """Split a checked :func:`broker_address` into host and port (``default_port`` if none)."""
+    where, colon, port_text = text.rpartition(":")
+    if colon and (text.count(":") == 1 or where.endswith("]")):
+        return where.strip("[]"), int(port_text)
+    return text, default_port
+
+
+class Repeatable(argparse.Action):
+    """Collect each use of a flag in a list, which the first use starts (dropping the default)."""
+
+    def __call__(  # noqa: D102 - argparse's method
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,  # noqa: ARG002
+        values: Any, option_string: str | None = None,  # noqa: ANN401, ARG002 - its signature
+    ) -> None:  # fmt: skip
+        current = getattr(namespace, self.dest, None)
+        collected = current if isinstance(current, list) else []
+        collected.append(values)
+        setattr(namespace, self.dest, collected)
+
+
 def seconds(text: str) -> float:
     """Parse a finite, non-negative number of seconds."""
     try:

@@ -59,27 +59,50 @@ class ClientSettings:
     """MQTT 5: how long the broker keeps a persistent session after the connection ends."""
 
     def __post_init__(self) -> None:
-        """Reject topic pairs that would make the echo feed itself."""
-        if self.ping_topic == self.pong_topic:
+        """Reject topic pairs that would make the echo feed itself.
+
+        The echo listens on the ping topic and one level under it (a device's own ping topic,
+        ``<ping>/<device>``, answered on ``<pong>/<device>``), so the pong topic may be
+        neither.
+        """
+        ping, pong = self.ping_topic, self.pong_topic
+        if ping == pong:
             raise ValueError(
-                f"ping and pong topics must differ (both are {self.ping_topic!r}): "
-                "the echo would feed itself"
+                f"ping and pong topics must differ (both are {ping!r}): the echo would feed itself"
+            )
+        if pong.startswith(f"{ping}/") and "/" not in pong[len(ping) + 1 :]:
+            raise ValueError(
+                f"the pong topic {pong!r} is a device's ping topic under {ping!r}: the echo "
+                "would feed itself"
             )
 
 
 def client_parser(
-    prog: str, description: str, environ: Mapping[str, str], *, epilog: str | None = None
-) -> cli.Parser:
+    prog: str, description: str, environ: Mapping[str, str], *, epilog: str | None = None,
+    many_hosts: bool = False,
+) -> cli.Parser:  # fmt: skip
     """Make the command line of a client program: its description, then every client option."""
     parser = cli.Parser(prog=prog, description=description, epilog=epilog)
-    add_client_options(parser, environ)
+    add_client_options(parser, environ, many_hosts=many_hosts)
     return parser
 
 
-def add_client_options(parser: cli.Parser, environ: Mapping[str, str]) -> None:
-    """Add the connection flags every client has."""
+def add_client_options(
+    parser: cli.Parser, environ: Mapping[str, str], *, many_hosts: bool = False
+) -> None:
+    """Add the connection flags every client has.
+
+    With ``many_hosts`` (the fleet), ``--host`` may be given more than once, each ``HOST`` or
+    ``HOST:PORT``; ``args.host`` is then a list when it was given.
+    """
     add = cli.add_option
-    add(parser, environ, "--host", convert=cli.host, default=DEFAULT_HOST, help="broker host")
+    if many_hosts:
+        add(parser, environ, "--host", convert=cli.broker_address, default=DEFAULT_HOST,
+            action=cli.Repeatable, help="broker host, or HOST:PORT; given more than once, "
+            "a fleet's devices are spread over the brokers in turn")  # fmt: skip
+    else:
+        add(parser, environ, "--host", convert=cli.host, default=DEFAULT_HOST,
+            help="broker host")  # fmt: skip
     add(parser, environ, "--port", convert=cli.port, default=DEFAULT_PORT, help="broker port")
     add(
         parser,
@@ -217,10 +240,12 @@ def client_settings(
             ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as exc:
             parser.error(f"--tls-ca {args.tls_ca}: {getattr(exc, 'strerror', None) or exc}")
+    first = args.host[0] if isinstance(args.host, list) else args.host
     try:
+        host, port = cli.split_address(cli.broker_address(first), args.port)
         return ClientSettings(
-            host=args.host,
-            port=args.port,
+            host=host,
+            port=port,
             ping_topic=args.ping_topic,
             pong_topic=args.pong_topic,
             qos=args.qos,

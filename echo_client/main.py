@@ -44,10 +44,15 @@ class EchoSettings:
     """A shared subscription group to echo as a member of (MQTT 5 section 4.8.2)."""
 
     @property
-    def subscription(self) -> str:
-        """The filter subscribed to: the ping topic, or its shared form."""
+    def subscriptions(self) -> list[str]:
+        """The filters subscribed to: the ping topic and each device's under it (shared forms).
+
+        A device of an MQTT 3.1.1 fleet (``ping_client --devices N --protocol 3.1.1``) pings on
+        ``<ping>/<device>`` and is answered on ``<pong>/<device>``: 3.1.1 has no response topic.
+        """
         ping = self.client.ping_topic
-        return f"$share/{self.share}/{ping}" if self.share else ping
+        filters = [ping, f"{ping}/+"]
+        return [f"$share/{self.share}/{f}" for f in filters] if self.share else filters
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSettings:
@@ -167,7 +172,7 @@ class Echo:
             async with asyncio.TaskGroup() as echoes:
                 async for message in client.messages:
                     payload = message.payload if isinstance(message.payload, bytes) else b""
-                    if not message.topic.matches(ping):
+                    if not (message.topic.matches(ping) or message.topic.matches(f"{ping}/+")):
                         # Never echo anything but ping traffic (a stale subscription, a
                         # retained message on another topic): that is how echo loops start.
                         logger.warning(
@@ -217,12 +222,13 @@ class Echo:
         """Decide where to echo, and with what.
 
         An MQTT 5 request's response topic and correlation data (section 4.10), else the pong
-        topic.
+        topic (``<pong>/<device>`` for a ping on ``<ping>/<device>``).
         """
         asked = getattr(message.properties, "ResponseTopic", None)
         if not asked:
-            return pong, None
-        if aiomqtt.Topic(asked).matches(ping):
+            device = message.topic.value[len(ping) + 1 :]  # "" for the ping topic itself
+            return (f"{pong}/{device}" if device else pong), None
+        if aiomqtt.Topic(asked).matches(ping) or aiomqtt.Topic(asked).matches(f"{ping}/+"):
             # Answering on the ping topic would echo our own answer for ever.
             logger.warning("Ignoring response topic %s: it is the ping topic.", asked)
             return pong, None
@@ -243,7 +249,7 @@ async def amain(settings: EchoSettings) -> int:
         fallback=fallback(settings.client, manual_ack=True),
         address=address,
         interval=settings.client.reconnect_interval,
-        topics=[(settings.subscription, settings.client.qos)],
+        topics=[(topic, settings.client.qos) for topic in settings.subscriptions],
     )
     echo = Echo(settings)
     async with asyncio.TaskGroup() as tg:

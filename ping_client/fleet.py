@@ -1,10 +1,12 @@
 """A fleet of simulated devices in one process: ``ping_client --devices N``.
 
 Each device is its own MQTT connection (client id ``<client-id>-<i>``, the 100 ms reconnect
-loop of :class:`common.reconnect.Link`) and pings every ``--interval`` with MQTT 5
+loop of :class:`common.reconnect.Link`) and pings every ``--interval``. With MQTT 5 it uses
 request/response: its own response topic (``<pong-topic>/<client-id>-<i>``) and the payload as
-correlation data, so one echo_client (or several with ``--share``) answers them all and no
-device sees another's echoes. Devices come up at ``--connect-rate`` per second, and each one's
+correlation data. MQTT 3.1.1 has no response topic, so a 3.1.1 device pings on its own topic,
+``<ping-topic>/<client-id>-<i>``, which the echo_client answers on the same response topic.
+Either way one echo_client (or several with ``--share``) answers them all and no device sees
+another's echoes. Devices come up at ``--connect-rate`` per second, and each one's
 first ping is delayed by up to ``--jitter`` seconds, so that N devices do not fire in lockstep.
 
 The summary is ping(8)'s, for the whole fleet: sent, received, lost, late; RTT min/avg/max/mdev
@@ -42,6 +44,8 @@ class Device:
     """One simulated device: its link, its pings, and when it first came up."""
 
     index: int
+    ping_topic: str
+    """Where it pings: the ping topic (MQTT 5), or its own under it (MQTT 3.1.1)."""
     response_topic: str
     link: Link
     tracker: Tracker
@@ -163,21 +167,28 @@ class Fleet:
         """Prepare ``settings.devices`` devices; nothing connects until :meth:`run`."""
         self.settings = settings
         client = settings.client
-        self.target = f"{client.host}:{client.port}"
+        brokers = settings.brokers or ((client.host, client.port),)
+        self.target = ",".join(f"{host}:{port}" for host, port in brokers)
+        """The brokers pinged, as the summary and the metrics name them."""
+        self.v5 = client.protocol == 5
         self.reporter = Reporter(json_mode=settings.json, out=out)
         """Writes the JSON events (the log lines go through ``logger``)."""
         self.progress = progress
         base = client.client_id
         self.devices: list[Device] = []
         for index in range(settings.devices):
-            own = replace(client, client_id=f"{base}-{index}")
+            host, port = brokers[index % len(brokers)]  # in turn: device i on broker i mod n
+            own = replace(client, client_id=f"{base}-{index}", host=host, port=port)
             response = f"{client.pong_topic}/{own.client_id}"
+            ping = client.ping_topic if self.v5 else f"{client.ping_topic}/{own.client_id}"
             link = Link(
-                make_client(own), address=self.target, interval=client.reconnect_interval,
+                make_client(own), address=f"{host}:{port}", interval=client.reconnect_interval,
                 topics=[(response, client.qos)], quiet=True,
                 listener=functools.partial(self._on_link, index),
             )  # fmt: skip
-            self.devices.append(Device(index, response, link, Tracker(timeout=settings.timeout)))
+            self.devices.append(
+                Device(index, ping, response, link, Tracker(timeout=settings.timeout))
+            )
         self.started = time.monotonic()
         self.done = asyncio.Event()
         self._decimals = decimals_for(settings.interval)
@@ -196,11 +207,7 @@ class Fleet:
     # --- events -----------------------------------------------------------------------------
 
     def _event(self, name: str, device: Device, level: int, message: str, **data: Any) -> None:  # noqa: ANN401
-        logger.log(level, message)
-        if self.settings.json:
-            self.reporter.write(
-                {"event": name, "time": round(time.time(), 6), "device": device.index, **data}
-            )
+        self.reporter.event(name, level, "%s", message, device=device.index, **data)
 
     def _on_link(self, index: int, event: str, data: dict[str, object]) -> None:
         device = self.devices[index]
@@ -282,12 +289,14 @@ class Fleet:
         ping = tracker.on_sent(payload, time.monotonic())
         self._event("ping", device, logging.DEBUG, f"Device {device.index}: ping {payload!r}.",
                     seq=ping.seq)  # fmt: skip
-        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        properties.ResponseTopic = device.response_topic
-        properties.CorrelationData = payload
-        properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
+        properties = None
+        if self.v5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.ResponseTopic = device.response_topic
+            properties.CorrelationData = payload
+            properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
         try:
-            await device.link.client.publish(self.settings.client.ping_topic, payload,
+            await device.link.client.publish(device.ping_topic, payload,
                                              qos=self.settings.client.qos,
                                              properties=properties)  # fmt: skip
         except aiomqtt.MqttError as exc:
@@ -337,10 +346,14 @@ class Fleet:
     async def run(self, stop: asyncio.Event) -> FleetSummary:
         """Bring the fleet up at --connect-rate, ping until a stop or --count; summarize."""
         settings = self.settings
-        logger.info(
-            "PING %s: a fleet of %d devices, each every %g s, QoS %d, MQTT 5, %s -> "
-            "%s/<device>.", self.target, settings.devices, settings.interval,
-            settings.client.qos, settings.client.ping_topic, settings.client.pong_topic,
+        ping, pong = settings.client.ping_topic, settings.client.pong_topic
+        protocol = "5" if self.v5 else "3.1.1"
+        self.reporter.event(
+            "start", logging.INFO, "PING %s: a fleet of %d devices, each every %g s, QoS %d, "
+            "MQTT %s, %s -> %s/<device>.", self.target, settings.devices, settings.interval,
+            settings.client.qos, protocol, ping if self.v5 else f"{ping}/<device>", pong,
+            target=self.target, devices=settings.devices, interval=settings.interval,
+            qos=settings.client.qos, protocol=protocol, size=settings.size,
         )  # fmt: skip
         spacing = 1.0 / settings.connect_rate if settings.connect_rate else 0.0
         async with asyncio.TaskGroup() as tg:

@@ -508,22 +508,7 @@ async def amain(settings: PingSettings) -> int:
     reporter = Reporter(json_mode=settings.json, out=sys.stdout, flood=settings.flood,
                         marks=marks)  # fmt: skip
     probe = Probe(settings, reporter)
-    server = None
-    if settings.metrics_port is not None:
-        # Imported only when asked for: prometheus_client is not part of a plain probe's start.
-        from common.metrics import MetricsPortError  # noqa: PLC0415
-        from common.metrics import serve as serve_metrics  # noqa: PLC0415
-        from ping_client.metrics import ProbeMetrics  # noqa: PLC0415
-
-        metrics = ProbeMetrics(probe.target)
-        reporter.observers.append(metrics.on_event)
-        try:
-            server = await serve_metrics(metrics.registry, "127.0.0.1", settings.metrics_port)
-        except MetricsPortError as exc:
-            sys.stderr.write(f"ping_client: error: --metrics-port: {exc}\n")
-            return EXIT_UNAVAILABLE
-        logger.info("Metrics for Prometheus at http://127.0.0.1:%d/metrics.",
-                    settings.metrics_port)  # fmt: skip
+    server = await serve_metrics(settings, probe.target, reporter)
     try:
         summary = await probe.run(stop)
     finally:
@@ -541,13 +526,42 @@ async def amain(settings: PingSettings) -> int:
     return exit_code(summary)
 
 
+async def serve_metrics(
+    settings: PingSettings, target: str, reporter: Reporter
+) -> asyncio.Server | None:
+    """Serve --metrics-port, fed by ``reporter``'s events; None when it is off.
+
+    Exit 69 with one line when the port cannot be served.
+    """
+    if settings.metrics_port is None:
+        return None
+    # Imported only when asked for: prometheus_client is not part of a plain probe's start.
+    from common.metrics import MetricsPortError, serve  # noqa: PLC0415
+    from ping_client.metrics import ProbeMetrics  # noqa: PLC0415
+
+    metrics = ProbeMetrics(target)
+    reporter.observers.append(metrics.on_event)
+    try:
+        server = await serve(metrics.registry, "127.0.0.1", settings.metrics_port)
+    except MetricsPortError as exc:
+        sys.stderr.write(f"ping_client: error: --metrics-port: {exc}\n")
+        raise SystemExit(EXIT_UNAVAILABLE) from None
+    logger.info("Metrics for Prometheus at http://127.0.0.1:%d/metrics.", settings.metrics_port)
+    return server
+
+
 async def fleet_main(settings: PingSettings, stop: asyncio.Event) -> int:
     """Run a fleet of devices (--devices N) and print its summary; return the exit status."""
     from ping_client.fleet import Fleet, fleet_exit_code  # noqa: PLC0415
 
     progress = sys.stderr if sys.stderr.isatty() and not settings.json else None
     fleet = Fleet(settings, progress=progress)
-    summary = await fleet.run(stop)
+    server = await serve_metrics(settings, fleet.target, fleet.reporter)
+    try:
+        summary = await fleet.run(stop)
+    finally:
+        if server is not None:
+            server.close()
     if settings.json:
         fleet.reporter.write({"event": "summary", "time": round(time.time(), 6),
                               **summary.as_dict()})  # fmt: skip

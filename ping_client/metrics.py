@@ -1,5 +1,8 @@
 """The probe as a Prometheus blackbox exporter (``--metrics-port``): what its summary counts.
 
+A fleet (``--devices N``) is counted as one: its devices' pings add up, and the gauge says how
+many devices are up.
+
 Fed by the same events as the log and ``--json`` (``ping``, ``pong``, ``lost``, ``late``,
 ``duplicate``, and the link's ``connected`` and ``disconnected``), so the three always agree.
 Every metric is labelled with the broker pinged (``broker="127.0.0.1:10008"``).
@@ -43,7 +46,8 @@ class ProbeMetrics:
             "mqtt_ping_devices_up", "Devices whose link to the broker is up (SUBACK received).",
             labels, registry=self.registry,
         ).labels(target)  # fmt: skip
-        self._connections = 0
+        self._seen: set[object] = set()
+        """The devices (None: the single probe) that have been up once."""
 
     def on_event(self, name: str, data: dict[str, Any]) -> None:
         """Count one of the probe's events (as the log and --json report it)."""
@@ -59,9 +63,10 @@ class ProbeMetrics:
         elif name == "duplicate":
             self.duplicates.inc()
         elif name == "connected":
-            self._connections += 1
-            if self._connections > 1:
+            device = data.get("device")
+            if device in self._seen:
                 self.reconnects.inc()
-            self.up.set(1)
+            self._seen.add(device)
+            self.up.inc()
         elif name == "disconnected":
-            self.up.set(0)
+            self.up.dec()

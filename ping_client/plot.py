@@ -1,5 +1,8 @@
 """Pictures of a run: RTT over time (losses marked, outages shaded) and the RTT histogram.
 
+A fleet's run (``ping_client --devices N --json``) is drawn as the fleet's RTT percentiles
+over time (one point a second), the histogram, and the devices up over time.
+
 Reads a run's JSON events (``ping_client --json``) or a ping_client log file, and draws with
 matplotlib, an optional extra (``pip install -e '.[report]'``; ``make report`` installs it).
 Reading is pure and needs no matplotlib; only :func:`draw` imports it.
@@ -52,6 +55,10 @@ class Run:
     """The run's first event, in seconds since the epoch."""
     facts: dict[str, str] = field(default_factory=dict)
     """What the probe's first line says: target, pace, QoS, protocol (when it has one)."""
+    devices: int = 0
+    """A fleet's size (0: the single probe)."""
+    up: list[tuple[float, int]] = field(default_factory=list)
+    """A fleet's devices up, after each change: (time, how many)."""
 
     def percentiles(self) -> dict[str, float]:
         """p50, p90 and p99 of the RTTs, in ms (empty without answers)."""
@@ -93,24 +100,32 @@ def from_events(events: list[dict[str, Any]]) -> Run:
     if not events:
         return run
     t0 = run.start = float(events[0]["time"])
-    sent: dict[int, float] = {}
+    sent: dict[tuple[object, int], float] = {}
+    """(device or None, seq) -> when it was sent: a fleet's devices each count from 1."""
     down: float | None = None
+    up = 0
     for event in events:
         kind, t = event.get("event"), float(event.get("time", t0)) - t0
+        device = event.get("device")
         if kind == "start":
             interval = event.get("interval")
+            run.devices = int(event.get("devices", 0))
+            pace = "back to back (flood)" if interval is None else f"every {interval:g} s"
             run.facts = {
                 "target": str(event.get("target", "?")), "qos": str(event.get("qos", "?")),
                 "protocol": str(event.get("protocol", "?")),
-                "pace": "back to back (flood)" if interval is None else f"every {interval:g} s",
+                "pace": f"{run.devices} devices, each {pace}" if run.devices else pace,
             }  # fmt: skip
         elif kind == "ping":
-            sent[event["seq"]] = t
+            sent[device, event["seq"]] = t
         elif kind in ("pong", "late"):
-            at = sent.get(event["seq"], t - event["rtt_ms"] / 1000)
+            at = sent.get((device, event["seq"]), t - event["rtt_ms"] / 1000)
             (run.rtts if kind == "pong" else run.late).append((at, event["rtt_ms"]))
         elif kind == "lost":
-            run.lost.append(sent.get(event["seq"], t))
+            run.lost.append(sent.get((device, event["seq"]), t))
+        elif device is not None and kind in ("connected", "disconnected"):
+            up += 1 if kind == "connected" else -1
+            run.up.append((t, up))
         elif kind == "disconnected" and down is None:
             down = t
         elif kind == "connected" and down is not None:
@@ -181,20 +196,50 @@ def title(run: Run, source: str) -> str:
     return f"{head}\n{figures}"
 
 
+def per_second(rtts: list[tuple[float, float]]) -> dict[str, list[tuple[float, float]]]:
+    """Return a fleet's RTT percentiles (ms) over time: p50, p90, p99 of each second's pings."""
+    seconds: dict[int, list[float]] = {}
+    for at, rtt in rtts:
+        seconds.setdefault(math.floor(at), []).append(rtt)
+    out: dict[str, list[tuple[float, float]]] = {"p50": [], "p90": [], "p99": []}
+    for second in sorted(seconds):
+        values = sorted(seconds[second])
+        for name, points in out.items():
+            points.append((second + 0.5, percentile(values, float(name[1:]))))
+    return out
+
+
 def draw(run: Run, out: Path, title: str) -> None:
-    """Draw ``run`` as a PNG of 1000 x 700 pixels at ``out``."""
+    """Draw ``run`` as a PNG of 1000 x 700 pixels at ``out`` (a fleet's: 1000 x 900)."""
     import matplotlib  # noqa: PLC0415 - an optional extra, imported only to draw
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
-    fig, (timeline, histogram) = plt.subplots(
-        2, 1, figsize=(WIDTH, HEIGHT), dpi=DPI, height_ratios=(3, 2)
-    )
+    fleet = bool(run.devices)
+    fig, axes = plt.subplots(
+        3 if fleet else 2, 1, figsize=(WIDTH, HEIGHT + 2 if fleet else HEIGHT), dpi=DPI,
+        height_ratios=(3, 2, 2) if fleet else (3, 2),
+    )  # fmt: skip
+    timeline, histogram = axes[0], axes[1]
     fig.suptitle(title)
     for i, (start, end) in enumerate(run.outages):
         timeline.axvspan(start, end, color="0.85", label="no connection" if i == 0 else None)
-    if run.rtts:
+    if fleet:
+        for (name, points), style in zip(per_second(run.rtts).items(), ("-", "--", ":"),
+                                         strict=True):  # fmt: skip
+            if points:
+                xs, ys = zip(*points, strict=True)
+                timeline.plot(xs, ys, style, color="tab:blue", label=f"RTT {name}, per second")
+        devices = axes[2]
+        if run.up:
+            xs, ns = zip(*run.up, strict=True)
+            devices.step(xs, ns, where="post", color="tab:green")
+        devices.set_ylim(0, run.devices * 1.05 or 1)
+        devices.set_xlabel("seconds since the first event")
+        devices.set_ylabel("devices up")
+        devices.grid(alpha=0.3)
+    elif run.rtts:
         xs, ys = zip(*run.rtts, strict=True)
         timeline.plot(xs, ys, ".", markersize=3, color="tab:blue", label="RTT")
     if run.late:

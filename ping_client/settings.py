@@ -52,6 +52,9 @@ class PingSettings:
     """Each device's first ping waits up to this many seconds, so they do not fire together."""
     metrics_port: int | None = None
     """Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (a blackbox exporter)."""
+    brokers: tuple[tuple[str, int], ...] = ()
+    """Every broker given (``--host`` more than once): a fleet's devices take them in turn.
+    Empty for one broker (``client.host`` and ``client.port``)."""
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSettings:
@@ -70,6 +73,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
             (EXIT_SOFTWARE, "the installed aiomqtt lacks the internals this client relies on"),
             (EXIT_FORCED, "a shutdown overran its bound and the watchdog ended the process"),
         ),
+        many_hosts=True,
     )
     add = cli.add_option
     add(
@@ -175,8 +179,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         "--devices",
         convert=cli.positive_int,
         default=1,
-        help="simulate this many devices, each its own MQTT 5 connection and client id "
-        "(<client-id>-<i>), pinging every interval with its own response topic",
+        help="simulate this many devices, each its own connection and client id "
+        "(<client-id>-<i>), pinging every interval: MQTT 5 with its own response topic, "
+        "3.1.1 on its own topic (<ping-topic>/<client-id>-<i>)",
     )
     add(
         parser,
@@ -207,12 +212,13 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     )
     cli.add_version(parser, lambda: cli.versions("ping_client", "aiomqtt", "paho-mqtt"))
     args = parser.parse_args(argv)
-    if args.devices > 1:
-        if args.protocol != 5:
-            parser.error("--devices needs MQTT 5: each device is answered on its own response "
-                         "topic (MQTT 5 request/response)")  # fmt: skip
-        if args.flood or args.metrics_port is not None:
-            parser.error("--devices goes without --flood and --metrics-port (for now)")
+    if args.devices > 1 and args.flood:
+        parser.error("--devices goes without --flood: a fleet pings at --interval")
+    hosts = args.host if isinstance(args.host, list) else [args.host]
+    brokers = tuple(cli.split_address(h, args.port) for h in hosts) if len(hosts) > 1 else ()
+    if brokers and args.devices < len(brokers):
+        parser.error(f"--host given {len(brokers)} times needs --devices {len(brokers)} or more: "
+                     "a fleet's devices are spread over the brokers")  # fmt: skip
     connect_timeout = args.connect_timeout
     if connect_timeout is None and args.count is not None:
         connect_timeout = DEFAULT_CONNECT_TIMEOUT_WITH_COUNT
@@ -235,6 +241,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         size=args.size,
         metrics_port=args.metrics_port,
         devices=args.devices,
+        brokers=brokers,
         connect_rate=args.connect_rate or 0.0,
         jitter=args.interval if args.jitter is None else args.jitter,
     )

@@ -47,6 +47,8 @@ def check_broker_output(where: str, text: str) -> None:
 
 
 PYTHON = sys.executable
+ECHO_READY = r"Subscribed to /ping, /ping/\+\."
+"""The echo_client's line once SUBACK granted the ping topic and the devices' topics under it."""
 BIN = Path(PYTHON).parent
 
 

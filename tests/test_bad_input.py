@@ -11,7 +11,7 @@ import pytest
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import RawClient
-from tests.support import MqttProbe, Proc, Spawner, rss_kib
+from tests.support import ECHO_READY, MqttProbe, Proc, Spawner, rss_kib
 
 SEED = 20261129
 
@@ -68,7 +68,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 def system(spawn: Spawner, port: int) -> Proc:
     """A broker (2 s connect timeout) and an echo client."""
     broker = spawn.broker(port, "--handshake-timeout", "2", "--max-packet-size", "65536")
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     return broker
 
 

@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.harness import BARE_AMQTT
 from tests.hostile import Proxy, hostile_broker
 from tests.support import (
+    ECHO_READY,
     PYTHON,
     REPO,
     Spawner,
@@ -36,7 +37,7 @@ def test_the_clients_fall_back_to_311_once_against_a_311_only_broker(
     try:
         wait_until(lambda: port_accepts(port), 20, "bare amqtt listening")
         echo = spawn.start("echo_client", "--port", str(port), name="echo")
-        echo.wait_for(r"Subscribed to /ping\.")
+        echo.wait_for(ECHO_READY)
         result = spawn.run("ping_client", "--port", str(port), "--count", "3", "--interval", "0.1")
     finally:
         bare.terminate()
@@ -96,7 +97,7 @@ def test_shared_echo_clients_split_the_pings_each_answered_once(spawn: Spawner, 
         for i in (1, 2)
     ]
     for echo in echoes:
-        echo.wait_for(r"Subscribed to \$share/pool//ping\.")
+        echo.wait_for(r"Subscribed to \$share/pool//ping, \$share/pool//ping/\+\.")
     result = spawn.run("ping_client", "--port", str(port), "--count", "20", "--interval", "0.02")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "20 sent, 20 received, 0 lost, 0 late, 0 duplicate" in result.stdout
@@ -119,7 +120,7 @@ def test_the_clients_can_speak_311(spawn: Spawner, port: int) -> None:
 def test_a_session_taken_over_says_so(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     first = spawn.start("echo_client", "--port", str(port), "--client-id", "twin", name="first")
-    first.wait_for(r"Subscribed to /ping\.")
+    first.wait_for(ECHO_READY)
     spawn.start("echo_client", "--port", str(port), "--client-id", "twin", name="second")
     first.wait_for(r"session taken over: another client connected as 'twin'")
 
@@ -135,7 +136,7 @@ def test_our_clients_speak_mqtt5_with_mosquitto(spawn: Spawner, port: int, tmp_p
     try:
         wait_until(lambda: port_accepts(port), 10, "mosquitto")
         echo = spawn.start("echo_client", "--port", str(port), name="echo")
-        echo.wait_for(r"Subscribed to /ping\.")
+        echo.wait_for(ECHO_READY)
         result = spawn.run("ping_client", "--port", str(port), "--count", "3", "--interval", "0.1")
     finally:
         mosquitto.terminate()
@@ -155,7 +156,7 @@ def test_the_clients_fall_back_to_311_when_the_broker_hangs_up_on_mqtt5(
     proxy = Proxy(port, mqtt311_only=True)
     with hostile_broker(proxy_port, proxy):
         echo = spawn.start("echo_client", "--port", str(proxy_port), name="echo")
-        echo.wait_for(r"Subscribed to /ping\.")
+        echo.wait_for(ECHO_READY)
         result = spawn.run("ping_client", "--port", str(proxy_port), "--count", "3",
                            "--interval", "0.1")  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -184,7 +185,7 @@ def test_a_broker_that_hangs_up_on_everyone_keeps_the_clients_on_mqtt5(
     assert proxy.hung_up >= 3
     assert proxy.hung_up >= hostile.connections - 1  # one 3.1.1 trial, then MQTT 5 only
     broker = spawn.broker(port)
-    echo.wait_for(r"Subscribed to /ping\.", 10)
+    echo.wait_for(ECHO_READY, 10)
     assert "falling back" not in echo.err()
     broker.wait_for(r"Client echo_client-\w+ connected from .* \(MQTT 5\.0\)\.")
 
@@ -194,7 +195,7 @@ def test_the_clients_log_the_reason_the_broker_gave(spawn: Spawner, port: int) -
     line about the lost connection: here, the broker shutting down on SIGTERM."""
     broker = spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
-    echo.wait_for(r"Subscribed to /ping\.")
+    echo.wait_for(ECHO_READY)
     broker.signal(signal.SIGTERM)
     assert broker.wait(10) == 0
     echo.wait_for(

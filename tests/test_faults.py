@@ -15,6 +15,7 @@ import pytest
 
 from tests.mqtt_raw import RawClient
 from tests.support import (
+    ECHO_READY,
     Spawner,
     logged_pongs,
     pid_alive,
@@ -200,7 +201,7 @@ def test_persistent_qos1_loses_nothing_while_the_echo_client_is_killed(
     persistent = ['MQTT_QOS="1"', 'MQTT_SESSION="persistent"']
     with supervised(tmp_path, port, persistent) as conf:
         assert "stopped" in supervisorctl(conf, "stop", "ping_client")  # ours is run below
-        wait_until(lambda: "Subscribed to /ping." in program_log(tmp_path, "echo_client"), 20,
+        wait_until(lambda: re.search(ECHO_READY, program_log(tmp_path, "echo_client")), 20,
                    "the echo client")  # fmt: skip
         ping = spawn.start(
             "ping_client", "--port", str(port), "--qos", "1", "--session", "persistent",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.support import Spawner
+from tests.support import ECHO_READY, MqttProbe, Spawner, free_port
 
 
 def events(out: str) -> list[dict[str, object]]:
@@ -52,11 +52,55 @@ def test_a_fleet_without_an_echo_names_the_devices_that_lost(spawn: Spawner, por
     )
 
 
-def test_a_fleet_needs_mqtt5(spawn: Spawner, port: int) -> None:
-    result = spawn.run("ping_client", "--port", str(port), "--devices", "3", "--protocol", "3.1.1")
+def test_an_mqtt311_fleet_pings_on_a_topic_per_device(spawn: Spawner, port: int) -> None:
+    """3.1.1 has no response topic: device i pings on /ping/<id>, answered on /pong/<id>."""
+    broker = spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
+    watcher = MqttProbe(port)
+    watcher.subscribe("/ping/#")
+    result = spawn.run("ping_client", "--port", str(port), "--devices", "8", "--count", "2",
+                       "--interval", "0.1", "--protocol", "3.1.1", "--client-id", "old",
+                       "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = events(result.stdout)[-1]
+    assert (summary["devices_ever_up"], summary["sent"], summary["received"]) == (8, 16, 16)
+    ids = set(re.findall(r"Client (old-\d+) connected from \S+ \(MQTT 3\.1\.1\)", broker.err()))
+    assert ids == {f"old-{i}" for i in range(8)}
+    topics = {topic for topic, _ in (watcher.expect() for _ in range(16))}
+    assert topics == {f"/ping/old-{i}" for i in range(8)}
+    watcher.close()
+
+
+def test_an_mqtt311_fleet_works_against_mosquitto(spawn: Spawner, mosquitto: int) -> None:
+    spawn.start("echo_client", "--port", str(mosquitto), name="echo").wait_for(r"Subscribed to")
+    result = spawn.run("ping_client", "--port", str(mosquitto), "--devices", "10", "--count",
+                       "2", "--interval", "0.1", "-V", "3.1.1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "10 devices (10 came up), 20 sent, 20 received, 0 lost" in result.stdout
+
+
+def test_a_fleet_is_spread_over_every_host_given(spawn: Spawner, mosquitto: int) -> None:
+    """--host twice: devices take the brokers in turn (ours and mosquitto), each its echo."""
+    ours = free_port()
+    broker = spawn.broker(ours)
+    for name, where in (("echo-ours", ours), ("echo-mosquitto", mosquitto)):
+        spawn.start("echo_client", "--port", str(where), name=name).wait_for(r"Subscribed to")
+    result = spawn.run("ping_client", "--host", f"127.0.0.1:{ours}", "--host",
+                       f"127.0.0.1:{mosquitto}", "--devices", "6", "--count", "2", "--interval",
+                       "0.1", "--client-id", "spread", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = events(result.stdout)[-1]
+    assert summary["target"] == f"127.0.0.1:{ours},127.0.0.1:{mosquitto}"
+    assert (summary["devices_ever_up"], summary["sent"], summary["received"]) == (6, 12, 12)
+    assert set(re.findall(r"Client (spread-\d+) connected", broker.err())) == {
+        "spread-0", "spread-2", "spread-4"
+    }  # fmt: skip
+
+
+def test_more_hosts_than_devices_is_a_usage_error(spawn: Spawner) -> None:
+    result = spawn.run("ping_client", "--host", "a", "--host", "b", "--devices", "1")
     assert result.returncode == 64
-    assert result.stderr.count("\n") <= 3  # usage, then the one-line reason
-    assert "--devices needs MQTT 5" in result.stderr
+    assert "--host given 2 times needs --devices 2 or more" in result.stderr
 
 
 def test_a_killed_broker_has_the_fleet_back_and_says_how_fast(spawn: Spawner, port: int) -> None:

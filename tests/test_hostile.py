@@ -17,7 +17,7 @@ from functools import partial
 import pytest
 
 from tests.hostile import BEHAVIOURS, HostileBroker, hostile_broker, never_puback
-from tests.support import Spawner, free_port, wait_until
+from tests.support import ECHO_READY, Spawner, free_port, wait_until
 
 CONNECT_TIMEOUT = 3.0
 # How much later than its bound the probe may end on a loaded two-core machine: the bound is
@@ -88,7 +88,7 @@ def test_counted_run_ends_by_its_derived_deadline_when_the_broker_dies(
 ) -> None:
     """A link that goes away for good: ticks are skipped for ever, the deadline ends the run."""
     broker = spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     # Derived deadline: connect timeout 2 + 4 pings x 0.5 s + timeout 0.5 + 1 s slack = 5.5 s.
     ping = spawn.start(
         "ping_client", "--port", str(port), "--count", "4", "--interval", "0.5",
@@ -108,7 +108,7 @@ def test_counted_run_ends_by_its_derived_deadline_when_the_broker_dies(
 def test_deadline_run_on_a_healthy_system_ends_clean(spawn: Spawner, port: int) -> None:
     """--deadline without --count: pings stop in time to be answered, so exit 0 and no loss."""
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     started = time.monotonic()
     result = spawn.run(
         "ping_client", "--port", str(port), "--deadline", "3", "--interval", "0.2", timeout=30

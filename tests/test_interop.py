@@ -13,13 +13,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.support import MqttProbe, Spawner, tool, wait_until
+from tests.support import ECHO_READY, MqttProbe, Spawner, tool, wait_until
 
 
 def test_mosquitto_clients_round_trip_through_broker_and_echo(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
-    echo.wait_for(r"Subscribed to /ping\.")
+    echo.wait_for(ECHO_READY)
     sub = subprocess.Popen(
         [tool("mosquitto_sub"), "-p", str(port), "-t", "/pong", "-C", "1", "-W", "10", "-V", "311"],
         stdout=subprocess.PIPE,
@@ -190,7 +190,7 @@ def test_paho_v5_with_properties_and_mosquitto_v5_tools_with_our_echo(
     assert message.properties.UserProperty == [("a", "1"), ("b", "2")]  # type: ignore[union-attr]
 
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
-    echo.wait_for(r"Subscribed to /ping\.")
+    echo.wait_for(ECHO_READY)
     listener = subprocess.Popen(
         [tool("mosquitto_sub"), "-p", str(port), "-t", "/pong", "-C", "1", "-W", "10", "-V", "5"],
         stdout=subprocess.PIPE, text=True,

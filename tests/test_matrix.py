@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import V5, RawClient
-from tests.support import Proc, Spawner, free_port, tool, wait_until
+from tests.support import ECHO_READY, Proc, Spawner, free_port, tool, wait_until
 
 KINDS = ["paho-3.1.1", "paho-5", "mosquitto-3.1.1", "mosquitto-5"]
 QOS = [0, 1, 2]
@@ -326,7 +326,7 @@ def test_the_echo_client_returns_binary_payloads_once_at_its_qos(
     echo = spawn.start("echo_client", "--port", str(port), "--protocol", protocol,
                        "--qos", str(qos), "--ping-topic", "mx/ping", "--pong-topic", "mx/pong",
                        name="echo")  # fmt: skip
-    echo.wait_for(r"Subscribed to mx/ping\.")
+    echo.wait_for(r"Subscribed to mx/ping, mx/ping/\+\.")
     sub = PahoSubscriber(port, "paho-5", "mx/pong", 2)
     pub = paho_publisher(port, "paho-3.1.1")
     try:
@@ -645,7 +645,7 @@ def test_our_clients_at_qos2_against_mosquitto_answer_every_ping_exactly_once(
     port = str(mosquitto)
     echo = spawn.start("echo_client", "--port", port, "--qos", "2", "--protocol", protocol,
                        name="echo")  # fmt: skip
-    echo.wait_for(r"Subscribed to /ping\.")
+    echo.wait_for(ECHO_READY)
     result = spawn.run("ping_client", "--port", port, "--qos", "2", "--protocol", protocol,
                        "--count", "20", "--interval", "0.02")  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -110,3 +110,31 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_69(spawn: Spawner, port: int
         broker = spawn.run("broker", "--port", str(port), "--metrics-port", str(busy), timeout=20)
         assert broker.returncode == 69
         assert broker.stderr.splitlines()[-1] == f"broker: error: {reason}"
+
+
+def test_a_fleet_exports_its_devices_up_and_its_pings(spawn: Spawner, port: int) -> None:
+    """One set of metrics for the fleet: the gauge counts devices up; pings add up."""
+    metrics = free_port()
+    broker = spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping")
+    fleet = spawn.start("ping_client", "--port", str(port), "--devices", "12", "--interval",
+                        "0.1", "--json", "--metrics-port", str(metrics), name="fleet")  # fmt: skip
+    fleet.wait_for(r"All 12 devices up after", 15)
+    label = f'{{broker="127.0.0.1:{port}"}}'
+    assert scrape(metrics)[f"mqtt_ping_devices_up{label}"] == 12
+    wait_until(lambda: scrape(metrics)[f"mqtt_ping_pings_answered_total{label}"] >= 36, 10,
+               "three pings of each device answered")  # fmt: skip
+    broker.kill()
+    wait_until(lambda: scrape(metrics)[f"mqtt_ping_devices_up{label}"] == 0, 10, "all down")
+    spawn.broker(port)
+    fleet.wait_for(r"Fleet back: all 12 devices up again", 15)
+    seen = scrape(metrics)
+    assert seen[f"mqtt_ping_devices_up{label}"] == 12
+    assert seen[f"mqtt_ping_reconnects_total{label}"] == 12
+    before = pings_logged(fleet)
+    sent = scrape(metrics)[f"mqtt_ping_pings_sent_total{label}"]
+    assert before <= sent <= pings_logged(fleet)  # the metrics count the JSON events' pings
+    fleet.signal(signal.SIGINT)
+    assert fleet.wait(10) in (0, 1)  # QoS 0 pings in the killed broker's hands may be lost
+    summary = json.loads(fleet.out().splitlines()[-1])
+    assert summary["reconnects"] == 12

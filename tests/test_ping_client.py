@@ -14,7 +14,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from tests.support import PYTHON, REPO, MqttProbe, Proc, Spawner, base_env, wait_until
+from tests.support import ECHO_READY, PYTHON, REPO, MqttProbe, Proc, Spawner, base_env, wait_until
 
 
 def summary_counts(text: str) -> dict[str, int]:
@@ -66,7 +66,7 @@ class FaultyEcho:
 
 def test_count_5_exits_0_with_5_of_5(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     result = spawn.run("ping_client", "--port", str(port), "--count", "5", "--interval", "0.1")
     assert result.returncode == 0, result.stderr
     assert summary_counts(result.stdout) == {
@@ -131,7 +131,7 @@ def test_without_broker_exit_is_2_after_connect_timeout(spawn: Spawner, port: in
 
 def test_strangers_on_the_topics_do_not_change_the_counts(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     # A second ping client on the same broker, same topics, same schedule.
     other = spawn.start("ping_client", "--port", str(port), "--interval", "0.1", name="other")
     other.wait_for("Got b'")
@@ -248,7 +248,7 @@ def test_late_echo_during_a_long_run(spawn: Spawner, port: int) -> None:
 
 def test_json_lines_parse_and_agree_with_the_human_summary(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     result = spawn.run(
         "ping_client", "--port", str(port), "--count", "4", "--interval", "0.1", "--json"
     )
@@ -276,7 +276,7 @@ def test_sigterm_mid_run_prints_the_summary_and_exits_by_the_rules(
     spawn: Spawner, port: int
 ) -> None:
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     ping = spawn.start("ping_client", "--port", str(port), "--interval", "0.05", name="ping")
     wait_until(lambda: ping.count(r"Got b'") >= 5, 10, "five pongs")
     ping.signal(signal.SIGTERM)
@@ -289,7 +289,7 @@ def test_sigterm_mid_run_prints_the_summary_and_exits_by_the_rules(
 
 def test_rolling_status_line(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     ping = spawn.start(
         "ping_client",
         "--port",
@@ -358,7 +358,7 @@ def test_no_ping_goes_out_before_the_pong_subscription_is_acknowledged(
         "slow_subscribe_broker", "--port", str(port), env=base_env(PYTHONPATH=str(tmp_path))
     )
     broker.wait_for(r"Listening on 127\.0\.0\.1:\d+")
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     result = spawn.run(
         "ping_client", "--port", str(port), "--count", "5", "--interval", "0.05", "--timeout", "2"
     )
@@ -370,7 +370,7 @@ def test_no_ping_goes_out_before_the_pong_subscription_is_acknowledged(
 def test_ping_style_short_flags_quiet_and_payload_size(spawn: Spawner, port: int) -> None:
     """-c -i -W -w -s -q -V, as ping and mosquitto_sub users type them."""
     broker = spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     watcher = MqttProbe(port)
     watcher.subscribe("/ping")
     result = spawn.run("ping_client", "--port", str(port), "-c", "3", "-i", "0.1", "-W", "2",
@@ -397,7 +397,7 @@ def test_every_program_says_its_version(spawn: Spawner) -> None:
 def test_flood_logs_nothing_per_ping(spawn: Spawner, port: int) -> None:
     """ping -f: 200 pings and no line per ping (there were two each), the summary as usual."""
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     result = spawn.run("ping_client", "--port", str(port), "--flood", "-c", "200")
     assert result.returncode == 0, result.stderr
     assert summary_counts(result.stdout)["received"] == 200
@@ -409,7 +409,7 @@ def test_flood_on_a_terminal_draws_a_dot_per_ping_and_rubs_it_out_per_reply(
     spawn: Spawner, port: int
 ) -> None:
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     leader, follower = pty.openpty()
     try:
         done = subprocess.run(
@@ -440,7 +440,7 @@ def test_a_deadline_that_shortens_a_run_says_why(spawn: Spawner, port: int) -> N
     """--deadline 1.5 with pings every 0.2 s: none is sent in the last 0.2 s, and the summary
     says so instead of leaving a short run unexplained."""
     spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
     result = spawn.run("ping_client", "--port", str(port), "-i", "0.2", "-w", "1.5")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no ping in the last 0.2 s before the 1.5 s deadline" in result.stdout

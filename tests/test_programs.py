@@ -96,6 +96,10 @@ def test_echo_client_refuses_to_echo_onto_its_own_topic(spawn: Spawner) -> None:
     result = spawn.run("echo_client", "--pong-topic", "/ping", timeout=10)
     assert result.returncode == 64
     assert "the echo would feed itself" in result.stderr
+    # Under the ping topic, the pong topic would be a device's ping topic, echoed again.
+    result = spawn.run("echo_client", "--pong-topic", "/ping/pong", timeout=10)
+    assert result.returncode == 64
+    assert "is a device's ping topic under '/ping'" in result.stderr
 
 
 def test_every_program_has_help(spawn: Spawner) -> None:

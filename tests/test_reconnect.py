@@ -119,7 +119,7 @@ def test_a_crash_looping_broker_is_not_taken_for_a_shared_id(spawn: Spawner, por
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
     for cycle in range(1, 5):
         broker = spawn.broker(port)
-        echo.wait_for(rf"(Subscribed to /ping\.(.|\n)*){{{cycle}}}")
+        echo.wait_for(rf"(Subscribed to /ping, /ping/\+\.(.|\n)*){{{cycle}}}")
         broker.signal(signal.SIGKILL)
         broker.wait(5)
         echo.wait_for(rf"(Lost connection(.|\n)*){{{cycle}}}")

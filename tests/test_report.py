@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import struct
@@ -158,3 +159,37 @@ def test_the_benchmarks_picture_has_a_bar_per_row(
     assert picture.draw(rows, samples) == f"Picture: {tmp_path / 'results.png'}"
     width, height = png_size(tmp_path / "results.png")
     assert (width, height) == (1300, int((5.5 + 0.3 * 12) * 100))
+
+
+def test_a_fleet_run_is_drawn_with_its_percentiles_and_its_devices_up(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    """make report on a fleet's --json: the devices' pings keyed each by device and seq."""
+    port = free_port()
+    broker = spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to")
+    fleet = spawn.start("ping_client", "--port", str(port), "--devices", "10", "--interval",
+                        "0.1", "--deadline", "4", "--json", name="fleet")  # fmt: skip
+    fleet.wait_for(r"All 10 devices up after", 10)
+    broker.kill()
+    fleet.wait_for(r"Device \d+ lost its link", 5)
+    spawn.broker(port)
+    fleet.wait_for(r"Fleet back: all 10 devices up again", 10)
+    assert fleet.wait(15) in (0, 1)  # pings in the killed broker's hands may be lost
+    events = tmp_path / "fleet.jsonl"
+    events.write_text(fleet.out())
+    run = plot.load(events)
+    assert run.devices == 10
+    assert run.facts["pace"] == "10 devices, each every 0.1 s"
+    counts = [n for _, n in run.up]
+    assert max(counts) == 10  # all up,
+    assert 0 in counts  # all down at the kill,
+    assert counts[-1] == 10  # and all back
+    summary = [line for line in fleet.out().splitlines() if '"event":"summary"' in line]
+    assert len(run.rtts) == json.loads(summary[0])["received"]  # no device's seq hid another's
+    assert set(plot.per_second(run.rtts)) == {"p50", "p90", "p99"}
+    if DRAWS:
+        out = tmp_path / "fleet.png"
+        result = spawn.run("ping_client.report", str(events), "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        assert png_size(out) == (1000, 900)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from broker.settings import parse
 from tests.mqtt_raw import RawClient
-from tests.support import REPO, Spawner, base_env, wait_until
+from tests.support import ECHO_READY, REPO, Spawner, base_env, wait_until
 
 
 def test_broker_binds_loopback_by_default() -> None:
@@ -46,7 +46,7 @@ def test_clients_use_credentials_from_the_environment(
     spawn.broker(port, "--password-file", str(password_file))
     creds = {"MQTT_USERNAME": "alice", "MQTT_PASSWORD": "wonderland"}
     spawn.start("echo_client", "--port", str(port), env=base_env(**creds),
-                name="echo").wait_for(r"Subscribed to /ping\.")  # fmt: skip
+                name="echo").wait_for(ECHO_READY)  # fmt: skip
     result = spawn.run("ping_client", "--port", str(port), "--count", "2", "--interval", "0.1",
                        env=base_env(**creds))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -76,7 +76,7 @@ def test_tls_listener_carries_the_round_trip(
                           "--tls-key", str(key))  # fmt: skip
     broker.wait_for(rf"Listening on 127\.0\.0\.1:{tls_port} for MQTT over TLS")
     tls = ["--port", str(tls_port), "--tls-ca", str(cert)]
-    spawn.start("echo_client", *tls, name="echo").wait_for(r"Subscribed to /ping\.")
+    spawn.start("echo_client", *tls, name="echo").wait_for(ECHO_READY)
     result = spawn.run("ping_client", *tls, "--count", "3", "--interval", "0.1")
     assert result.returncode == 0, result.stderr
     assert "3 sent, 3 received" in result.stdout
