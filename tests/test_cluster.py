@@ -78,6 +78,17 @@ def test_the_clients_round_trip_across_a_two_node_rabbitmq_cluster(tmp_path: Pat
         )  # fmt: skip
         assert status.returncode == 0, status.stderr
         running = json.loads(status.stdout)["running_nodes"]
+        # A fleet spread over both nodes (--host twice), MQTT 3.1.1 as RabbitMQ 3.10 speaks
+        # it: each device on its own topic, answered through the echo client on node 2.
+        fleet = subprocess.run(
+            [PYTHON, "-m", "ping_client", "--host", f"127.0.0.1:{ports[0]}", "--host",
+             f"127.0.0.1:{ports[1]}", "--devices", "6", "-V", "3.1.1", "--qos", "1", "--count",
+             "3", "--interval", "0.2", "--client-id", "fleet", "--json"],
+            capture_output=True, text=True, timeout=60, check=False, cwd=REPO, env=base_env(),
+        )  # fmt: skip
+        assert fleet.returncode == 0, fleet.stderr[-2000:]
+        summary = json.loads(fleet.stdout.splitlines()[-1])
+        assert (summary["devices_ever_up"], summary["sent"], summary["received"]) == (6, 18, 18)
         children = supervisor_children(pid)
         before_stop = log(logs, "ping_client")
     finally:
