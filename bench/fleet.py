@@ -1,13 +1,14 @@
 """A fleet of devices through ours and through mosquitto, side by side in one run.
 
-    python -m bench.fleet               # 1,000 devices, about two minutes
+    python -m bench.fleet               # 1,000 and 10,000 devices, about four minutes
     python -m bench.fleet --devices 300 # smaller
 
 For each broker, a fresh one with our echo_client: ``ping_client --devices N`` at 1 ping/s per
 device for a while (RTT p50/p99, loss, connect times), then again with the broker SIGKILLed in
 the middle and started again on the same port ("fleet back in": from the first device back to
-every device back). The CPU seconds of the broker and of the fleet's process over each run say
-which one bounds the figures. Prints a table; writes bench/fleet.json.
+every device back), then 10,000 devices connected at once with 1 ping/s among them all. The CPU
+seconds of the broker and of the fleet's process over each run say which one bounds the
+figures. Prints a table; writes bench/fleet.json. ``make bench`` runs it too (:func:`run`).
 """
 
 from __future__ import annotations
@@ -33,20 +34,25 @@ from bench.harness import (
     start_program,
     workspace,
 )
+from bench.scale import raise_open_files
 
 OUT = REPO / "bench" / "fleet.json"
 
 
-def fleet(port: int, devices: int, seconds: float, tmp: Path) -> subprocess.Popen[bytes]:
+def fleet(
+    port: int, devices: int, seconds: float, tmp: Path, interval: float = 1.0
+) -> subprocess.Popen[bytes]:
     """Start ``ping_client --devices`` for ``seconds`` (its --deadline), JSON to a file.
 
+    Each device pings every ``interval`` (its first ping at a random time within one).
     Files, not pipes: a pipe nobody reads while the fleet runs fills up and stops it.
     """
+    raise_open_files(4 * devices + 100)  # each paho client holds a socket and a socketpair
     with (tmp / "fleet.out").open("wb") as out, (tmp / "fleet.err").open("wb") as err:
         return subprocess.Popen(
             [PYTHON, "-m", "ping_client", "--port", str(port), "--devices", str(devices),
-             "--interval", "1", "--deadline", str(seconds), "--json", "--connect-timeout",
-             "30"],
+             "--interval", f"{interval:g}", "--deadline", str(seconds), "--json",
+             "--connect-timeout", "60"],
             env=env(), cwd=REPO, stdout=out, stderr=err,
         )  # fmt: skip
 
@@ -69,7 +75,9 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def steady(kind: str, devices: int, seconds: float, tmp: Path) -> dict[str, Any]:
+def steady(
+    kind: str, devices: int, seconds: float, tmp: Path, interval: float = 1.0
+) -> dict[str, Any]:
     """The fleet for ``seconds`` against a fresh broker of ``kind``."""
     broker = start_broker(kind, tmp)
     echo = start_program("echo_client", broker.port)
@@ -77,10 +85,11 @@ def steady(kind: str, devices: int, seconds: float, tmp: Path) -> dict[str, Any]
         time.sleep(1.0)  # the echo subscribed (it logs nothing on stdout to wait for)
         cpu = cpu_seconds(broker.proc.pid)
         children = _children_cpu()
-        proc = fleet(broker.port, devices, seconds, tmp)
-        summary = summary_of(proc, seconds + 60, tmp)
+        proc = fleet(broker.port, devices, seconds, tmp, interval)
+        summary = summary_of(proc, seconds + 120, tmp)
         return {"summary": summary, "broker_cpu_s": cpu_seconds(broker.proc.pid) - cpu,
-                "fleet_cpu_s": _children_cpu() - children}  # fmt: skip
+                "fleet_cpu_s": _children_cpu() - children,
+                "broker_rss_mb": broker.rss_mb()}  # fmt: skip
     finally:
         echo.terminate()
         echo.wait(10)
@@ -107,44 +116,80 @@ def killed(kind: str, devices: int, tmp: Path) -> dict[str, Any]:
         broker.stop()
 
 
+def run(devices: int = 1000, seconds: float = 20.0, wide: int = 10_000,
+        wide_seconds: float = 30.0) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Every fleet measurement, ours then mosquitto: steady, killed, and ``wide`` devices."""
+    results: dict[str, dict[str, Any]] = {}
+    with workspace() as tmp:
+        for kind in ("ours", "mosquitto"):
+            results[kind] = {
+                "steady": steady(kind, devices, seconds, tmp),
+                "killed": killed(kind, devices, tmp),
+                # 1 ping/s among them all: each device every `wide` seconds.
+                "wide": steady(kind, wide, wide_seconds, tmp, interval=float(wide)),
+            }  # fmt: skip
+    return results
+
+
+def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Table rows: metric, ours, mosquitto, ours / mosquitto (empty where it is no ratio)."""
+    o, t = results["ours"], results["mosquitto"]
+    out: list[tuple[str, str, str, str]] = []
+    so, st = o["steady"]["summary"], t["steady"]["summary"]
+    n = so["devices"]
+    for p in ("p50", "p99"):
+        a, b = so["rtt_ms"][p], st["rtt_ms"][p]
+        out.append((f"fleet, {n:,} devices at 1 ping/s each, RTT {p}", f"{a:.2f} ms",
+                    f"{b:.2f} ms", f"{a / b:.2f}x"))  # fmt: skip
+    out.append((f"fleet, {n:,} devices: pings sent / lost", f"{so['sent']} / {so['lost']}",
+                f"{st['sent']} / {st['lost']}", ""))  # fmt: skip
+    for key, label in (("broker_cpu_s", "broker CPU"), ("fleet_cpu_s", "the fleet's own CPU")):
+        a, b = o["steady"][key], t["steady"][key]
+        out.append((f"fleet, {n:,} devices: {label} in {so['elapsed_s']:.0f} s", f"{a:.1f} s",
+                    f"{b:.1f} s", f"{a / b:.2f}x" if b else ""))  # fmt: skip
+
+    def back(r: dict[str, Any]) -> float | None:
+        found = r["killed"]["summary"]["fleet_back_s"]
+        return float(found[0]["after_first_back"]) if found else None
+
+    a, b = back(o), back(t)
+    out.append((f"fleet, {n:,} devices: back after a broker SIGKILL",
+                "never" if a is None else f"{a:.3f} s", "never" if b is None else f"{b:.3f} s",
+                f"{a / b:.2f}x" if a and b else ""))  # fmt: skip
+    out.append(
+        (
+            f"fleet, {n:,} devices: pings lost around the SIGKILL",
+            str(o["killed"]["summary"]["lost"]),
+            str(t["killed"]["summary"]["lost"]),
+            "",
+        )
+    )
+    wo, wt = o["wide"]["summary"], t["wide"]["summary"]
+    m = wo["devices"]
+    out.append((f"fleet, {m:,} devices, 1 ping/s among them: up / sent / lost",
+                f"{wo['devices_ever_up']} / {wo['sent']} / {wo['lost']}",
+                f"{wt['devices_ever_up']} / {wt['sent']} / {wt['lost']}", ""))  # fmt: skip
+    a, b = wo["connect_ms"]["p99"], wt["connect_ms"]["p99"]
+    out.append((f"fleet, {m:,} devices: connect p99 (all at once)", f"{a:.0f} ms", f"{b:.0f} ms",
+                f"{a / b:.2f}x"))  # fmt: skip
+    a, b = o["wide"]["broker_rss_mb"], t["wide"]["broker_rss_mb"]
+    out.append((f"fleet, {m:,} devices: broker RSS", f"{a:.0f} MiB", f"{b:.0f} MiB",
+                f"{a / b:.2f}x"))  # fmt: skip
+    return out
+
+
 def main() -> None:
     """Measure both brokers, print the table, write bench/fleet.json."""
     parser = argparse.ArgumentParser(prog="bench.fleet", description=__doc__)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--wide", type=int, default=10_000,
+                        help="devices of the run with 1 ping/s among them all")  # fmt: skip
     args = parser.parse_args()
-    results: dict[str, dict[str, Any]] = {}
-    with workspace() as tmp:
-        for kind in ("ours", "mosquitto"):
-            results[kind] = {"steady": steady(kind, args.devices, args.seconds, tmp),
-                             "killed": killed(kind, args.devices, tmp)}  # fmt: skip
-    rows = ["| metric | ours | mosquitto |", "|---|---|---|"]
-
-    def row(label: str, get: Any) -> None:  # noqa: ANN401
-        rows.append(f"| {label} | {get(results['ours'])} | {get(results['mosquitto'])} |")
-
-    def s(r: dict[str, Any]) -> dict[str, Any]:
-        summary: dict[str, Any] = r["steady"]["summary"]
-        return summary
-
-    n = args.devices
-    row(f"{n} devices at 1 ping/s, RTT p50", lambda r: f"{s(r)['rtt_ms']['p50']:.2f} ms")
-    row(f"{n} devices at 1 ping/s, RTT p99", lambda r: f"{s(r)['rtt_ms']['p99']:.2f} ms")
-    row("pings sent / lost", lambda r: f"{s(r)['sent']} / {s(r)['lost']}")
-    row("connect p50 / p99 (all at once)",
-        lambda r: f"{s(r)['connect_ms']['p50']:.0f} / "
-                  f"{s(r)['connect_ms']['p99']:.0f} ms")  # fmt: skip
-    row("broker CPU / the fleet's CPU over the run",
-        lambda r: f"{r['steady']['broker_cpu_s']:.1f} s / {r['steady']['fleet_cpu_s']:.1f} s "
-                  f"in {s(r)['elapsed_s']:.0f} s")  # fmt: skip
-
-    def back(r: dict[str, Any]) -> str:
-        found = r["killed"]["summary"]["fleet_back_s"]
-        return f"{found[0]['after_first_back']:.3f} s" if found else "never"
-
-    row("fleet back after a SIGKILL, from the first device back", back)
-    row("pings lost around the SIGKILL", lambda r: str(r["killed"]["summary"]["lost"]))
-    sys.stdout.write("\n".join(rows) + "\n")
+    results = run(args.devices, args.seconds, args.wide)
+    sys.stdout.write("| metric | ours | mosquitto | ours / mosquitto |\n|---|---|---|---|\n")
+    for row in rows(results):
+        sys.stdout.write("| " + " | ".join(row) + " |\n")
     OUT.write_text(json.dumps(results, indent=1) + "\n")
     sys.stderr.write(f"written to {OUT}\n")
 

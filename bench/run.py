@@ -29,7 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import isolation, picture, scale, websocket
+from bench import fleet, isolation, picture, scale, websocket
 from bench.harness import (
     MQTT_VERSION,
     PYTHON,
@@ -457,6 +457,9 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
     sys.stderr.write("Scale: 10,000 devices, the rate curve, fan-out\n")
     scale_result = scale.run()
 
+    sys.stderr.write("A fleet: 1,000 devices pinging, a SIGKILL under them, 10,000 connected\n")
+    fleet_result = fleet.run(1000, 20.0 if full else 10.0, 10_000, 30.0 if full else 20.0)
+
     elapsed = time.monotonic() - started
     lines = [
         f"mqtt-pingpong benchmark, {time.strftime('%Y-%m-%d')}, nproc {os.cpu_count()}, "
@@ -494,6 +497,11 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
     lines += ["", "Scale, in the same run (`bench/scale.py`):", "",
               "| metric | ours | mosquitto | ours / mosquitto |", "|---|---|---|---|"]  # fmt: skip
     lines += ["| " + " | ".join(row) + " |" for row in scale.rows(scale_result)]
+    lines += ["", "A fleet of devices (`ping_client --devices`), in the same run "
+              "(`bench/fleet.py`). The fleet is one Python process: compare its CPU with the "
+              "broker's to see which bounds a figure.", "",
+              "| metric | ours | mosquitto | ours / mosquitto |", "|---|---|---|---|"]  # fmt: skip
+    lines += ["| " + " | ".join(row) + " |" for row in fleet.rows(fleet_result)]
     table = "\n".join(lines)
     sys.stdout.write(table + "\n")
     RESULTS.write_text(json.dumps({
@@ -502,8 +510,9 @@ def main() -> None:  # noqa: PLR0912 - one flat script of measurements
                  for m, o, t, u, r in rows],
         **extra, "restart_samples_s": {"ours": ours_r, "mosquitto": theirs_r},
         "sigterm_samples_s": {"ours": ours_t, "mosquitto": theirs_t}, "scale": scale_result,
+        "fleet": fleet_result,
     }, indent=2) + "\n")  # fmt: skip
-    all_rows = rows + picture.scale_rows(scale.rows(scale_result))
+    all_rows = rows + picture.scale_rows([*scale.rows(scale_result), *fleet.rows(fleet_result)])
     sys.stderr.write(picture.draw(all_rows, samples) + "\n")
 
 
