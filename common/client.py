@@ -101,8 +101,8 @@ def add_client_options(
             action=cli.Repeatable, help="broker host, or HOST:PORT; given more than once, "
             "a fleet's devices are spread over the brokers in turn")  # fmt: skip
     else:
-        add(parser, environ, "--host", convert=cli.host, default=DEFAULT_HOST,
-            help="broker host")  # fmt: skip
+        add(parser, environ, "--host", convert=cli.broker_address, default=DEFAULT_HOST,
+            help="broker host, or HOST:PORT")  # fmt: skip
     add(parser, environ, "--port", convert=cli.port, default=DEFAULT_PORT, help="broker port")
     add(
         parser,

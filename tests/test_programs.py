@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.settings import BrokerSettings
+from common import cli
 from common.constants import EXIT_FORCED
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT
 from tests.support import PYTHON, REPO, MqttProbe, Spawner, base_env, wait_until
@@ -222,3 +223,22 @@ def test_broker_rejects_a_keepalive_cap_out_of_range(
     assert result.returncode == 64
     assert result.stderr.count("\n") == 1, result.stderr
     assert needle in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("broker.example", ("broker.example", 10008)),
+        ("127.0.0.1:1884", ("127.0.0.1", 1884)),
+        ("::1", ("::1", 10008)),  # an IPv6 address alone keeps the --port
+        ("[::1]:1884", ("::1", 1884)),
+    ],
+)
+def test_a_host_may_carry_its_port(given: str, expected: tuple[str, int]) -> None:
+    assert cli.split_address(cli.broker_address(given), 10008) == expected
+
+
+@pytest.mark.parametrize("given", ["host:", "host:99999", "[::1]:x", " "])
+def test_a_malformed_host_and_port_is_refused(given: str) -> None:
+    with pytest.raises(ValueError, match="not a|must be"):
+        cli.broker_address(given)
