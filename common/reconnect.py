@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -74,12 +74,15 @@ class Link:
         role: str = "",
         quiet: bool = False,
         fallback: Callable[[], Client] | None = None,
+        optional: Collection[str] = (),
     ) -> None:
         """Wrap ``client``; ``interval`` is the pause between attempts (0 in tests).
 
         ``topics`` are (filter, QoS) pairs subscribed on every connection before the link counts
-        as up. ``role`` names a secondary connection in its log lines, e.g. ``"watcher"``;
-        ``quiet`` logs its events at DEBUG, for a connection whose outages the main one reports.
+        as up. A refused one fails the attempt, unless it is ``optional``: its refusal is
+        logged once, and the link goes up without it. ``role`` names a secondary connection in
+        its log lines, e.g. ``"watcher"``; ``quiet`` logs its events at DEBUG, for a connection
+        whose outages the main one reports.
         ``fallback`` makes the MQTT 3.1.1 client that replaces an MQTT 5 one, once, when the
         broker does not speak MQTT 5.
         """
@@ -89,6 +92,10 @@ class Link:
         """While a 3.1.1 client is tried: the MQTT 5 client, and how its attempt failed."""
         self._tried_311 = False
         self.topics = tuple(topics)
+        self._optional = frozenset(optional)
+        self._subscribed: list[str] = []
+        """The filters the broker granted on this connection."""
+        self._refusals_told: set[str] = set()
         self.suback_timeout = suback_timeout
         self._prefix = f"{role}: " if role else ""
         self._info = logging.DEBUG if quiet else logging.INFO
@@ -226,7 +233,11 @@ class Link:
             )
 
     async def _subscribe(self) -> None:
-        """Subscribe to every topic; a missing or refusing SUBACK fails the attempt."""
+        """Subscribe to every topic; a missing or refusing SUBACK fails the attempt.
+
+        A refusing SUBACK for an optional topic does not.
+        """
+        self._subscribed = []
         for topic, qos in self.topics:
             self._waiting = (f"SUBACK for {topic}", self._clock())
             try:
@@ -242,9 +253,17 @@ class Link:
                 ) from None
             codes = [int(code) if isinstance(code, int) else code.value for code in granted]
             if any(code >= SUBACK_FAILURE for code in codes):
-                raise aiomqtt.MqttError(
-                    f"the broker refused the subscription to {topic} (SUBACK 0x{codes[0]:02x})"
-                )
+                if topic not in self._optional:
+                    raise aiomqtt.MqttError(
+                        f"the broker refused the subscription to {topic} (SUBACK 0x{codes[0]:02x})"
+                    )
+                if topic not in self._refusals_told:
+                    self._refusals_told.add(topic)
+                    logger.log(self._warning, "%sThe broker refused the subscription to %s "
+                               "(SUBACK 0x%02x): going on without it.", self._prefix, topic,
+                               codes[0])  # fmt: skip
+                continue
+            self._subscribed.append(topic)
         self._waiting = None
 
     def _up(self) -> None:
@@ -265,13 +284,8 @@ class Link:
                 outage,
                 self.attempts,
             )
-        if self.topics:
-            logger.log(
-                self._info,
-                "%sSubscribed to %s.",
-                self._prefix,
-                ", ".join(topic for topic, _ in self.topics),
-            )
+        if self._subscribed:
+            logger.log(self._info, "%sSubscribed to %s.", self._prefix, ", ".join(self._subscribed))
         self._down_since = None
         self._up_since = now
         self._at_once = self.attempts <= 1

@@ -383,3 +383,25 @@ def test_reload_reads_new_users_and_warns_of_unknown_ones(
         assert carol.subscribe("dev/#") == 1
     finally:
         carol.close()
+
+
+def test_an_echo_client_the_acl_keeps_off_the_devices_topics_still_echoes(
+    spawn: Spawner, port: int, tmp_path: Path, users: Path
+) -> None:
+    """The echo's /ping/+ (MQTT 3.1.1 fleets) is refused; it says so once and echoes /ping."""
+    acl = tmp_path / "acl.txt"
+    acl.write_text("user alice\ntopic read /ping\ntopic write /pong\n"
+                   "user bob\ntopic write /ping\ntopic read /pong\n")  # fmt: skip
+    spawn.broker(port, "--password-file", str(users), "--acl-file", str(acl)).wait_for(
+        r"Topic access from"
+    )
+    echo = spawn.start("echo_client", "--port", str(port), "--username", "alice", "--password",
+                       "ecila", name="echo")  # fmt: skip
+    echo.wait_for(r"The broker refused the subscription to /ping/\+ \(SUBACK 0x87\): going on "
+                  r"without it\.")  # fmt: skip
+    echo.wait_for(r"Subscribed to /ping\.")
+    result = spawn.run("ping_client", "--port", str(port), "--username", "bob", "--password",
+                       "bob"[::-1], "--count", "3", "--interval", "0.1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3 sent, 3 received, 0 lost" in result.stdout
+    assert echo.count(r"The broker refused the subscription") == 1
