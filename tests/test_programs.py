@@ -240,5 +240,5 @@ def test_a_host_may_carry_its_port(given: str, expected: tuple[str, int]) -> Non
 
 @pytest.mark.parametrize("given", ["host:", "host:99999", "[::1]:x", " "])
 def test_a_malformed_host_and_port_is_refused(given: str) -> None:
-    with pytest.raises(ValueError, match="not a|must be"):
+    with pytest.raises(ValueError, match=r"not a|must be"):
         cli.broker_address(given)
