@@ -64,7 +64,9 @@ def free_port() -> int:
 
     Not from the ephemeral range: there, any outgoing connection (thousands, in these tests)
     may take the port between the check and the broker's bind. Each xdist worker draws from
-    its own slice, so parallel tests never pick the same port.
+    its own slice, so parallel tests never pick the same port; and a port is handed out once
+    per worker, so that one test's two ports (``port`` and ``ws_port``, say) never coincide, as
+    two random draws once did (CI on 3.13: "two listeners on one port: 10411, 10411").
     """
     low, high = 10000, _ephemeral_low()
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
@@ -73,13 +75,20 @@ def free_port() -> int:
     start = low + (index % 8) * span
     for _ in range(200):
         port = random.randrange(start, start + span)  # noqa: S311 - not a secret
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port found")
+
+
+_HANDED_OUT: set[int] = set()
+"""The ports :func:`free_port` has returned in this process."""
 
 
 def tool(name: str) -> str:
