@@ -419,3 +419,24 @@ def rss_kib(pid: int) -> int:
     match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     assert match is not None
     return int(match.group(1))
+
+
+def fleet_through_a_broker_kill(
+    spawn: Spawner, port: int, devices: int, *args: str
+) -> tuple[Proc, re.Match[str]]:
+    """A fleet up through our echo_client, its broker SIGKILLed and started again on its port.
+
+    Return the fleet (``ping_client --devices N --json *args``, still running) and its line
+    ``Fleet back: …``, whose group 1 is the seconds from the first device back to the last.
+    """
+    broker = spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
+    fleet = spawn.start("ping_client", "--port", str(port), "--devices", str(devices), "--json",
+                        *args, name="fleet")  # fmt: skip
+    fleet.wait_for(rf"All {devices} devices up after", 15)
+    broker.kill()
+    fleet.wait_for(r"Device \d+ lost its link", 5)
+    spawn.broker(port)
+    back = fleet.wait_for(rf"Fleet back: all {devices} devices up again [\d.]+ s after the first "
+                          r"lost its link, ([\d.]+) s after the first came back\.", 15)  # fmt: skip
+    return fleet, back

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.support import ECHO_READY, MqttProbe, Spawner, free_port
+from tests.support import ECHO_READY, MqttProbe, Spawner, fleet_through_a_broker_kill, free_port
 
 
 def events(out: str) -> list[dict[str, object]]:
@@ -105,16 +105,8 @@ def test_more_hosts_than_devices_is_a_usage_error(spawn: Spawner) -> None:
 
 def test_a_killed_broker_has_the_fleet_back_and_says_how_fast(spawn: Spawner, port: int) -> None:
     """The 100 ms reconnect loop at fleet scale: every device back, and the time it took."""
-    broker = spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping")
-    fleet = spawn.start("ping_client", "--port", str(port), "--devices", "100", "--interval",
-                        "0.2", "--deadline", "8", "--json", name="fleet")  # fmt: skip
-    fleet.wait_for(r"All 100 devices up after", 15)
-    broker.kill()
-    fleet.wait_for(r"Device \d+ lost its link", 5)
-    spawn.broker(port)
-    back = fleet.wait_for(r"Fleet back: all 100 devices up again [\d.]+ s after the first lost "
-                          r"its link, ([\d.]+) s after the first came back\.", 15)  # fmt: skip
+    fleet, back = fleet_through_a_broker_kill(spawn, port, 100, "--interval", "0.2",
+                                              "--deadline", "8")  # fmt: skip
     assert float(back.group(1)) < 2.0
     assert fleet.wait(20) in (0, 1)  # QoS 0 pings in the dying broker's hands may be lost
     summary = json.loads(fleet.out().splitlines()[-1])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ping_client import plot
-from tests.support import Spawner, free_port
+from tests.support import Spawner, fleet_through_a_broker_kill, free_port
 
 DRAWS = importlib.util.find_spec("matplotlib") is not None
 REQUIRED = "report" in os.environ.get("EXTRAS", "")
@@ -165,16 +165,8 @@ def test_a_fleet_run_is_drawn_with_its_percentiles_and_its_devices_up(
     spawn: Spawner, tmp_path: Path
 ) -> None:
     """make report on a fleet's --json: the devices' pings keyed each by device and seq."""
-    port = free_port()
-    broker = spawn.broker(port)
-    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to")
-    fleet = spawn.start("ping_client", "--port", str(port), "--devices", "10", "--interval",
-                        "0.1", "--deadline", "4", "--json", name="fleet")  # fmt: skip
-    fleet.wait_for(r"All 10 devices up after", 10)
-    broker.kill()
-    fleet.wait_for(r"Device \d+ lost its link", 5)
-    spawn.broker(port)
-    fleet.wait_for(r"Fleet back: all 10 devices up again", 10)
+    fleet, _ = fleet_through_a_broker_kill(spawn, free_port(), 10, "--interval", "0.1",
+                                           "--deadline", "4")  # fmt: skip
     assert fleet.wait(15) in (0, 1)  # pings in the killed broker's hands may be lost
     events = tmp_path / "fleet.jsonl"
     events.write_text(fleet.out())
