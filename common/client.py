@@ -295,9 +295,17 @@ class Client(aiomqtt.Client):
       would hold the 100 ms reconnect loop for 5 s per attempt.
     - Manual acknowledgement (paho's ``manual_ack``), which aiomqtt 2.5 does not expose
       (empicano/aiomqtt#345): see :meth:`ack`.
+    - :attr:`lost`, done when the connection ends, for what a lost connection does not end in
+      aiomqtt: a publish waiting for its confirmation waits out its whole timeout.
     """
 
     protocol_level = 4
+
+    @property
+    def lost(self) -> asyncio.Future[None]:
+        """Done once the current connection has ended (an error: how it was lost)."""
+        return self._disconnected
+
     """4 (MQTT 3.1.1) or 5, as made by make_client."""
     disconnect_reason: int | None = None
     """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""

@@ -12,6 +12,7 @@ the process, where supervisord can see it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -54,6 +55,8 @@ SUBACK_TIMEOUT = 5.0
 SESSION_TAKEN_OVER = 0x8E
 """The MQTT 5 DISCONNECT reason when another client connected with this one's id."""
 
+LOSS_GRACE = 0.05
+"""Seconds a session gets to end by itself once its connection is lost (see Link._until_lost)."""
 SUBACK_FAILURE = 0x80
 """The SUBACK return code for a refused subscription (MQTT 3.1.1 section 3.9.3)."""
 
@@ -168,7 +171,7 @@ class Link:
                     self._greet()
                     await self._subscribe()
                     self._up()
-                    await session(self.client)
+                    await self._until_lost(session)
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     return
@@ -200,6 +203,29 @@ class Link:
                 # A session only returns when its message stream ended without an error.
                 self._down(aiomqtt.MqttError("session ended"))
             await asyncio.sleep(self._pause())
+
+    async def _until_lost(self, session: Session) -> None:
+        """Run ``session`` until it ends, or until the connection does.
+
+        aiomqtt ends a message iteration when the connection is lost, but not a publish waiting
+        for its confirmation: an echo blocked in one when the broker was SIGKILLed noticed the
+        loss only when the publish timed out, 5 s later (`test_a_killed_broker_has_the_fleet_
+        back_and_says_how_fast`, 2,442 pings lost). A session the loss does not end by itself
+        within LOSS_GRACE is cancelled, and the loss reported as the iteration reports it.
+        """
+        work = asyncio.ensure_future(session(self.client))
+        try:
+            await asyncio.wait({work, self.client.lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                await asyncio.wait({work}, timeout=LOSS_GRACE)  # its own error says more
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await work
+        if work.cancelled():
+            raise aiomqtt.MqttError("Disconnected during message iteration")
+        work.result()  # the session's own end, or its error
 
     def _settle_protocol(self) -> None:
         """After a CONNACK: if it answered the 3.1.1 trial, stay with 3.1.1 for good."""

@@ -295,12 +295,25 @@ class Fleet:
             properties.ResponseTopic = device.response_topic
             properties.CorrelationData = payload
             properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
+        client = device.link.client
+        publishing = asyncio.ensure_future(client.publish(
+            device.ping_topic, payload, qos=self.settings.client.qos, properties=properties
+        ))  # fmt: skip
+        # Until it is written, or the connection is lost: aiomqtt would wait out its timeout
+        # (5 s) for a publish the lost connection never confirms, and this device's ticker
+        # with it (common.reconnect.Link._until_lost says more).
         try:
-            await device.link.client.publish(device.ping_topic, payload,
-                                             qos=self.settings.client.qos,
-                                             properties=properties)  # fmt: skip
-        except aiomqtt.MqttError as exc:
-            logger.debug("Device %d: publish failed: %s", device.index, exc)
+            await asyncio.wait({publishing, client.lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not publishing.done():
+                publishing.cancel()
+                await asyncio.wait({publishing})  # it ends; wait() raises none of its errors
+        if publishing.cancelled():
+            logger.debug("Device %d: publish dropped: the link was lost.", device.index)
+        elif isinstance(publishing.exception(), aiomqtt.MqttError):
+            logger.debug("Device %d: publish failed: %s", device.index, publishing.exception())
+        else:
+            publishing.result()  # done; any other error is a bug, and raised
 
     async def _expirer(self) -> None:
         step = min(0.25, self.settings.timeout / 4)

@@ -153,3 +153,43 @@ def test_between_quick_failures_the_verdict_is_the_last_error() -> None:
         assert link.problem() == "no SUBACK for /pong after 3 s"
 
     asyncio.run(check())
+
+
+def test_a_session_stuck_on_what_a_loss_does_not_end_still_sees_the_loss(
+    spawn: Spawner, port: int
+) -> None:
+    """The loss is noticed however the session waits, not only in its message iteration.
+
+    aiomqtt does not end a publish waiting for its confirmation when the connection is lost:
+    an echo blocked in one noticed a SIGKILLed broker only at its 5 s timeout. The session here
+    waits on an event the connection never sets, as that publish did.
+    """
+    broker = spawn.broker(port)
+    seen: list[tuple[str, float]] = []
+
+    async def check() -> None:
+        link = Link(
+            make_client(ClientSettings(port=port)),
+            address=f"127.0.0.1:{port}",
+            interval=0.1,
+            listener=lambda event, _: seen.append((event, time.monotonic())),
+        )
+        blocked = asyncio.Event()
+
+        async def session(_client: object) -> None:
+            blocked.set()
+            await asyncio.Event().wait()  # what the loss of the connection does not end
+
+        runner = asyncio.ensure_future(link.run(session))
+        await asyncio.wait_for(blocked.wait(), 10)
+        killed = time.monotonic()
+        broker.kill()
+        while not any(event == "disconnected" for event, _ in seen):
+            assert time.monotonic() - killed < 2, "the loss went unnoticed"
+            await asyncio.sleep(0.01)
+        link.stop()
+        runner.cancel()
+        lost = next(t for event, t in seen if event == "disconnected")
+        assert lost - killed < 1.0  # LOSS_GRACE after paho saw it, not aiomqtt's 5 s timeout
+
+    asyncio.run(check())
