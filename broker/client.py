@@ -159,7 +159,7 @@ class Client:
             session.username, session.password = identity, None
             self._admit(connect, session, allowed=True)
             return
-        allowed = self.hub.state.authenticate_now(session)
+        allowed = self.hub.state.authenticate_now()
         if allowed is None:  # a password to check, in a worker thread
             self.wire.start(self._authenticate(connect, session), "connect")
         else:

@@ -212,7 +212,7 @@ class Engine:
 
     # --- authentication -------------------------------------------------------------------------
 
-    def authenticate_now(self, session: Session) -> bool | None:  # noqa: ARG002 - the API
+    def authenticate_now(self) -> bool | None:
         """Answer at once where the answer is known; None when the plugins must be asked.
 
         Without a password file the only auth plugin is AllowAnonymous (checked at start-up),

@@ -179,22 +179,28 @@ def host(text: str) -> str:
     return value
 
 
+def _address_parts(text: str) -> tuple[str, str | None]:
+    """Split ``HOST:PORT`` (``[IPv6]:PORT``) into host and port text; a bare host has None."""
+    where, colon, port_text = text.rpartition(":")
+    if colon and (text.count(":") == 1 or where.endswith("]")):
+        return where.strip("[]"), port_text
+    return text, None
+
+
 def broker_address(text: str) -> str:
     """Accept ``HOST`` or ``HOST:PORT`` (``[IPv6]:PORT``); the text comes back as given."""
     value = host(text)
-    where, colon, port_text = value.rpartition(":")
-    if colon and (value.count(":") == 1 or where.endswith("]")):
-        host(where.strip("[]") or " ")
+    where, port_text = _address_parts(value)
+    if port_text is not None:
+        host(where or " ")
         port(port_text)
     return value
 
 
 def split_address(text: str, default_port: int) -> tuple[str, int]:
     """Split a checked :func:`broker_address` into host and port (``default_port`` if none)."""
-    where, colon, port_text = text.rpartition(":")
-    if colon and (text.count(":") == 1 or where.endswith("]")):
-        return where.strip("[]"), int(port_text)
-    return text, default_port
+    where, port_text = _address_parts(text)
+    return where, default_port if port_text is None else int(port_text)
 
 
 class Repeatable(argparse.Action):

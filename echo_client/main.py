@@ -44,15 +44,24 @@ class EchoSettings:
     """A shared subscription group to echo as a member of (MQTT 5 section 4.8.2)."""
 
     @property
-    def subscriptions(self) -> list[str]:
-        """The filters subscribed to: the ping topic and each device's under it (shared forms).
+    def ping_filters(self) -> tuple[str, str]:
+        """What is ping traffic: the ping topic, and each device's under it.
 
         A device of an MQTT 3.1.1 fleet (``ping_client --devices N --protocol 3.1.1``) pings on
         ``<ping>/<device>`` and is answered on ``<pong>/<device>``: 3.1.1 has no response topic.
         """
         ping = self.client.ping_topic
-        filters = [ping, f"{ping}/+"]
-        return [f"$share/{self.share}/{f}" for f in filters] if self.share else filters
+        return ping, f"{ping}/+"
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The filters subscribed to: the ping filters, or their shared forms."""
+        filters = self.ping_filters
+        return [f"$share/{self.share}/{f}" for f in filters] if self.share else list(filters)
+
+    def is_ping(self, topic: aiomqtt.Topic) -> bool:
+        """Whether ``topic`` is ping traffic (echoing anything else is how echo loops start)."""
+        return any(topic.matches(f) for f in self.ping_filters)
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSettings:
@@ -158,11 +167,7 @@ class Echo:
 
     async def session(self, client: aiomqtt.Client) -> None:
         """Echo until the link breaks (the Link has subscribed to the ping topic)."""
-        ping, pong, qos = (
-            self.settings.client.ping_topic,
-            self.settings.client.pong_topic,
-            self.settings.client.qos,
-        )
+        qos = self.settings.client.qos
         owner = Ownership(client)
         # QoS 1/2 echoes are not awaited one by one (that would wait a PUBACK per message);
         # they run as tasks of this group, cancelled when the link breaks. One that fails (no
@@ -172,7 +177,7 @@ class Echo:
             async with asyncio.TaskGroup() as echoes:
                 async for message in client.messages:
                     payload = message.payload if isinstance(message.payload, bytes) else b""
-                    if not (message.topic.matches(ping) or message.topic.matches(f"{ping}/+")):
+                    if not self.settings.is_ping(message.topic):
                         # Never echo anything but ping traffic (a stale subscription, a
                         # retained message on another topic): that is how echo loops start.
                         logger.warning(
@@ -192,7 +197,7 @@ class Echo:
                         )
                         owner.settled(message)
                         continue
-                    topic, properties = self._answer(message, ping, pong)
+                    topic, properties = self._answer(message)
                     logger.info("Publishing %s on %s.", show(payload), topic)
                     if qos == 0:
                         await self._publish(client, topic, payload, properties)
@@ -217,18 +222,19 @@ class Echo:
         self.echoed += 1
         self.bytes += len(payload)
 
-    @staticmethod
-    def _answer(message: aiomqtt.Message, ping: str, pong: str) -> tuple[str, Properties | None]:
+    def _answer(self, message: aiomqtt.Message) -> tuple[str, Properties | None]:
         """Decide where to echo, and with what.
 
         An MQTT 5 request's response topic and correlation data (section 4.10), else the pong
         topic (``<pong>/<device>`` for a ping on ``<ping>/<device>``).
         """
+        settings = self.settings
+        ping, pong = settings.client.ping_topic, settings.client.pong_topic
         asked = getattr(message.properties, "ResponseTopic", None)
         if not asked:
             device = message.topic.value[len(ping) + 1 :]  # "" for the ping topic itself
             return (f"{pong}/{device}" if device else pong), None
-        if aiomqtt.Topic(asked).matches(ping) or aiomqtt.Topic(asked).matches(f"{ping}/+"):
+        if settings.is_ping(aiomqtt.Topic(asked)):
             # Answering on the ping topic would echo our own answer for ever.
             logger.warning("Ignoring response topic %s: it is the ping topic.", asked)
             return pong, None

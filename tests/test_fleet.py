@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.support import ECHO_READY, MqttProbe, Spawner, fleet_through_a_broker_kill, free_port
 
 
@@ -33,10 +35,13 @@ def test_a_fleet_pings_through_one_echo_and_sums_up(spawn: Spawner, port: int) -
     assert "20 devices (20 came up), 60 sent, 60 received, 0 lost" in result.stderr
 
 
-def test_a_fleet_works_against_mosquitto(spawn: Spawner, mosquitto: int) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_fleet_works_against_mosquitto(spawn: Spawner, mosquitto: int, protocol: str) -> None:
+    """MQTT 5 (a response topic each, brought up at 200/s) and 3.1.1 (a topic each)."""
     spawn.start("echo_client", "--port", str(mosquitto), name="echo").wait_for(r"Subscribed to")
     result = spawn.run("ping_client", "--port", str(mosquitto), "--devices", "10", "--count",
-                       "2", "--interval", "0.1", "--connect-rate", "200")  # fmt: skip
+                       "2", "--interval", "0.1", "--connect-rate", "200", "-V",
+                       protocol)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "10 devices (10 came up), 20 sent, 20 received, 0 lost" in result.stdout
 
@@ -69,14 +74,6 @@ def test_an_mqtt311_fleet_pings_on_a_topic_per_device(spawn: Spawner, port: int)
     topics = {topic for topic, _ in (watcher.expect() for _ in range(16))}
     assert topics == {f"/ping/old-{i}" for i in range(8)}
     watcher.close()
-
-
-def test_an_mqtt311_fleet_works_against_mosquitto(spawn: Spawner, mosquitto: int) -> None:
-    spawn.start("echo_client", "--port", str(mosquitto), name="echo").wait_for(r"Subscribed to")
-    result = spawn.run("ping_client", "--port", str(mosquitto), "--devices", "10", "--count",
-                       "2", "--interval", "0.1", "-V", "3.1.1")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "10 devices (10 came up), 20 sent, 20 received, 0 lost" in result.stdout
 
 
 def test_a_fleet_is_spread_over_every_host_given(spawn: Spawner, mosquitto: int) -> None:
