@@ -71,9 +71,10 @@ class Client:
         """The session expiry interval (seconds) an MQTT 5 client asked for."""
         self._will: Will | None = None
         self._request: handshake.Request  # what CONNECT asked for, from _on_connect on
-        self._aliases = v5.Aliases(handshake.TOPIC_ALIAS_MAXIMUM)
-        self._denied_topics: set[str] = set()
-        """Topics this client was refused publishing to (each logged once)."""
+        self._aliases: v5.Aliases | None = None
+        """MQTT 5: the topic aliases the client set up (made at CONNECT)."""
+        self._denied_topics: set[str] | None = None
+        """Topics this client was refused publishing to (each logged once; made on the first)."""
 
     @property
     def peer(self) -> str:
@@ -144,6 +145,8 @@ class Client:
             return
         self._request = request
         self.v5, self.window, self.expiry = request.v5, request.window, request.expiry
+        if request.v5:
+            self._aliases = v5.Aliases(handshake.TOPIC_ALIAS_MAXIMUM)
         self.replies = Replies5 if request.v5 else Replies
         connect = request.connect
         session = Engine.new_session(
@@ -206,6 +209,7 @@ class Client:
         qos, packet_id, payload, props = publish.qos, publish.packet_id or 0, publish.payload, None
         topic = publish.topic
         if self.v5:
+            assert self._aliases is not None  # noqa: S101 - made at CONNECT for MQTT 5
             topic = self._aliases.topic(publish)
             props = publish.props
             utf8 = props is not None and props.payload_format_indicator == 1
@@ -241,8 +245,11 @@ class Client:
         the message dropped. Logged once per client and topic, and counted.
         """
         self.hub.counters.denied += 1
-        if topic not in self._denied_topics:
-            self._denied_topics.add(topic)
+        denied = self._denied_topics
+        if denied is None:
+            denied = self._denied_topics = set()
+        if topic not in denied:
+            denied.add(topic)
             logger.warning("Client %s may not publish to %s: dropped (%d denied so far).",
                            self.name, topic, self.hub.counters.denied)  # fmt: skip
         if qos:

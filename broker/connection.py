@@ -37,6 +37,8 @@ KEEPALIVE_GRACE = 1.5
 QOS0_BUFFER_LIMIT = 4 * 1024 * 1024
 """Above this many unsent bytes for a client, QoS 0 messages to it are dropped (at most once)."""
 
+NOT_PAUSED: frozenset[str] = frozenset()
+"""One empty set for every connection that is reading (most of them, most of the time)."""
 HTTP_METHODS = frozenset({b"GET ", b"HEAD", b"POST", b"PUT ", b"OPTI", b"DELE", b"PATC"})
 """How an HTTP request starts: no MQTT CONNECT does (its first byte is 0x10)."""
 HTTP_REFUSAL = (
@@ -66,7 +68,8 @@ class Connection(asyncio.Protocol):
         """The common name of the client's TLS certificate, when it is the user name."""
         self._out: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
-        self._paused: set[str] = set()
+        self._paused: frozenset[str] = NOT_PAUSED
+        """Why reading is paused ("writing", "busy"); empty while reading."""
         self._timer: asyncio.TimerHandle | None = None
         """The keepalive timer, or until the first packet the CONNECT timer."""
         self._limit = 0.0
@@ -317,11 +320,11 @@ class Connection(asyncio.Protocol):
     def _pause(self, reason: str) -> None:
         if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
-        self._paused.add(reason)
+        self._paused |= {reason}
 
     def _resume(self, reason: str) -> None:
         if reason not in self._paused:
             return
-        self._paused.discard(reason)
+        self._paused -= {reason}
         if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
