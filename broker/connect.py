@@ -24,7 +24,7 @@ TOPIC_ALIAS_MAXIMUM = 32
 """Topic aliases an MQTT 5 client may set up per connection."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # treated as immutable; not frozen, for speed (see broker/records.py)
 class Request:
     """A CONNECT the broker can accept, once the client is authenticated."""
 
