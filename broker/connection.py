@@ -71,7 +71,9 @@ class Connection(asyncio.Protocol):
         self._paused: frozenset[str] = NOT_PAUSED
         """Why reading is paused ("writing", "busy"); empty while reading."""
         self._timer: asyncio.TimerHandle | None = None
-        """The keepalive timer, or until the first packet the CONNECT timer."""
+        """The keepalive timer."""
+        self._handshaking = False
+        """Whether the connection waits for its first packet (in ``hub.handshakes``)."""
         self._limit = 0.0
         self._heard_at = 0.0
         self._loop = hub.loop  # protocols are made by the running server
@@ -103,7 +105,8 @@ class Connection(asyncio.Protocol):
             return
         hub.connections.add(self.client)
         self._counted = True
-        self._timer = self._loop.call_later(self.limits.connect_timeout, self._no_connect)
+        self._handshaking = True
+        hub.handshakes.wait(self, self._loop)
 
     def data_received(self, data: bytes) -> None:
         """Handle every whole packet this read completed; write what they caused once."""
@@ -161,9 +164,9 @@ class Connection(asyncio.Protocol):
                 frame = self.framer.next_frame()
                 if frame is None:
                     break
-                if not handled and client.session is None and self._timer is not None:
-                    self._timer.cancel()  # the CONNECT timer: a first packet came in time
-                    self._timer = None
+                if self._handshaking:  # a first packet came in time
+                    self._handshaking = False
+                    self.hub.handshakes.done(self)
                 handled = True
                 client.handle(frame)
             except ProtocolViolation as exc:
@@ -225,8 +228,11 @@ class Connection(asyncio.Protocol):
 
     # --- timers -----------------------------------------------------------------------------
 
-    def _no_connect(self) -> None:
-        self._timer = None
+    def no_connect(self) -> None:
+        """Close the connection: no packet came within --handshake-timeout (broker.handshakes)."""
+        self._handshaking = False
+        if self._closed:
+            return
         logger.info("Closed %s: no CONNECT within %g s.", self.peer, self.limits.connect_timeout)
         self.client.close(will=False)
 
@@ -310,6 +316,9 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._handshaking:
+            self._handshaking = False
+            self.hub.handshakes.done(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

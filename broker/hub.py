@@ -22,6 +22,7 @@ from broker import reasons as rc
 from broker import replies
 from broker.acl import Acl, Checker
 from broker.engine import Engine, Message, Session
+from broker.handshakes import Handshakes
 from broker.lifetimes import Lifetimes
 from broker.protocol import encode_publish
 from broker.records import Connect, Props, Will
@@ -107,6 +108,8 @@ class Hub:
         """Shared subscription group -> how many messages it has had (whose turn it is)."""
         self.lifetimes = Lifetimes()
         """Session expiry and delayed wills of the clients that are away."""
+        self.handshakes = Handshakes(limits.connect_timeout)
+        """The connections that have not sent their first packet yet, and their deadlines."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -401,6 +404,7 @@ class Hub:
         for task in list(self._tasks):
             task.cancel()
         self.lifetimes.cancel_all()
+        self.handshakes.cancel()
         for connection in list(self.connections):
             connection.close(will=False, reason=rc.SERVER_SHUTTING_DOWN, why="server shutting down")
         if self.connections:
