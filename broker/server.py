@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+logger = logging.getLogger("broker")
 
 
 class BindError(Exception):
@@ -84,7 +88,50 @@ def tls_context(
             context.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
     except (ssl.SSLError, OSError) as exc:
         raise BindError(f"cannot load TLS certificate {cert} and key {key}: {exc}") from exc
+    context.sslobject_class = SaysWhyHandshake
     return context
+
+
+class SaysWhyHandshake(ssl.SSLObject):
+    """A server-side TLS connection that logs why its handshake failed.
+
+    asyncio and uvloop close such a connection and log the reason only in debug mode, so a
+    client whose certificate was refused left no line in the broker's log. They take the
+    context's ``sslobject_class`` (a documented hook), and call its ``do_handshake``.
+    """
+
+    refused: ClassVar[dict[str, int]] = {}
+    """Handshakes failed so far, by what :func:`handshake_failure` says of them. Each reason is
+    logged the 1st, 10th, 100th and every 1,000th time: a client retrying every 100 ms must not
+    fill the log, and a new reason is always seen."""
+
+    def do_handshake(self) -> None:
+        """Go on with the handshake; log a failure (then raise it, as before)."""
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            why = handshake_failure(exc)
+            count = SaysWhyHandshake.refused[why] = SaysWhyHandshake.refused.get(why, 0) + 1
+            if count in {1, 10, 100} or count % 1000 == 0:
+                logger.warning("Refused a TLS client: %s (%d refused for this so far).",
+                               why, count)  # fmt: skip
+            raise
+
+
+def handshake_failure(exc: ssl.SSLError) -> str:
+    """Say why a TLS handshake failed, from the server's side, in a few words."""
+    reason = exc.reason or ""
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "it sent no certificate, and --require-certificate asks for one"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate did not verify against --tls-ca: {exc.verify_message}"
+    if reason in {"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"}:
+        return f"it does not trust this broker's certificate ({reason})"
+    if reason in {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST"}:
+        return f"it did not start a TLS handshake: plain MQTT or HTTP on a TLS port? ({reason})"
+    return reason or str(exc)
 
 
 def common_name(peercert: object) -> str | None:

@@ -6,6 +6,7 @@ import configparser
 from pathlib import Path
 
 from broker.settings import parse
+from tests import mqtt_raw as m
 from tests.mqtt_raw import RawClient
 from tests.support import ECHO_READY, REPO, Spawner, base_env, wait_until
 
@@ -86,6 +87,17 @@ def test_tls_listener_carries_the_round_trip(
     assert untrusting.returncode == 2
     assert "CERTIFICATE_VERIFY_FAILED" in untrusting.stderr
     assert "Traceback" not in untrusting.stderr
+    # ... and the broker says why it lost that client (asyncio alone logs nothing of it).
+    broker.wait_for(r"Refused a TLS client: it does not trust this broker's certificate "
+                    r"\(TLSV1_ALERT_UNKNOWN_CA|SSLV3_ALERT_BAD_CERTIFICATE\) "
+                    r"\(1 refused for this so far\)\.")  # fmt: skip
+    # A plain MQTT client on the TLS port: closed, and the log says what it looked like.
+    plain = RawClient(tls_port)
+    plain.send(m.connect("plain"))
+    assert plain.closed_within(5)
+    broker.wait_for(r"Refused a TLS client: it did not start a TLS handshake: plain MQTT or HTTP "
+                    r"on a TLS port\? \(WRONG_VERSION_NUMBER\) "
+                    r"\(1 refused for this so far\)\.")  # fmt: skip
 
 
 def test_max_connections_refuses_extra_clients_at_once(spawn: Spawner, port: int) -> None:
