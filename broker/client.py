@@ -430,6 +430,14 @@ class Client:
         """Close the socket now, dropping anything unsent."""
         self.wire.abort()
 
+    def release(self, gone: Wire) -> None:
+        """Let go of the connection, which was lost (after :meth:`end`): ``gone`` takes its place.
+
+        The connection, this client and its flows held each other; they are freed at once now.
+        """
+        self.wire = gone
+        self.flows = None
+
     def end(self, *, will: bool) -> None:
         """Leave the hub once: detach the session, publish the will if it is due."""
         if self.ended:

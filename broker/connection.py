@@ -29,6 +29,7 @@ from broker.framing import Framer
 from broker.hub import Hub
 from broker.protocol import ProtocolViolation
 from broker.server import common_name
+from broker.wire import Gone
 
 logger = logging.getLogger("broker")
 
@@ -131,10 +132,12 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - asyncio's
         """Release everything the connection held; publish the will unless it said goodbye."""
         self._stop()
-        self.client.end(will=not self.client.goodbye)
+        client = self.client
+        client.end(will=not client.goodbye)
         if self._counted:
-            self.hub.closed(self.client)
+            self.hub.closed(client)
         self.transport = None
+        client.release(Gone(self.peer, self.peer_address, self.identity))
 
     def pause_writing(self) -> None:
         """Stop reading from a client that does not read what we send, until it does."""

@@ -62,12 +62,18 @@ class LeanSession(Session):
         self.inflight_in: dict[int, IncomingApplicationMessage] = {}
         self.retained_messages = Mailbox()
         self.delivered_message_queue = Mailbox()
-        self._init_states()
 
     _learned: ClassVar[bool] = False
+    lean_state = "new"
+    """amqtt's state of the session, which ``transitions`` shows (broker.lean.SessionState)."""
+
+    @property
+    def transitions(self) -> SessionState:
+        """The session's state machine, as amqtt's Session has one: a view made at each use."""
+        return SessionState(self)
 
     def _init_states(self) -> None:
-        self.transitions = SessionState(self)
+        """Nothing to build: the state is ``lean_state``."""
 
 
 def learn_defaults() -> None:

@@ -38,3 +38,37 @@ class Wire(Protocol):
 
     def abort(self) -> None:
         """Close the socket now, dropping anything unsent."""
+
+
+class Gone:
+    """The wire of a client whose connection was lost: nothing more is written or run.
+
+    The connection puts it in place as it ends, so that it and its client do not hold each
+    other: freed at once, not left in a cycle for the garbage collector (tests/test_garbage.py).
+    """
+
+    def __init__(self, peer: str, peer_address: tuple[str, int], identity: str | None) -> None:
+        """Keep what log lines may still say of the connection."""
+        self.peer, self.peer_address, self.identity = peer, peer_address, identity
+
+    def send(self, data: bytes) -> None:
+        """Drop ``data``."""
+
+    def send_qos0(self, frame: bytes) -> None:
+        """Drop ``frame``."""
+
+    def flush(self) -> None:
+        """Nothing is gathered."""
+
+    def start(self, coro: Coroutine[Any, Any, None], what: str) -> None:  # noqa: ARG002
+        """Do not run ``coro``."""
+        coro.close()
+
+    def watch(self, keep_alive: int) -> None:
+        """Nothing to watch."""
+
+    def close(self) -> None:
+        """Already closed."""
+
+    def abort(self) -> None:
+        """Already closed."""
