@@ -43,8 +43,6 @@ from broker.wire import Wire
 logger = logging.getLogger("broker")
 
 ACKNOWLEDGEMENTS = frozenset({PUBACK, PUBREC, PUBREL, PUBCOMP})
-RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
-"""MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
 
 
 class Client:
@@ -291,14 +289,11 @@ class Client:
         subscription_id = packet.subscription_id
         for want in packet.filters:
             topic_filter = want.topic_filter
-            if any(topic_matches(topic_filter, deny, dollar=True)
-                   for deny in self.limits.deny_subscribe):  # fmt: skip
-                logger.info("Client %s may not subscribe to %s.", self.name, topic_filter)
-                codes.append(rc.NOT_AUTHORIZED)
-                fresh.append(False)
-                continue
-            if not self.hub.subscribable(session, topic_filter):
-                logger.info("Client %s may not subscribe to %s (ACL).", self.name, topic_filter)
+            denied = any(topic_matches(topic_filter, deny, dollar=True)
+                         for deny in self.limits.deny_subscribe)  # fmt: skip
+            if denied or not self.hub.subscribable(session, topic_filter):
+                logger.info("Client %s may not subscribe to %s%s.", self.name, topic_filter,
+                            "" if denied else " (ACL)")  # fmt: skip
                 codes.append(rc.NOT_AUTHORIZED)
                 fresh.append(False)
                 continue
@@ -310,21 +305,10 @@ class Client:
             codes.append(granted)
             fresh.append(not existed)
         self.wire.send(self.replies.suback(packet.packet_id, codes))
-        # [MQTT-3.3.1-6]: a new subscription gets the retained messages it matches, RETAIN 1,
-        # as its retain handling asks (MQTT 5); none for a shared one (section 4.8.2).
         ids = (subscription_id,) if subscription_id else ()
-        now = time.monotonic()
         for want, granted, new in zip(packet.filters, codes, fresh, strict=True):
-            handling = want.retain_handling
-            if rc.failed(granted) or want.topic_filter.startswith("$share/"):
-                continue
-            if handling == RETAIN_NEVER or (handling == RETAIN_IF_NEW and not new):
-                continue
-            for topic, payload, retained_qos, props in engine.retained(want.topic_filter, now):
-                if not self.hub.readable(session, topic):
-                    continue  # checked when it would be delivered, as every message
-                self.deliver(topic, payload, min(granted, retained_qos), retain=True,
-                             props=props, ids=ids)  # fmt: skip
+            for topic, payload, qos, props in self.hub.retained_for(session, want, granted, new):
+                self.deliver(topic, payload, qos, retain=True, props=props, ids=ids)
 
     def _unsubscribe(self, session: Session, packet: Unsubscribe) -> None:
         """UNSUBSCRIBE, both versions; MQTT 5 says per filter whether it was subscribed."""
@@ -431,12 +415,8 @@ class Client:
         self.wire.abort()
 
     def release(self, gone: Wire) -> None:
-        """Let go of the connection, which was lost (after :meth:`end`): ``gone`` takes its place.
-
-        The connection, this client and its flows held each other; they are freed at once now.
-        """
-        self.wire = gone
-        self.flows = None
+        """Let go of the lost connection (after :meth:`end`): they held each other, with flows."""
+        self.wire, self.flows = gone, None
 
     def end(self, *, will: bool) -> None:
         """Leave the hub once: detach the session, publish the will if it is due."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ from broker.engine import Engine, Message, Session
 from broker.handshakes import Handshakes
 from broker.lifetimes import Lifetimes
 from broker.protocol import encode_publish
-from broker.records import Connect, Props, Will
+from broker.records import Connect, Props, Wanted, Will
 from broker.settings import Limits
 from broker.systopics import Counters
 from broker.topics import Match
@@ -302,6 +303,25 @@ class Hub:
                 self.state.retain(session, will.topic, will.payload, will.qos, props),
                 "retain will",
             )
+
+    def retained_for(
+        self, session: Session, want: Wanted, granted: int, new: bool
+    ) -> list[tuple[str, bytes, int, Props | None]]:
+        """Return the retained messages a subscription gets [MQTT-3.3.1-6]: topic, payload, QoS.
+
+        With their MQTT 5 properties, at most its granted QoS, as its retain handling asks (MQTT
+        5, section 3.8.3.1: 1 only for a ``new`` one, 2 never); none for a refused or a shared
+        one (section 4.8.2); only those its client may read, checked as for every delivery.
+        """
+        handling = want.retain_handling
+        if rc.failed(granted) or want.topic_filter.startswith("$share/") or handling == 2:
+            return []
+        if handling == 1 and not new:
+            return []
+        found = self.state.retained(want.topic_filter, time.monotonic())
+        return [(topic, payload, min(granted, qos), props)
+                for topic, payload, qos, props in found
+                if self.readable(session, topic)]  # fmt: skip
 
     def put(self, session: Session, message: Message) -> None:
         """Keep a message for ``session``, unless its queue is full (then count and drop it)."""
