@@ -33,6 +33,8 @@ from broker.topics import Match
 
 logger = logging.getLogger("broker")
 
+RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
+"""MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
 FLUSH_AFTER = 32
 """Connections with gathered writes after which they are written at once (a fan-out)."""
 NEVER_EXPIRES = 0xFFFFFFFF
@@ -309,14 +311,14 @@ class Hub:
     ) -> list[tuple[str, bytes, int, Props | None]]:
         """Return the retained messages a subscription gets [MQTT-3.3.1-6]: topic, payload, QoS.
 
-        With their MQTT 5 properties, at most its granted QoS, as its retain handling asks (MQTT
-        5, section 3.8.3.1: 1 only for a ``new`` one, 2 never); none for a refused or a shared
-        one (section 4.8.2); only those its client may read, checked as for every delivery.
+        With their MQTT 5 properties, at most its granted QoS, as its retain handling asks (only
+        for a ``new`` one, or never); none for a refused or a shared one (section 4.8.2); only
+        those its client may read, checked as for every delivery.
         """
         handling = want.retain_handling
-        if rc.failed(granted) or want.topic_filter.startswith("$share/") or handling == 2:
+        if rc.failed(granted) or want.topic_filter.startswith("$share/"):
             return []
-        if handling == 1 and not new:
+        if handling == RETAIN_NEVER or (handling == RETAIN_IF_NEW and not new):
             return []
         found = self.state.retained(want.topic_filter, time.monotonic())
         return [(topic, payload, min(granted, qos), props)
