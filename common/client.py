@@ -300,17 +300,16 @@ class Client(aiomqtt.Client):
     """
 
     protocol_level = 4
-
-    @property
-    def lost(self) -> asyncio.Future[None]:
-        """Done once the current connection has ended (an error: how it was lost)."""
-        return self._disconnected
-
     """4 (MQTT 3.1.1) or 5, as made by make_client."""
     disconnect_reason: int | None = None
     """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""
     disconnect_text: str | None = None
     """The reason string of the broker's MQTT 5 DISCONNECT, if it gave one."""
+
+    @property
+    def lost(self) -> asyncio.Future[None]:
+        """Done once the current connection has ended (an error: how it was lost)."""
+        return self._disconnected
 
     def acknowledge_manually(self) -> None:
         """Leave the PUBACK (QoS 1) or PUBCOMP (QoS 2) of each received message to :meth:`ack`.
