@@ -125,6 +125,17 @@ class Link:
         self._waiting: tuple[str, float] | None = None
         self._last_error: str | None = None
 
+    @property
+    def usable(self) -> bool:
+        """Whether a message published now goes out on a live connection.
+
+        :attr:`connected` clears only once the session has wound down and the reconnect loop
+        runs again; paho knows of the loss earlier, when it reads the broker's FIN. A fleet of
+        1,000 devices took 50 to 160 ms to wind down after a SIGKILL, and the pings its tickers
+        sent in between went to clients that could no longer send them, counted as lost.
+        """
+        return self.connected.is_set() and not self.client.lost.done()
+
     def downtime(self) -> float:
         """Seconds spent disconnected after the first connection, including an outage under way."""
         if not self.ever_connected.is_set():

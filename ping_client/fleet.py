@@ -274,7 +274,7 @@ class Fleet:
         while (settings.count is None or sent < settings.count) and not self._stopping:
             if next_at > last:
                 break
-            if device.link.connected.is_set():
+            if device.link.usable:
                 await self._ping(device)
             else:
                 device.not_sent += 1

@@ -253,7 +253,7 @@ class Probe:
                 tick = int((self.clock() - start) / interval)
             tick += 1
             self._check_silence(self.clock())
-            if not self.link.connected.is_set():  # disconnected, or not yet subscribed again
+            if not self.link.usable:  # disconnected, or not yet subscribed again
                 self.not_sent += 1
                 continue
             self._send(tg)

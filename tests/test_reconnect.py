@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import socket
@@ -193,3 +194,44 @@ def test_a_session_stuck_on_what_a_loss_does_not_end_still_sees_the_loss(
         assert lost - killed < 1.0  # LOSS_GRACE after paho saw it, not aiomqtt's 5 s timeout
 
     asyncio.run(check())
+
+
+def test_a_link_is_unusable_from_the_moment_paho_sees_the_loss(spawn: Spawner, port: int) -> None:
+    """``usable`` turns false when paho reads the broker's FIN, before ``connected`` clears.
+
+    ``connected`` clears only once the session has wound down (here LOSS_GRACE, for a session
+    the loss does not end; in a fleet of 1,000 devices, the other devices' winding down). The
+    pings a fleet sent in between went to a client that could no longer send them, and were
+    counted as lost: 98 of the 106 lost around a SIGKILL in one bench run.
+    """
+    broker = spawn.broker(port)
+    seen: list[tuple[bool, bool]] = []
+
+    async def check() -> None:
+        link = Link(make_client(ClientSettings(port=port)), address=f"127.0.0.1:{port}",
+                    interval=0.1)  # fmt: skip
+        blocked = asyncio.Event()
+
+        async def session(_client: object) -> None:
+            blocked.set()
+            await asyncio.Event().wait()  # what the loss of the connection does not end
+
+        runner = asyncio.ensure_future(link.run(session))
+        await asyncio.wait_for(blocked.wait(), 10)
+        assert link.usable
+        lost = link.client.lost
+        lost.add_done_callback(lambda _: seen.append((link.connected.is_set(), link.usable)))
+        broker.kill()
+        await asyncio.wait({lost}, timeout=5)  # done, with how the connection was lost
+        await asyncio.sleep(0)  # the done callback has run
+        deadline = time.monotonic() + 5
+        while link.connected.is_set():
+            assert time.monotonic() < deadline, "the link never went down"
+            await asyncio.sleep(0.005)
+        link.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+    asyncio.run(check())
+    assert seen == [(True, False)]  # still "connected", already unusable
