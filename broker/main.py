@@ -19,7 +19,7 @@ from broker import acl, systopics
 from broker.connection import Connection
 from broker.engine import Engine, EngineMismatch
 from broker.hub import Hub
-from broker.server import BindError, Listener, bind, tls_context
+from broker.server import BACKLOG, BindError, Listener, bind, tls_context
 from broker.settings import BrokerSettings, parse
 from broker.settings import password_file as checked_password_file
 from common import logs
@@ -102,6 +102,7 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
             servers[name] = await loop.create_server(
                 factory,
                 sock=listener.sock,
+                backlog=BACKLOG,
                 ssl=listener.tls,
                 ssl_handshake_timeout=settings.limits.connect_timeout if listener.tls else None,
                 start_serving=False,
