@@ -26,7 +26,8 @@ def scale_rows(cells: list[tuple[str, str, str, str]]) -> list[Row]:
         if not ratio:  # a count, not a figure to compare
             continue
         value, unit = ours.split()[:2]
-        out.append((metric, float(value), float(theirs.split()[0]), unit, float(ratio[:-1])))
+        ratio_value = float(ratio.split()[0].rstrip("x"))  # "0.70x", or "0.70x (0.64-0.76)"
+        out.append((metric, float(value), float(theirs.split()[0]), unit, ratio_value))
     return out
 
 

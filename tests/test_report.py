@@ -140,11 +140,15 @@ def test_the_benchmarks_scale_cells_become_rows() -> None:
 
     cells = [("memory per idle subscribed connection (10,000)", "3.4 KiB", "1.7 KiB", "2.00x"),
              ("200 pings/s through our clients, p50", "0.859 ms (0 lost)", "0.877 ms (0 lost)",
-              "0.98x")]  # fmt: skip
+              "0.98x"),
+             ("CONNECT + SUBSCRIBE per second, sequential, median of 5 rounds", "8000.0 /s",
+              "11000.0 /s", "0.71x (0.66-0.74)")]  # fmt: skip
     assert picture.scale_rows(cells) == [
         ("memory per idle subscribed connection (10,000)", 3.4, 1.7, "KiB", 2.0),
         ("200 pings/s through our clients, p50", 0.859, 0.877, "ms", 0.98),
-    ]
+        ("CONNECT + SUBSCRIBE per second, sequential, median of 5 rounds", 8000.0, 11000.0, "/s",
+         0.71),
+    ]  # fmt: skip
 
 
 @pytest.mark.skipif(not DRAWS and not REQUIRED, reason="the report extra is not installed")
