@@ -242,3 +242,18 @@ def test_a_host_may_carry_its_port(given: str, expected: tuple[str, int]) -> Non
 def test_a_malformed_host_and_port_is_refused(given: str) -> None:
     with pytest.raises(ValueError, match=r"not a|must be"):
         cli.broker_address(given)
+
+
+def test_log_lines_read_as_the_standard_formatter_writes_them() -> None:
+    """The formatter that formats the date once a second writes what logging's own would,
+    within a second and across its boundary."""
+    import logging  # noqa: PLC0415 - only this test needs it
+
+    from common import logs  # noqa: PLC0415
+
+    form = logs.FORMAT.format(label="broker")
+    ours, standard = logs.Formatter(form, logs.DATEFMT), logging.Formatter(form, logs.DATEFMT)
+    for created in (1796150000.001, 1796150000.999, 1796150001.0, 1796150000.5, 0.25):
+        record = logging.LogRecord("broker", logging.INFO, __file__, 1, "Got %r.", (b"1",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)
