@@ -4,7 +4,7 @@ Each read's whole packets are handled inside ``data_received``, synchronously: a
 routed to every subscriber there and then. What they cause is gathered per destination
 connection and written once, when the callback ends (:meth:`Hub.flush`), so a read of a hundred
 packets costs each subscriber one write, and order holds because nothing else can run in between;
-a fan-out to many writes as it goes, every ``FLUSH_AFTER`` connections (:meth:`Hub.mark`).
+a fan-out to many writes as it goes, in batches of 4, 8, 16, then 32 connections (:meth:`Hub.mark`).
 Work that must await (authentication, amqtt's subscription and retained-message bookkeeping)
 runs as the connection's one task; its later packets wait in the receive buffer, in order, and
 reading pauses if they pile up.

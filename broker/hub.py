@@ -35,8 +35,11 @@ logger = logging.getLogger("broker")
 
 RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
 """MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
+FLUSH_FIRST = 4
+"""Connections with gathered writes after which the first of a fan-out are written at once."""
 FLUSH_AFTER = 32
-"""Connections with gathered writes after which they are written at once (a fan-out)."""
+"""The most connections gathered before they are written; the batches grow to it from
+FLUSH_FIRST, doubling."""
 NEVER_EXPIRES = 0xFFFFFFFF
 """MQTT 5: a session expiry interval that never ends (section 3.1.2.11.2)."""
 
@@ -101,6 +104,7 @@ class Hub:
         self.stopping = False
         self.refused = 0
         self._dirty: list[Writer] = []
+        self._flush_at = FLUSH_FIRST
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropping: dict[str, int] = {}
         """Client id -> messages dropped for it since its queue was last empty."""
@@ -128,6 +132,7 @@ class Hub:
     def flush(self) -> None:
         """Write what each connection gathered, and stop gathering."""
         self.batching = False
+        self._flush_at = FLUSH_FIRST
         if self._dirty:
             dirty, self._dirty = self._dirty, []
             for connection in dirty:
@@ -140,17 +145,20 @@ class Hub:
             self._all_closed.set()
 
     def mark(self, connection: Writer) -> None:
-        """Note that ``connection`` has writes to flush; past FLUSH_AFTER of them, write now.
+        """Note that ``connection`` has writes to flush; past a batch of them, write now.
 
         Gathering saves writes when a read brings several packets for the same connections.
         A fan-out to many is another case: each gets one packet, and the first would wait
-        for the last to be encoded. So once FLUSH_AFTER connections have gathered something,
-        their writes go out at once, and gathering goes on for the rest of the callback.
+        for the last to be encoded. So once FLUSH_FIRST connections have gathered something,
+        their writes go out at once, then the next 8, 16, and FLUSH_AFTER at a time, for the
+        rest of the callback: the first subscribers hear soon, the rest in large batches.
+        Fewer than FLUSH_FIRST (a pinger and its echo) are written once, at the end.
         """
         dirty = self._dirty
         dirty.append(connection)
-        if len(dirty) >= FLUSH_AFTER:
+        if len(dirty) >= self._flush_at:
             self._dirty = []
+            self._flush_at = min(2 * self._flush_at, FLUSH_AFTER)
             for waiting in dirty:
                 waiting.flush()
 

@@ -679,7 +679,7 @@ def test_replies_keep_their_place_among_held_writes(broker_port: int) -> None:
 
 
 def test_a_fan_out_reaches_every_subscriber_every_time(broker_port: int) -> None:
-    """One publish to more subscribers than the broker gathers writes for (FLUSH_AFTER, 32).
+    """One publish to more subscribers than the broker gathers writes for (4, 8, 16, then 32).
 
     Each of 100 subscribers must get all 6 messages, QoS 0 and 1. The 32nd connection marked
     for a write was once written before its packet was added, and kept it, and every later one
