@@ -11,13 +11,31 @@ import threading
 import time
 
 from common.client import ClientSettings, make_client
-from common.reconnect import Link
+from common.reconnect import Link, Listener
 from tests.support import Proc, Spawner, wait_until
 
 
 def pongs(ping: Proc) -> int:
     """Echoes the ping client has logged so far."""
     return ping.count(r"client: Got b'[\d.]+' on /pong")
+
+
+async def stuck_link(
+    port: int, listener: Listener | None = None
+) -> tuple[Link, asyncio.Future[None]]:
+    """A link up on ``port``, its session waiting on what the loss of the connection does not
+    end (as a publish waiting for its confirmation does); and the task running it."""
+    link = Link(make_client(ClientSettings(port=port)), address=f"127.0.0.1:{port}",
+                interval=0.1, listener=listener)  # fmt: skip
+    blocked = asyncio.Event()
+
+    async def session(_client: object) -> None:
+        blocked.set()
+        await asyncio.Event().wait()
+
+    runner = asyncio.ensure_future(link.run(session))
+    await asyncio.wait_for(blocked.wait(), 10)
+    return link, runner
 
 
 def test_clients_started_before_the_broker_wait_and_connect(spawn: Spawner, port: int) -> None:
@@ -169,20 +187,9 @@ def test_a_session_stuck_on_what_a_loss_does_not_end_still_sees_the_loss(
     seen: list[tuple[str, float]] = []
 
     async def check() -> None:
-        link = Link(
-            make_client(ClientSettings(port=port)),
-            address=f"127.0.0.1:{port}",
-            interval=0.1,
-            listener=lambda event, _: seen.append((event, time.monotonic())),
+        link, runner = await stuck_link(
+            port, listener=lambda event, _: seen.append((event, time.monotonic()))
         )
-        blocked = asyncio.Event()
-
-        async def session(_client: object) -> None:
-            blocked.set()
-            await asyncio.Event().wait()  # what the loss of the connection does not end
-
-        runner = asyncio.ensure_future(link.run(session))
-        await asyncio.wait_for(blocked.wait(), 10)
         killed = time.monotonic()
         broker.kill()
         while not any(event == "disconnected" for event, _ in seen):
@@ -208,16 +215,7 @@ def test_a_link_is_unusable_from_the_moment_paho_sees_the_loss(spawn: Spawner, p
     seen: list[tuple[bool, bool]] = []
 
     async def check() -> None:
-        link = Link(make_client(ClientSettings(port=port)), address=f"127.0.0.1:{port}",
-                    interval=0.1)  # fmt: skip
-        blocked = asyncio.Event()
-
-        async def session(_client: object) -> None:
-            blocked.set()
-            await asyncio.Event().wait()  # what the loss of the connection does not end
-
-        runner = asyncio.ensure_future(link.run(session))
-        await asyncio.wait_for(blocked.wait(), 10)
+        link, runner = await stuck_link(port)
         assert link.usable
         lost = link.client.lost
         lost.add_done_callback(lambda _: seen.append((link.connected.is_set(), link.usable)))
