@@ -35,11 +35,8 @@ logger = logging.getLogger("broker")
 
 RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
 """MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
-FLUSH_FIRST = 4
-"""Connections with gathered writes after which the first of a fan-out are written at once."""
-FLUSH_AFTER = 32
-"""The most connections gathered before they are written; the batches grow to it from
-FLUSH_FIRST, doubling."""
+FLUSH_FIRST, FLUSH_AFTER = 4, 32
+"""A fan-out's writes go out in batches of connections: FLUSH_FIRST, doubling to FLUSH_AFTER."""
 NEVER_EXPIRES = 0xFFFFFFFF
 """MQTT 5: a session expiry interval that never ends (section 3.1.2.11.2)."""
 
@@ -149,10 +146,9 @@ class Hub:
 
         Gathering saves writes when a read brings several packets for the same connections.
         A fan-out to many is another case: each gets one packet, and the first would wait
-        for the last to be encoded. So once FLUSH_FIRST connections have gathered something,
-        their writes go out at once, then the next 8, 16, and FLUSH_AFTER at a time, for the
-        rest of the callback: the first subscribers hear soon, the rest in large batches.
-        Fewer than FLUSH_FIRST (a pinger and its echo) are written once, at the end.
+        for the last to be encoded. So once 4 connections have gathered something, they are
+        written at once, then 8, 16 and 32 at a time: the first subscribers hear soon, the rest
+        in large batches. Fewer than 4 (a pinger and its echo) are written once, at the end.
         """
         dirty = self._dirty
         dirty.append(connection)
