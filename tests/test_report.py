@@ -189,3 +189,25 @@ def test_a_fleet_run_is_drawn_with_its_percentiles_and_its_devices_up(
         result = spawn.run("ping_client.report", str(events), "-o", str(out))
         assert result.returncode == 0, result.stderr
         assert png_size(out) == (1000, 900)
+
+
+def test_the_fleet_benchmark_places_each_lost_ping_by_when_it_was_sent() -> None:
+    """Before the kill, while the broker died (before its device saw the loss), before the
+    echo was back (the earliest ping sent after the kill that was answered), or later."""
+    from bench.fleet import losses  # noqa: PLC0415 - bench is not an installed package
+
+    kill = 100.0
+    events = [
+        {"event": "ping", "device": 0, "seq": 1, "time": 99.9},  # in flight at the kill
+        {"event": "ping", "device": 1, "seq": 1, "time": 100.01},  # before device 1 saw it
+        {"event": "disconnected", "device": 0, "time": 100.02},
+        {"event": "disconnected", "device": 1, "time": 100.05},
+        {"event": "ping", "device": 0, "seq": 2, "time": 100.3},  # back, the echo not yet
+        {"event": "ping", "device": 1, "seq": 2, "time": 100.4},  # the first answered
+        {"event": "pong", "device": 1, "seq": 2, "time": 100.401},
+        {"event": "ping", "device": 0, "seq": 3, "time": 101.0},  # after the echo was back
+        {"event": "disconnected", "device": 0, "time": 99.0},  # an outage before: not this one
+        *({"event": "lost", "device": d, "seq": s} for d, s in ((0, 1), (1, 1), (0, 2), (0, 3))),
+    ]
+    assert losses(events, kill) == {"before the kill": 1, "while the broker died": 1,
+                                    "before the echo was back": 1, "later": 1}  # fmt: skip
