@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,36 +199,40 @@ def fan_out(broker: Broker, subscribers: int = 1000, rate: int = 100, seconds: f
 
 CONNECT_ROUNDS = 5
 """Rounds of ``devices``, the two brokers in turn: one round's ratio moved from 0.64x to 0.76x."""
+FANOUT_ROUNDS = 3
+"""Rounds of ``fan_out``: its first-20 p50 moved from 1.0x to 1.9x mosquitto's between runs."""
 
 
-def device_rounds(tmp: Path, count: int, rounds: int) -> dict[str, Any]:
-    """``devices`` ``rounds`` times for each kind, in turn, each on a fresh broker.
+def in_rounds(
+    tmp: Path, rounds: int, measure: Callable[[Broker], dict[str, Any]], key: str
+) -> dict[str, Any]:
+    """``measure`` ``rounds`` times for each kind, in turn, each on a fresh broker.
 
-    Each kind's result is its median round (by connects per second), with every round's rate
-    under "rounds"; "ratios" holds each round's ours / mosquitto, in order.
+    Each kind's result is its median round by ``key``, with every round's ``key`` under
+    "rounds"; "ratios" holds each round's ours / mosquitto, in order.
     """
     found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for number in range(rounds):
         for kind in KINDS if number % 2 == 0 else KINDS[::-1]:
-            sys.stderr.write(f"devices: {kind}, round {number + 1} of {rounds}\n")
+            sys.stderr.write(f"{key}: {kind}, round {number + 1} of {rounds}\n")
             broker = start_broker(kind, tmp)
             try:
-                found[kind].append(devices(broker, count))
+                found[kind].append(measure(broker))
             finally:
                 broker.stop()
     out: dict[str, Any] = {}
     for kind, results in found.items():
-        median = sorted(results, key=lambda r: r["per_s"])[len(results) // 2]
-        out[kind] = {**median, "rounds": [round(r["per_s"]) for r in results]}
-    out["ratios"] = [a["per_s"] / b["per_s"] for a, b in zip(*found.values(), strict=True)]
+        median = sorted(results, key=lambda r: r[key])[len(results) // 2]
+        out[kind] = {**median, "rounds": [round(r[key], 3) for r in results]}
+    out["ratios"] = [a[key] / b[key] for a, b in zip(*found.values(), strict=True)]
     return out
 
 
 def run(device_count: int = 10_000, rounds: int = CONNECT_ROUNDS) -> dict[str, Any]:
-    """Every scale row: the connect rounds, then the rest, each broker kind in turn."""
+    """Every scale row: the connect rounds, the rate curves, then the fan-out rounds."""
     out: dict[str, Any] = {kind: {} for kind in KINDS}
     with workspace() as tmp:
-        connects = device_rounds(tmp, device_count, rounds)
+        connects = in_rounds(tmp, rounds, lambda b: devices(b, device_count), "per_s")
         out["connect_ratios"] = connects.pop("ratios")
         for kind in KINDS:
             out[kind]["devices"] = connects[kind]
@@ -235,10 +240,12 @@ def run(device_count: int = 10_000, rounds: int = CONNECT_ROUNDS) -> dict[str, A
             try:
                 sys.stderr.write(f"rate curve: {kind}\n")
                 out[kind]["curve"] = [rate_curve(broker, rate) for rate in RATES]
-                sys.stderr.write(f"fan-out: {kind}\n")
-                out[kind]["fanout"] = fan_out(broker, workdir=tmp)
             finally:
                 broker.stop()
+        fanouts = in_rounds(tmp, FANOUT_ROUNDS, lambda b: fan_out(b, workdir=tmp), "p50")
+        out["fanout_ratios"] = fanouts.pop("ratios")
+        for kind in KINDS:
+            out[kind]["fanout"] = fanouts[kind]
     return out
 
 
@@ -275,11 +282,15 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                         f"{mine[p] / theirs[p]:.2f}x"))  # fmt: skip
     fo, ft = o["fanout"], t["fanout"]
     label = f"fan-out 1 -> {fo['subscribers']:,} at {fo['rate']} msg/s"
+    fan = sorted(r.get("fanout_ratios", []))
     for key, who in (("", "first 20"), ("last_", "last 20")):
         for p in ("p50", "p99"):
             a, b = fo[key + p], ft[key + p]
-            out.append((f"{label}, delivery {p}, {who}", f"{a:.2f} ms", f"{b:.2f} ms",
-                        f"{a / b:.2f}x"))  # fmt: skip
+            metric, ratio = f"{label}, delivery {p}, {who}", f"{a / b:.2f}x"
+            if fan and key + p == "p50":  # the rounds' median ratio; the others are its round's
+                metric += f", median of {len(fan)} rounds"
+                ratio = f"{fan[len(fan) // 2]:.2f}x ({fan[0]:.2f}-{fan[-1]:.2f})"
+            out.append((metric, f"{a:.2f} ms", f"{b:.2f} ms", ratio))
     out.append((f"{label}, deliveries seen to the 40 watched",
                 f"{fo['delivered_to_watched']} of {fo['expected_to_watched']}",
                 f"{ft['delivered_to_watched']} of {ft['expected_to_watched']}", ""))  # fmt: skip
