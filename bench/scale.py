@@ -204,17 +204,18 @@ FANOUT_ROUNDS = 3
 
 
 def in_rounds(
-    tmp: Path, rounds: int, measure: Callable[[Broker], dict[str, Any]], key: str
+    what: str, tmp: Path, rounds: int, measure: Callable[[Broker], dict[str, Any]], key: str
 ) -> dict[str, Any]:
     """``measure`` ``rounds`` times for each kind, in turn, each on a fresh broker.
 
-    Each kind's result is its median round by ``key``, with every round's ``key`` under
-    "rounds"; "ratios" holds each round's ours / mosquitto, in order.
+    ``what`` names it in the progress lines. Each kind's result is its median round by
+    ``key``, with every round's ``key`` under "rounds"; "ratios" holds each round's ours /
+    mosquitto, in order.
     """
     found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for number in range(rounds):
         for kind in KINDS if number % 2 == 0 else KINDS[::-1]:
-            sys.stderr.write(f"{key}: {kind}, round {number + 1} of {rounds}\n")
+            sys.stderr.write(f"{what}: {kind}, round {number + 1} of {rounds}\n")
             broker = start_broker(kind, tmp)
             try:
                 found[kind].append(measure(broker))
@@ -232,7 +233,7 @@ def run(device_count: int = 10_000, rounds: int = CONNECT_ROUNDS) -> dict[str, A
     """Every scale row: the connect rounds, the rate curves, then the fan-out rounds."""
     out: dict[str, Any] = {kind: {} for kind in KINDS}
     with workspace() as tmp:
-        connects = in_rounds(tmp, rounds, lambda b: devices(b, device_count), "per_s")
+        connects = in_rounds("devices", tmp, rounds, lambda b: devices(b, device_count), "per_s")
         out["connect_ratios"] = connects.pop("ratios")
         for kind in KINDS:
             out[kind]["devices"] = connects[kind]
@@ -242,7 +243,7 @@ def run(device_count: int = 10_000, rounds: int = CONNECT_ROUNDS) -> dict[str, A
                 out[kind]["curve"] = [rate_curve(broker, rate) for rate in RATES]
             finally:
                 broker.stop()
-        fanouts = in_rounds(tmp, FANOUT_ROUNDS, lambda b: fan_out(b, workdir=tmp), "p50")
+        fanouts = in_rounds("fan-out", tmp, FANOUT_ROUNDS, lambda b: fan_out(b, workdir=tmp), "p50")
         out["fanout_ratios"] = fanouts.pop("ratios")
         for kind in KINDS:
             out[kind]["fanout"] = fanouts[kind]
