@@ -11,7 +11,7 @@ import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -275,6 +275,7 @@ INTERNALS = {
     "_disconnected": asyncio.Future,
     "_pending_subscribes": dict,
     "_client": mqtt.Client,
+    "_lock": asyncio.Lock,
 }
 """aiomqtt's private attributes that :class:`Client` relies on; checked when a client is made."""
 
@@ -295,7 +296,7 @@ class Client(aiomqtt.Client):
       leaves them waiting out the whole timeout, so a broker that hangs up right after CONNACK
       would hold the 100 ms reconnect loop for 5 s per attempt.
     - After a lost connection the next connect waits for its own CONNACK, and reports a
-      refusing one: aiomqtt left the last connection's CONNACK standing (see _on_disconnect).
+      refusing one: aiomqtt left the last connection's CONNACK standing (see __aenter__).
     - The subscriptions in :attr:`at_connack` are sent from paho's CONNACK callback, before
       paho sends again the QoS 1 and 2 messages the last connection left unacknowledged (see
       :meth:`subscribed`).
@@ -336,6 +337,19 @@ class Client(aiomqtt.Client):
         """
         if message.qos:
             self._client.ack(message.mid, message.qos)
+
+    async def __aenter__(self) -> Self:
+        """Connect, and wait for this connection's own CONNACK.
+
+        aiomqtt renews its CONNACK future only in a clean exit. After a lost connection it
+        stayed done: the next connect went on before its CONNACK, and ignored a refusing one
+        (a reconnect "not authorized" said "connection closed before SUBACK"). It is renewed
+        here, before the connect, not when the connection is lost: a CONNACK and a loss read
+        while the connect is still under way are then this connection's.
+        """
+        if self._connected.done() and not self._lock.locked():
+            self._connected = asyncio.Future()
+        return await super().__aenter__()
 
     async def subscribed(self, topic: str, qos: int) -> Any:  # noqa: ANN401 - aiomqtt's
         """Subscribe to ``topic`` and return the SUBACK's codes, as ``subscribe`` does.
@@ -401,11 +415,6 @@ class Client(aiomqtt.Client):
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
         if self._disconnected.done() and not self._disconnected.cancelled():
             self._disconnected.exception()
-        # The next connection waits for its own CONNACK. aiomqtt renews this future only in a
-        # clean exit, so after a lost connection it stayed done: the next connect went on
-        # before its CONNACK, and ignored a refusing one (a reconnect "not authorized" looped
-        # on without a word of why).
-        self._connected = asyncio.Future()
         for pending in self._pending_subscribes.values():
             if not pending.done():
                 pending.set_exception(
