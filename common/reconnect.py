@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
@@ -176,7 +177,6 @@ class Link:
             self.client.disconnect_reason = self.client.disconnect_text = None
             try:
                 self._waiting = ("CONNACK", self._clock())
-                self.client.at_connack = self.topics
                 async with self.client:
                     self._settle_protocol()
                     self._greet()
@@ -279,7 +279,7 @@ class Link:
             self._waiting = (f"SUBACK for {topic}", self._clock())
             try:
                 async with asyncio.timeout(self.suback_timeout):
-                    granted = await self.client.subscribed(topic, qos)
+                    granted = await self.client.subscribe(topic, qos=qos, timeout=math.inf)
             except aiomqtt.MqttCodeError as exc:
                 if exc.rc != mqtt.MQTT_ERR_NO_CONN:
                     raise
