@@ -384,7 +384,7 @@ def pid_alive(pid: int) -> bool:
     """Return whether ``pid`` is a live (not zombie) process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped between open and read
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
