@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Any
 
 from common.client import ClientSettings, make_client
 from common.reconnect import Link, Listener
@@ -233,3 +234,67 @@ def test_a_link_is_unusable_from_the_moment_paho_sees_the_loss(spawn: Spawner, p
 
     asyncio.run(check())
     assert seen == [(True, False)]  # still "connected", already unusable
+
+
+def test_a_stop_that_comes_with_the_connack_ends_the_link(spawn: Spawner, port: int) -> None:
+    """A stop in the loop iteration that reads the CONNACK is not lost.
+
+    On Python 3.11, asyncio.wait_for, which aiomqtt waits for the CONNACK with, drops a
+    cancellation that arrives as the future it waits for completes (python/cpython#86296). An
+    echo_client SIGTERMed 5 ms before its CONNACK went on to subscribe, and overran its
+    shutdown bound. Here the stop comes from inside paho's CONNACK callback.
+    """
+    spawn.broker(port)
+
+    async def check() -> None:
+        client = make_client(ClientSettings(port=port))
+        link = Link(client, address=f"127.0.0.1:{port}", interval=0.1, topics=[("/ping", 0)])
+        paho = client._client
+        on_connect = paho.on_connect
+        assert on_connect is not None
+
+        def stop_with_the_connack(*args: Any) -> None:
+            on_connect(*args)
+            link.stop()
+            runner.cancel()
+
+        paho.on_connect = stop_with_the_connack
+
+        async def session(_client: object) -> None:
+            await asyncio.Event().wait()
+
+        runner = asyncio.ensure_future(link.run(session))
+        done, _ = await asyncio.wait({runner}, timeout=3)
+        assert done, "the link ran on after its stop"
+        assert not link.ever_connected.is_set()
+
+    asyncio.run(check())
+
+
+def test_a_session_that_loses_its_cancellation_still_ends(spawn: Spawner, port: int) -> None:
+    """A stopped link cancels its session until it ends, not once.
+
+    The session here drops the first cancellation, as a publish does on Python 3.11 when its
+    PUBACK comes with the cancellation (python/cpython#86296), and then waits for messages.
+    """
+    spawn.broker(port)
+
+    async def check() -> None:
+        link = Link(make_client(ClientSettings(port=port)), address=f"127.0.0.1:{port}",
+                    interval=0.1)  # fmt: skip
+        started = asyncio.Event()
+
+        async def session(_client: object) -> None:
+            started.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+            await asyncio.Event().wait()
+
+        runner = asyncio.ensure_future(link.run(session))
+        await asyncio.wait_for(started.wait(), 10)
+        link.stop()
+        runner.cancel()
+        done, _ = await asyncio.wait({runner}, timeout=3)
+        assert done, "the link waited on its session after the stop"
+
+    asyncio.run(check())
