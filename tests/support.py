@@ -396,7 +396,7 @@ def supervisor_children(pid: int) -> list[int]:
     while frontier:
         parent = frontier.pop()
         path = Path(f"/proc/{parent}/task/{parent}/children")
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # gone, or reaped
             kids = [int(x) for x in path.read_text().split()]
             found.extend(kids)
             frontier.extend(kids)
