@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import secrets
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -274,6 +275,7 @@ INTERNALS = {
     "_disconnected": asyncio.Future,
     "_pending_subscribes": dict,
     "_client": mqtt.Client,
+    "_lock": asyncio.Lock,
 }
 """aiomqtt's private attributes that :class:`Client` relies on; checked when a client is made."""
 
@@ -293,6 +295,11 @@ class Client(aiomqtt.Client):
     - A lost connection fails every subscription still waiting for its SUBACK at once. aiomqtt
       leaves them waiting out the whole timeout, so a broker that hangs up right after CONNACK
       would hold the 100 ms reconnect loop for 5 s per attempt.
+    - After a lost connection the next connect waits for its own CONNACK, and reports a
+      refusing one: aiomqtt left the last connection's CONNACK standing (see __aenter__).
+    - The subscriptions in :attr:`at_connack` are sent from paho's CONNACK callback, before
+      paho sends again the QoS 1 and 2 messages the last connection left unacknowledged (see
+      :meth:`subscribed`).
     - Manual acknowledgement (paho's ``manual_ack``), which aiomqtt 2.5 does not expose
       (empicano/aiomqtt#345): see :meth:`ack`.
     - :attr:`lost`, done when the connection ends, for what a lost connection does not end in
@@ -305,6 +312,9 @@ class Client(aiomqtt.Client):
     """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""
     disconnect_text: str | None = None
     """The reason string of the broker's MQTT 5 DISCONNECT, if it gave one."""
+    at_connack: Sequence[tuple[str, int]] = ()
+    """(filter, QoS) pairs to subscribe to as soon as a connection is accepted."""
+    _early: dict[str, asyncio.Future[Any]] | None = None
 
     @property
     def lost(self) -> asyncio.Future[None]:
@@ -327,6 +337,63 @@ class Client(aiomqtt.Client):
         """
         if message.qos:
             self._client.ack(message.mid, message.qos)
+
+    async def __aenter__(self) -> Self:
+        """Connect, and wait for this connection's own CONNACK.
+
+        aiomqtt renews its CONNACK future only in a clean exit. After a lost connection it
+        stayed done: the next connect went on before its CONNACK, and ignored a refusing one
+        (a reconnect "not authorized" said "connection closed before SUBACK"). It is renewed
+        here, before the connect, not when the connection is lost: a CONNACK and a loss read
+        while the connect is still under way are then this connection's.
+        """
+        if self._connected.done() and not self._lock.locked():
+            self._connected = asyncio.Future()
+        return await super().__aenter__()
+
+    async def subscribed(self, topic: str, qos: int) -> Any:  # noqa: ANN401 - aiomqtt's
+        """Subscribe to ``topic`` and return the SUBACK's codes, as ``subscribe`` does.
+
+        A topic in :attr:`at_connack` was subscribed to from the CONNACK callback: this waits
+        for that SUBACK. paho sends again what the last connection left unacknowledged right
+        after that callback, before a coroutine can subscribe, and the echo's answer to such a
+        ping could reach the broker before the SUBSCRIBE that would deliver it: lost, at
+        QoS 1, after every broker restart. From the callback, the SUBSCRIBE goes first.
+        """
+        early = self._early.pop(topic, None) if self._early is not None else None
+        if early is None:
+            return await self.subscribe(topic, qos=qos, timeout=math.inf)
+        try:
+            return await early
+        finally:
+            for mid, pending in list(self._pending_subscribes.items()):
+                if pending is early:  # waited for no more (a timeout): its SUBACK finds nobody
+                    del self._pending_subscribes[mid]
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,  # noqa: ANN401 - paho's callback signature
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self._early = None
+        if not self._connected.done() and reason_code == mqtt.CONNACK_ACCEPTED:
+            self._early = {topic: self._subscribe_now(topic, qos) for topic, qos in self.at_connack}
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _subscribe_now(self, topic: str, qos: int) -> asyncio.Future[Any]:
+        """Send SUBSCRIBE at once (in a paho callback); the future gets the SUBACK's codes."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Seen, whoever waits: a link that failed on an earlier topic never waits for it.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        result, mid = self._client.subscribe(topic, qos)
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            future.set_exception(aiomqtt.MqttCodeError(result, "Could not subscribe to topic"))
+        else:
+            self._pending_subscribes[mid] = future
+        return future
 
     def _on_disconnect(
         self,

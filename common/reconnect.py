@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
@@ -176,6 +175,7 @@ class Link:
             self.client.disconnect_reason = self.client.disconnect_text = None
             try:
                 self._waiting = ("CONNACK", self._clock())
+                self.client.at_connack = self.topics
                 async with self.client:
                     if self._stopping:
                         # The CONNACK came with the stop, and the cancellation was lost: on
@@ -282,7 +282,7 @@ class Link:
             self._waiting = (f"SUBACK for {topic}", self._clock())
             try:
                 async with asyncio.timeout(self.suback_timeout):
-                    granted = await self.client.subscribe(topic, qos=qos, timeout=math.inf)
+                    granted = await self.client.subscribed(topic, qos)
             except aiomqtt.MqttCodeError as exc:
                 if exc.rc != mqtt.MQTT_ERR_NO_CONN:
                     raise

@@ -153,6 +153,59 @@ def never_puback(sock: socket.socket, stop: threading.Event) -> None:
     _serve_subscriptions(sock, stop, sock.sendall)
 
 
+class DropsFirstPublish:
+    """CONNACK and SUBACKs; the first connection ends at its first QoS 1 PUBLISH, unanswered.
+
+    ``order`` gets the packet types the next connection sends after its CONNECT, up to a
+    PUBLISH (the one the client sends again) and a SUBSCRIBE.
+    """
+
+    def __init__(self) -> None:
+        """Nothing seen yet."""
+        self.connections = 0
+        self.order: list[int] = []
+
+    def __call__(self, sock: socket.socket, stop: threading.Event) -> None:
+        """Serve one connection."""
+        self.connections += 1
+        first = self.connections == 1
+        level = read_connect(sock)
+        sock.sendall(connack(level))
+        while not {PUBLISH, 8} <= set(self.order):
+            head, body = read_packet(sock)
+            kind = head >> 4
+            if first and kind == PUBLISH and head & 0x06:
+                return  # no PUBACK: the client keeps it, to send again
+            if not first:
+                self.order.append(kind)
+            if kind == 8:
+                sock.sendall(b"\x90\x04" + body[:2] + b"\x00\x01" if level == 5
+                             else b"\x90\x03" + body[:2] + b"\x01")  # fmt: skip
+        _hold(sock, stop)
+
+
+class RefusesAfterFirst:
+    """Accepts the first connection and ends it soon after its SUBACK; refuses every later
+    CONNECT as not authorized (CONNACK 0x05, MQTT 3.1.1), as a broker restarted with other
+    passwords would."""
+
+    def __init__(self) -> None:
+        """Nobody connected yet."""
+        self.connections = 0
+
+    def __call__(self, sock: socket.socket, stop: threading.Event) -> None:
+        """Serve one connection."""
+        self.connections += 1
+        read_connect(sock)
+        if self.connections > 1:
+            sock.sendall(b"\x20\x02\x00\x05")
+            _hold(sock, stop)
+            return
+        sock.sendall(CONNACK_OK)
+        _, body = read_packet(sock)  # its SUBSCRIBE
+        sock.sendall(b"\x90\x03" + body[:2] + b"\x00")
+
+
 class Proxy:
     """A proxy to a real broker that breaks it in one of two ways.
 

@@ -11,8 +11,12 @@ import threading
 import time
 from typing import Any
 
+import aiomqtt
+import pytest
+
 from common.client import ClientSettings, make_client
 from common.reconnect import Link, Listener
+from tests.hostile import PUBLISH, DropsFirstPublish, RefusesAfterFirst, hostile_broker
 from tests.support import Proc, Spawner, wait_until
 
 
@@ -298,3 +302,74 @@ def test_a_session_that_loses_its_cancellation_still_ends(spawn: Spawner, port: 
         assert done, "the link waited on its session after the stop"
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_after_a_reconnect_the_subscription_goes_before_what_paho_sends_again(
+    port: int, protocol: int
+) -> None:
+    """The SUBSCRIBE of a new connection goes out before paho's resend of an unacknowledged
+    QoS 1 ping.
+
+    paho sends those again right after its CONNACK callback. Subscribed from a coroutine, the
+    SUBSCRIBE went after them, and the echo's answer to such a ping could reach the broker
+    first, with nobody subscribed to deliver it to: a ping or two lost at QoS 1 in every
+    SIGKILL of a 1,000-device fleet, through either broker.
+    """
+    watcher = DropsFirstPublish()
+
+    async def check() -> None:
+        client = make_client(ClientSettings(port=port, protocol=protocol))
+        link = Link(client, address=f"127.0.0.1:{port}", interval=0.1, topics=[("/pong", 1)])
+
+        async def session(client: aiomqtt.Client) -> None:
+            await client.publish("/ping", b"1", qos=1)
+            await asyncio.Event().wait()
+
+        runner = asyncio.ensure_future(link.run(session))
+        deadline = time.monotonic() + 10
+        while not {PUBLISH, 8} <= set(watcher.order):
+            assert time.monotonic() < deadline, f"saw {watcher.order} on the second connection"
+            await asyncio.sleep(0.01)
+        link.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await runner
+
+    with hostile_broker(port, watcher):
+        asyncio.run(check())
+    assert watcher.connections == 2
+    assert watcher.order[:2] == [8, PUBLISH]  # SUBSCRIBE, then the ping sent again
+
+
+def test_a_reconnect_the_broker_refuses_says_why(port: int) -> None:
+    """After a lost connection, a refusing CONNACK is the reason the link gives.
+
+    aiomqtt kept the last connection's CONNACK as this one's: the client subscribed before its
+    CONNACK, ignored the refusal, and the link said "connection closed before SUBACK", with
+    a warning from aiomqtt on every attempt.
+    """
+    refuser = RefusesAfterFirst()
+
+    async def check() -> str:
+        client = make_client(ClientSettings(port=port, protocol=4))
+        link = Link(client, address=f"127.0.0.1:{port}", interval=0.1, topics=[("/pong", 0)])
+
+        async def session(client: aiomqtt.Client) -> None:
+            async for _ in client.messages:
+                pass
+
+        runner = asyncio.ensure_future(link.run(session))
+        deadline = time.monotonic() + 10
+        while refuser.connections < 3 or link.connected.is_set():
+            assert time.monotonic() < deadline, f"{refuser.connections} connections"
+            await asyncio.sleep(0.01)
+        link.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await runner
+        return link.problem()
+
+    with hostile_broker(port, refuser):
+        problem = asyncio.run(check())
+    assert "Not authorized" in problem, problem
