@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import math
 import secrets
 import socket
@@ -270,18 +271,23 @@ class ClosedBeforeConnack(aiomqtt.MqttError):
     """The broker ended the connection before it answered the CONNECT."""
 
 
-INTERNALS = {
+INTERNALS: dict[str, type | tuple[type, ...]] = {
     "_connected": asyncio.Future,
     "_disconnected": asyncio.Future,
     "_pending_subscribes": dict,
     "_client": mqtt.Client,
     "_lock": asyncio.Lock,
+    "_misc_task": (asyncio.Task, type(None)),
 }
 """aiomqtt's private attributes that :class:`Client` relies on; checked when a client is made."""
 
+OVERRIDDEN = ("_client_connect", "_on_connect", "_on_disconnect")
+"""aiomqtt's private methods that :class:`Client` overrides: were one renamed, the override
+would never be called. Checked with INTERNALS."""
+
 
 class Client(aiomqtt.Client):
-    """aiomqtt's Client with two fixes; the only place that touches aiomqtt's private names.
+    """aiomqtt's Client with its fixes; the only place that touches aiomqtt's private names.
 
     - A connect fails at once when the broker hangs up before CONNACK. aiomqtt 2.5 ignores such
       a disconnect and waits out its whole timeout (5 s here), so a broker that accepts and
@@ -315,6 +321,8 @@ class Client(aiomqtt.Client):
     at_connack: Sequence[tuple[str, int]] = ()
     """(filter, QoS) pairs to subscribe to as soon as a connection is accepted."""
     _early: dict[str, asyncio.Future[Any]] | None = None
+    _attempt: concurrent.futures.Future[None]
+    """The current connect in aiomqtt's executor thread: not begun, under way, or over."""
 
     @property
     def lost(self) -> asyncio.Future[None]:
@@ -349,7 +357,41 @@ class Client(aiomqtt.Client):
         """
         if self._connected.done() and not self._lock.locked():
             self._connected = asyncio.Future()
-        return await super().__aenter__()
+        self._attempt = concurrent.futures.Future()
+        try:
+            return await super().__aenter__()
+        except asyncio.CancelledError:
+            await self._abandon()
+            raise
+
+    def _client_connect(self) -> None:
+        """Connect, in aiomqtt's executor thread, unless the attempt was abandoned first."""
+        attempt = self._attempt
+        if not attempt.set_running_or_notify_cancel():
+            return
+        try:
+            super()._client_connect()
+        finally:
+            attempt.set_result(None)
+
+    async def _abandon(self) -> None:
+        """After a cancelled connect: let a connect still in its thread end, then close it.
+
+        A cancellation does not stop the thread. The connect went on after a stop, and then
+        scheduled aiomqtt's reader and its once-a-second task on the loop: a probe stopped
+        during a slow name lookup logged "Task was destroyed but it is pending!" at exit, and
+        paho "Event loop is closed". aiomqtt also kept its lock, as if still connected.
+        """
+        if not self._attempt.cancel():  # under way, or over
+            await asyncio.wrap_future(self._attempt)
+            await asyncio.sleep(0)  # what the connect scheduled on the loop runs now
+        if self._connected.cancelled():  # with the wait for it: paho's callbacks read it
+            self._connected = asyncio.Future()
+        self._client.disconnect()  # paho closes the socket once its DISCONNECT is out
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+        if self._lock.locked():
+            self._lock.release()
 
     async def subscribed(self, topic: str, qos: int) -> Any:  # noqa: ANN401 - aiomqtt's
         """Subscribe to ``topic`` and return the SUBACK's codes, as ``subscribe`` does.
@@ -454,6 +496,7 @@ def make_client(
         tls_context=ssl.create_default_context(cafile=settings.tls_ca) if settings.tls else None,
     )
     missing = [n for n, kind in INTERNALS.items() if not isinstance(getattr(client, n, None), kind)]
+    missing += [n for n in OVERRIDDEN if not callable(getattr(aiomqtt.Client, n, None))]
     if missing:
         sys.stderr.write(
             f"aiomqtt {getattr(aiomqtt, '__version__', '?')} has no {', '.join(missing)}: "

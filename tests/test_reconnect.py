@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import re
 import signal
 import socket
@@ -15,6 +17,7 @@ import aiomqtt
 import pytest
 
 from common.client import ClientSettings, make_client
+from common.constants import EXIT_SOFTWARE
 from common.reconnect import Link, Listener
 from tests.hostile import PUBLISH, DropsFirstPublish, RefusesAfterFirst, hostile_broker
 from tests.support import Proc, Spawner, wait_until
@@ -373,3 +376,112 @@ def test_a_reconnect_the_broker_refuses_says_why(port: int) -> None:
     with hostile_broker(port, refuser):
         problem = asyncio.run(check())
     assert "Not authorized" in problem, problem
+
+
+def test_a_connect_stopped_in_its_thread_leaves_nothing_behind(
+    spawn: Spawner, port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link stopped while paho connects in aiomqtt's executor thread ends cleanly.
+
+    The connect goes on in its thread after the stop, and then schedules aiomqtt's reader and
+    its once-a-second task on the loop. A probe ended during a slow name lookup (here: 0.3 s)
+    logged "Task was destroyed but it is pending!" at exit, and paho "Event loop is closed".
+    """
+    spawn.broker(port)
+    lookup = socket.getaddrinfo
+    looking = threading.Event()
+
+    def slow_lookup(*args: Any, **kwargs: Any) -> Any:
+        looking.set()
+        time.sleep(0.3)
+        return lookup(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
+
+    async def check() -> None:
+        link = Link(make_client(ClientSettings(port=port)), address=f"127.0.0.1:{port}",
+                    interval=0.1, topics=[("/pong", 0)])  # fmt: skip
+
+        async def session(_client: object) -> None:
+            await asyncio.Event().wait()
+
+        runner = asyncio.ensure_future(link.run(session))
+        assert await asyncio.to_thread(looking.wait, 5), "no name lookup"
+        link.stop()
+        runner.cancel()
+        done, _ = await asyncio.wait({runner}, timeout=3)
+        assert done, "the link ran on after its stop"
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(check())
+        gc.collect()  # a task still pending when the loop closed says so when collected
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_connect_stopped_before_its_connack_leaves_nothing_behind(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link stopped while it waits for a CONNACK that never comes ends cleanly.
+
+    The cancelled wait cancels aiomqtt's CONNACK future, which paho's disconnect callback then
+    reads: "Exception in callback None(): CancelledError()" from an echo_client SIGTERMed
+    while a broker dripped its CONNACK at one byte a second.
+    """
+    server = socket.create_server(("127.0.0.1", port))
+    server.settimeout(5)
+
+    async def check() -> None:
+        link = Link(make_client(ClientSettings(port=port)), address=f"127.0.0.1:{port}",
+                    interval=0.1)  # fmt: skip
+
+        async def session(_client: object) -> None:
+            await asyncio.Event().wait()
+
+        runner = asyncio.ensure_future(link.run(session))
+        sock, _ = await asyncio.to_thread(server.accept)
+        accepted.append(sock)
+        sock.settimeout(5)
+        assert await asyncio.to_thread(sock.recv, 1) == b"\x10", "no CONNECT"
+        await asyncio.sleep(0.05)  # the connect's thread is over: waiting for the CONNACK
+        link.stop()
+        runner.cancel()
+        done, _ = await asyncio.wait({runner}, timeout=3)
+        assert done, "the link ran on after its stop"
+
+    accepted: list[socket.socket] = []
+    with server, caplog.at_level(logging.WARNING):
+        asyncio.run(check())
+        gc.collect()
+        with accepted[0] as sock:
+            rest = b""
+            while chunk := sock.recv(4096):
+                rest += chunk
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert rest.endswith(b"\xe0\x00")  # the rest of the CONNECT, a DISCONNECT, and a close
+
+
+@pytest.mark.parametrize("name", ["_client_connect", "_on_disconnect", "_lock"])
+def test_an_aiomqtt_without_what_the_client_relies_on_is_refused_at_start(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An override of a renamed aiomqtt method would silently never run: refused, in one line."""
+    if name == "_lock":
+        init = aiomqtt.Client.__init__
+
+        def without(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            del self._lock
+
+        monkeypatch.setattr(aiomqtt.Client, "__init__", without)
+    else:
+        monkeypatch.delattr(aiomqtt.Client, name)
+
+    async def make() -> None:
+        make_client(ClientSettings())
+
+    with pytest.raises(SystemExit) as exited:
+        asyncio.run(make())
+    assert exited.value.code == EXIT_SOFTWARE
+    err = capsys.readouterr().err
+    assert f"has no {name}: this version is not supported" in err
+    assert err.count("\n") == 1
