@@ -306,6 +306,8 @@ class Client(aiomqtt.Client):
     - The subscriptions in :attr:`at_connack` are sent from paho's CONNACK callback, before
       paho sends again the QoS 1 and 2 messages the last connection left unacknowledged (see
       :meth:`subscribed`).
+    - A connect cancelled while paho connects in aiomqtt's executor thread waits for that
+      thread, then says DISCONNECT and closes (see :meth:`_abandon`).
     - Manual acknowledgement (paho's ``manual_ack``), which aiomqtt 2.5 does not expose
       (empicano/aiomqtt#345): see :meth:`ack`.
     - :attr:`lost`, done when the connection ends, for what a lost connection does not end in
@@ -355,9 +357,10 @@ class Client(aiomqtt.Client):
         here, before the connect, not when the connection is lost: a CONNACK and a loss read
         while the connect is still under way are then this connection's.
         """
-        if self._connected.done() and not self._lock.locked():
-            self._connected = asyncio.Future()
-        self._attempt = concurrent.futures.Future()
+        if not self._lock.locked():  # else aiomqtt refuses: entered twice at once
+            if self._connected.done():
+                self._connected = asyncio.Future()
+            self._attempt = concurrent.futures.Future()
         try:
             return await super().__aenter__()
         except asyncio.CancelledError:
