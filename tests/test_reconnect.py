@@ -46,6 +46,16 @@ async def stuck_link(
     return link, runner
 
 
+async def stopped(link: Link, runner: asyncio.Future[None], within: float = 3.0) -> None:
+    """Stop ``link`` as the programs do (stop, then cancel its task); fail unless it ends soon."""
+    link.stop()
+    runner.cancel()
+    done, _ = await asyncio.wait({runner}, timeout=within)
+    assert done, "the link ran on after its stop"
+    if not runner.cancelled():
+        runner.exception()  # seen: how it ended is not what these tests check
+
+
 def test_clients_started_before_the_broker_wait_and_connect(spawn: Spawner, port: int) -> None:
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
     ping = spawn.start("ping_client", "--port", str(port), "--interval", "0.1", name="ping")
@@ -203,8 +213,7 @@ def test_a_session_stuck_on_what_a_loss_does_not_end_still_sees_the_loss(
         while not any(event == "disconnected" for event, _ in seen):
             assert time.monotonic() - killed < 2, "the loss went unnoticed"
             await asyncio.sleep(0.01)
-        link.stop()
-        runner.cancel()
+        await stopped(link, runner)
         lost = next(t for event, t in seen if event == "disconnected")
         assert lost - killed < 1.0  # LOSS_GRACE after paho saw it, not aiomqtt's 5 s timeout
 
@@ -234,10 +243,7 @@ def test_a_link_is_unusable_from_the_moment_paho_sees_the_loss(spawn: Spawner, p
         while link.connected.is_set():
             assert time.monotonic() < deadline, "the link never went down"
             await asyncio.sleep(0.005)
-        link.stop()
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
+        await stopped(link, runner)
 
     asyncio.run(check())
     assert seen == [(True, False)]  # still "connected", already unusable
@@ -299,10 +305,7 @@ def test_a_session_that_loses_its_cancellation_still_ends(spawn: Spawner, port: 
 
         runner = asyncio.ensure_future(link.run(session))
         await asyncio.wait_for(started.wait(), 10)
-        link.stop()
-        runner.cancel()
-        done, _ = await asyncio.wait({runner}, timeout=3)
-        assert done, "the link waited on its session after the stop"
+        await stopped(link, runner)  # not waiting on its session
 
     asyncio.run(check())
 
@@ -334,10 +337,7 @@ def test_after_a_reconnect_the_subscription_goes_before_what_paho_sends_again(
         while not {PUBLISH, 8} <= set(watcher.order):
             assert time.monotonic() < deadline, f"saw {watcher.order} on the second connection"
             await asyncio.sleep(0.01)
-        link.stop()
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await runner
+        await stopped(link, runner)
 
     with hostile_broker(port, watcher):
         asyncio.run(check())
@@ -367,10 +367,7 @@ def test_a_reconnect_the_broker_refuses_says_why(port: int) -> None:
         while refuser.connections < 3 or link.connected.is_set():
             assert time.monotonic() < deadline, f"{refuser.connections} connections"
             await asyncio.sleep(0.01)
-        link.stop()
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await runner
+        await stopped(link, runner)
         return link.problem()
 
     with hostile_broker(port, refuser):
@@ -407,10 +404,7 @@ def test_a_connect_stopped_in_its_thread_leaves_nothing_behind(
 
         runner = asyncio.ensure_future(link.run(session))
         assert await asyncio.to_thread(looking.wait, 5), "no name lookup"
-        link.stop()
-        runner.cancel()
-        done, _ = await asyncio.wait({runner}, timeout=3)
-        assert done, "the link ran on after its stop"
+        await stopped(link, runner)
 
     with caplog.at_level(logging.WARNING):
         asyncio.run(check())
@@ -443,10 +437,7 @@ def test_a_connect_stopped_before_its_connack_leaves_nothing_behind(
         sock.settimeout(5)
         assert await asyncio.to_thread(sock.recv, 1) == b"\x10", "no CONNECT"
         await asyncio.sleep(0.05)  # the connect's thread is over: waiting for the CONNACK
-        link.stop()
-        runner.cancel()
-        done, _ = await asyncio.wait({runner}, timeout=3)
-        assert done, "the link ran on after its stop"
+        await stopped(link, runner)
 
     accepted: list[socket.socket] = []
     with server, caplog.at_level(logging.WARNING):
