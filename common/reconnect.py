@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 import aiomqtt
 import paho.mqtt.client as mqtt
 
-from common.client import Client, closed_before_connack, refuses_mqtt5
+from common.aiomqtt_fixes import Client, closed_before_connack, refuses_mqtt5
 
 logger = logging.getLogger(__name__)
 

@@ -16,14 +16,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from common import cli, logs
-from common.client import (
-    Client,
-    ClientSettings,
-    client_parser,
-    client_settings,
-    fallback,
-    make_client,
-)
+from common.aiomqtt_fixes import Client
+from common.client import ClientSettings, client_parser, client_settings, fallback, make_client
 from common.constants import EXIT_FORCED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
 from common.reconnect import Link
@@ -123,7 +117,7 @@ class Ownership:
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
-        """Acknowledge through ``client`` (a :class:`common.client.Client`, or nothing)."""
+        """Acknowledge through ``client`` (a :class:`common.aiomqtt_fixes.Client`, or nothing)."""
         self._ack = client.ack if isinstance(client, Client) else None
         self._waiting: deque[tuple[aiomqtt.Message, asyncio.Task[None] | None]] = deque()
 

@@ -96,3 +96,27 @@ def test_the_hub_and_the_flows_do_not_import_the_connection() -> None:
     for room in ("broker.hub", "broker.flows", "broker.lifetimes"):
         path = modules()[room]
         assert all(not m.startswith("broker.connection") for m, _ in imports(path, typing_too=True))
+
+
+def test_only_the_fixes_module_touches_aiomqtts_private_names() -> None:
+    """common.aiomqtt_fixes is the one place that reads aiomqtt's internals, as the docs say.
+
+    Every private name aiomqtt's Client defines, and those the fixes check at start-up, read
+    on anything but ``self`` (a class's own ``self._lock`` is its own) in the clients' code.
+    """
+    import aiomqtt  # noqa: PLC0415 - only this test needs it
+
+    from common.aiomqtt_fixes import INTERNALS, OVERRIDDEN  # noqa: PLC0415
+
+    private = {n for n in vars(aiomqtt.Client) if n.startswith("_") and not n.startswith("__")}
+    private |= set(INTERNALS) | set(OVERRIDDEN)
+    assert {"_connected", "_client_connect"} <= private  # the check sees what it is about
+    offenders = [
+        f"{name}:{node.lineno}: {ast.unparse(node)}"
+        for name, path in modules().items()
+        if name.split(".")[0] != "broker" and name != "common.aiomqtt_fixes"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in private
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    ]  # fmt: skip
+    assert offenders == []
