@@ -8,6 +8,7 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,3 +212,16 @@ def test_the_fleet_benchmark_places_each_lost_ping_by_when_it_was_sent() -> None
     ]
     assert losses(events, kill) == {"before the kill": 1, "while the broker died": 1,
                                     "before the echo was back": 1, "later": 1}  # fmt: skip
+
+
+def test_the_fleet_benchmark_says_when_the_fleet_itself_was_the_bound() -> None:
+    """A steady run whose fleet process used FLEET_BOUND CPU seconds a second or more measured
+    its own queue: its RTT rows say so, for each broker's run on its own."""
+    from bench.fleet import FLEET_BOUND, bound  # noqa: PLC0415 - bench is not installed
+
+    def run(cpu: float) -> dict[str, Any]:
+        return {"fleet_cpu_s": cpu, "summary": {"elapsed_s": 10.0}}
+
+    assert bound(run(5.0)) == ""
+    assert bound(run(10 * FLEET_BOUND)) == f"fleet-bound, {FLEET_BOUND:.2f} CPU s/s"
+    assert bound(run(8.3)) == "fleet-bound, 0.83 CPU s/s"
