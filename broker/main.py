@@ -8,7 +8,6 @@ import functools
 import gc
 import logging
 import os
-import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,7 +23,7 @@ from broker.settings import BrokerSettings, parse
 from broker.settings import password_file as checked_password_file
 from common import logs
 from common.constants import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
-from common.lifecycle import install_stop_handlers
+from common.lifecycle import install_stop_handlers, raise_open_files
 
 logger = logging.getLogger("broker")
 
@@ -194,23 +193,6 @@ async def reload(broker: Running, settings: BrokerSettings) -> None:
             logger.warning("Reload: kept the old passwords: %s.", exc)
         else:
             logger.info("Reload: %d users from %s.", users, settings.password_file)
-
-
-def raise_open_files() -> None:
-    """Let the broker hold as many connections as the hard limit allows, and say so.
-
-    Every client is a file descriptor, and the usual soft limit (1024) would refuse the
-    1,021st; the hard limit is what the administrator allows.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            logger.warning("Open files: cannot raise the limit of %d: %s.", soft, exc)
-            return
-        logger.info("Open files: raised the limit from %d to %d (the hard limit).", soft, target)
 
 
 FULL_COLLECTION_EVERY = 100

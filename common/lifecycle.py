@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -82,3 +83,21 @@ def _hard_exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def raise_open_files() -> int:
+    """Raise this process's open-files limit to the hard limit, say so; return the soft limit.
+
+    Every connection is a file descriptor, and the usual soft limit (1024) would refuse the
+    1,021st; the hard limit is what the administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("Open files: cannot raise the limit of %d: %s.", soft, exc)
+            return soft
+        logger.info("Open files: raised the limit from %d to %d (the hard limit).", soft, target)
+    return max(soft, target)

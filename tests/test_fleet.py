@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import resource
+import subprocess
+import time
 
 import pytest
 
-from tests.support import ECHO_READY, MqttProbe, Spawner, fleet_through_a_broker_kill, free_port
+from common.constants import EXIT_USAGE
+from tests.support import (
+    ECHO_READY,
+    PYTHON,
+    REPO,
+    MqttProbe,
+    Spawner,
+    base_env,
+    fleet_through_a_broker_kill,
+    free_port,
+)
 
 
 def events(out: str) -> list[dict[str, object]]:
@@ -111,3 +124,54 @@ def test_a_killed_broker_has_the_fleet_back_and_says_how_fast(spawn: Spawner, po
     assert len(summary["fleet_back_s"]) == 1
     assert summary["lost"] <= 100  # at most the one ping each device had in flight
     assert "fleet back in " in fleet.err()
+
+
+def test_a_fleet_stopped_while_its_devices_connect_ends(spawn: Spawner, port: int) -> None:
+    """A --deadline that comes while 2,000 devices connect ends the run, with its summary.
+
+    On Python 3.11 a device whose CONNACK came with the stop lost the cancellation
+    (python/cpython#86296), went on to subscribe and waited for messages: the fleet never ended
+    (2 runs of 2 before the fix, until a SIGTERM 60 s later, and then its 4 s watchdog).
+    """
+    spawn.broker(port)
+    started = time.monotonic()
+    result = spawn.run("ping_client", "--port", str(port), "--devices", "2000",
+                       "--deadline", "0.5", timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 15, "the fleet ended only long after its deadline"
+    assert re.search(r"2000 devices \(\d+ came up\)", result.stdout), result.stdout
+    assert [line for line in result.stderr.splitlines() if " ERROR " in line] == []
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["hard limit", "soft limit"])
+def test_a_fleet_the_open_files_limit_cannot_hold_says_so(
+    spawn: Spawner, port: int, hard: bool
+) -> None:
+    """Under a hard limit of 200 open files, 500 devices are refused in one line, exit 64.
+
+    It brought up as many as the limit held (1,016 of 2,000 under 1,024) and said nothing of
+    the others. A soft limit of 200 is raised to the hard one instead, and the fleet runs.
+    """
+    if not hard:
+        spawn.broker(port)
+    _, ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200 if hard else ceiling))
+
+    result = subprocess.run(
+        [PYTHON, "-m", "ping_client", "--port", str(port), "--devices", "500", "--deadline",
+         "0.5"],
+        capture_output=True, text=True, timeout=30, env=base_env(), cwd=REPO, check=False,
+        preexec_fn=limited,
+    )  # fmt: skip
+    if not hard:
+        assert result.returncode == 0, result.stderr
+        assert "Open files: raised the limit from 200 to" in result.stderr, result.stderr
+        assert "500 devices (" in result.stdout, result.stdout
+        return
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert result.stderr == (
+        "ping_client: error: --devices 500 needs about 564 open files, and this process may"
+        " have 200 (ulimit -n): raise that limit, or ask for fewer devices\n"
+    )
