@@ -84,6 +84,8 @@ class FleetSummary:
     first device back (the broker up again)."""
     problem: str | None = None
     """Why no device ever came up (the first device's link says), when none did."""
+    held_back: tuple[float, float] | None = None
+    """Under --deadline: (seconds before it in which no device pings, the deadline)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready data."""
@@ -138,6 +140,10 @@ class FleetSummary:
                          f"({after_loss:.3f} s after the first loss)")  # fmt: skip
         if self.not_sent:
             lines.append(f"{self.not_sent} pings not sent (a device's link was down)")
+        if self.held_back is not None:
+            held, deadline = self.held_back
+            lines.append(f"no ping in the last {held:g} s before the {deadline:g} s deadline, "
+                         "so that each one sent could be answered")  # fmt: skip
         if self.worst:
             shown = ", ".join(f"{d} ({n} lost)" for d, n in self.worst[:10])
             more = f" and {len(self.worst) - 10} more" if len(self.worst) > 10 else ""
@@ -417,6 +423,10 @@ class Fleet:
         ever_up = sum(1 for d in self.devices if d.connect_time is not None)
         worst = sorted(((d.index, d.tracker.lost) for d in self.devices if d.tracker.lost),
                        key=lambda x: (-x[1], x[0]))  # fmt: skip
+        settings = self.settings
+        held_back = None
+        if settings.deadline is not None:  # as _ticker holds back
+            held_back = (min(settings.interval, settings.timeout), settings.deadline)
         return FleetSummary(
             target=self.target,
             devices=len(self.devices),
@@ -435,4 +445,5 @@ class Fleet:
             worst=worst,
             recoveries=list(self.recoveries),
             problem=None if ever_up else self.devices[0].link.problem(),
+            held_back=held_back,
         )

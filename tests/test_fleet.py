@@ -137,9 +137,12 @@ def test_a_fleet_stopped_while_its_devices_connect_ends(spawn: Spawner, port: in
     started = time.monotonic()
     result = spawn.run("ping_client", "--port", str(port), "--devices", "2000",
                        "--deadline", "0.5", timeout=30)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    # 0, or 2 where no device was up yet by the deadline (a busy machine): either way it ended.
+    assert result.returncode in (0, 2), result.stderr
     assert time.monotonic() - started < 15, "the fleet ended only long after its deadline"
     assert re.search(r"2000 devices \(\d+ came up\)", result.stdout), result.stdout
+    # Each device's first ping waits up to an interval (1 s): none before the 0.5 s deadline.
+    assert "no ping in the last 1 s before the 0.5 s deadline" in result.stdout, result.stdout
     assert [line for line in result.stderr.splitlines() if " ERROR " in line] == []
 
 
