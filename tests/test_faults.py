@@ -185,7 +185,12 @@ def test_broker_that_cannot_bind_ends_fatal_and_the_others_keep_running(
             wait_until(lambda: re.search(r"^broker\s+FATAL", supervisorctl(conf, "status"),
                                          re.MULTILINE), 30, "broker FATAL")  # fmt: skip
             broker_log = program_log(tmp_path, "broker")
-            assert broker_log.count(f"port {port} on 127.0.0.1 is already in use") == 4
+            # Each start says why it failed, once. 1 + startretries (3) starts, or more: a start
+            # that fails only after startsecs (1 s, a busy machine) counted as up, and was
+            # restarted afresh (5 in one fresh-clone CI).
+            starts = program_log(tmp_path, "supervisord").count("spawned: 'broker'")
+            assert starts >= 4
+            assert broker_log.count(f"port {port} on 127.0.0.1 is already in use") == starts
             assert "Traceback" not in broker_log
             status = supervisorctl(conf, "status")
             assert re.search(r"^echo_client\s+RUNNING", status, re.MULTILINE), status
