@@ -1,4 +1,4 @@
-"""aiomqtt's Client with its fixes: the only module that touches aiomqtt's private names."""
+"""aiomqtt's Client with its fixes: the only module that touches aiomqtt's, or paho's, internals."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from common import properties
 
 
 class ClosedBeforeConnack(aiomqtt.MqttError):
@@ -235,3 +237,26 @@ def refuses_mqtt5(exc: aiomqtt.MqttError) -> bool:
     """
     code = getattr(exc, "rc", None)
     return isinstance(exc, aiomqtt.MqttCodeError) and getattr(code, "value", code) == 0x84
+
+
+def read_publish_properties_fast() -> bool:
+    """Have paho read received PUBLISH properties as :class:`~common.properties.PublishProperties`.
+
+    paho 2.2 decodes a PUBLISH in its private ``paho.mqtt._packet``, through that module's
+    ``Properties`` name; that name becomes our class, which reads a PUBLISH's properties with
+    tables built once and leaves every other packet type to paho's own code. Done only where
+    the class is exactly paho's format (``properties.FAST``) and the name is paho's class;
+    returns whether received properties are read the fast way (a test holds it true for the
+    paho we pin, so that a paho release that moved the name is noticed, not only slower).
+    """
+    try:
+        from paho.mqtt import _packet  # noqa: PLC0415 (paho 2.1 has no such module)
+    except ImportError:
+        return False
+    if properties.FAST and getattr(_packet, "Properties", None) is Properties:
+        _packet.Properties = properties.PublishProperties  # type: ignore[attr-defined]
+    return getattr(_packet, "Properties", None) is properties.PublishProperties
+
+
+READS_FAST = read_publish_properties_fast()
+"""Whether paho reads received PUBLISH properties the fast way (see above)."""

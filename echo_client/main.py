@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from common import cli, logs
@@ -20,6 +19,7 @@ from common.aiomqtt_fixes import Client
 from common.client import ClientSettings, client_parser, client_settings, fallback, make_client
 from common.constants import EXIT_FORCED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers
+from common.properties import publish_properties
 from common.reconnect import Link
 from common.show import show
 
@@ -232,7 +232,7 @@ class Echo:
             # Answering on the ping topic would echo our own answer for ever.
             logger.warning("Ignoring response topic %s: it is the ping topic.", asked)
             return pong, None
-        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties = publish_properties()
         correlation = getattr(message.properties, "CorrelationData", None)
         if correlation is not None:
             properties.CorrelationData = correlation

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from common.client import make_client
+from common.properties import publish_properties
 from common.reconnect import Link
 from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
 from ping_client.report import Reporter
@@ -327,7 +326,7 @@ class Fleet:
                     seq=ping.seq)  # fmt: skip
         properties = None
         if self.v5:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties = publish_properties()
             properties.ResponseTopic = device.response_topic
             properties.CorrelationData = payload
             properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))

@@ -19,13 +19,12 @@ from dataclasses import replace
 from typing import Final
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from common import logs
 from common.client import fallback, make_client
 from common.constants import EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers, raise_open_files
+from common.properties import publish_properties
 from common.reconnect import Link
 from common.show import show
 from ping_client.probe import Ping, Tracker, Verdict, decimals_for, percentile
@@ -308,7 +307,7 @@ class Probe:
         if client.protocol_level == 5:
             # MQTT 5 request/response (section 4.10): where to answer, which request this is,
             # and no echo after the ping has timed out (it would only count as late).
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties = publish_properties()
             properties.ResponseTopic = self.client_settings.pong_topic
             properties.CorrelationData = payload
             if not self.client_settings.persistent:
