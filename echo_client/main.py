@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -53,9 +54,36 @@ class EchoSettings:
         filters = self.ping_filters
         return [f"$share/{self.share}/{f}" for f in filters] if self.share else list(filters)
 
-    def is_ping(self, topic: aiomqtt.Topic) -> bool:
-        """Whether ``topic`` is ping traffic (echoing anything else is how echo loops start)."""
-        return any(topic.matches(f) for f in self.ping_filters)
+    def is_ping(self, topic: str) -> bool:
+        """Whether the topic name ``topic`` is ping traffic.
+
+        Echoing anything else is how echo loops start.
+        """
+        return _matches_any(topic, self.ping_filters)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _matches_any(topic: str, filters: tuple[str, ...]) -> bool:
+    """Whether a topic name matches one of ``filters``.
+
+    Cached: every ping is matched twice (its topic and its response topic), and a fleet has one
+    response topic per device.
+    """
+    name = aiomqtt.Topic(topic)
+    return any(name.matches(f) for f in filters)
+
+
+@functools.lru_cache(maxsize=65_536)
+def is_topic_name(text: str) -> bool:
+    """Whether ``text`` is a topic name one may publish to.
+
+    Not empty, no wildcard, no U+0000, at most 65,535 bytes (MQTT 5 section 4.7).
+    """
+    try:
+        aiomqtt.Topic(text)
+    except ValueError:
+        return False
+    return "\x00" not in text and len(text.encode()) <= 65_535
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> EchoSettings:
@@ -171,7 +199,7 @@ class Echo:
             async with asyncio.TaskGroup() as echoes:
                 async for message in client.messages:
                     payload = message.payload if isinstance(message.payload, bytes) else b""
-                    if not self.settings.is_ping(message.topic):
+                    if not self.settings.is_ping(message.topic.value):
                         # Never echo anything but ping traffic (a stale subscription, a
                         # retained message on another topic): that is how echo loops start.
                         logger.warning(
@@ -228,7 +256,12 @@ class Echo:
         if not asked:
             device = message.topic.value[len(ping) + 1 :]  # "" for the ping topic itself
             return (f"{pong}/{device}" if device else pong), None
-        if settings.is_ping(aiomqtt.Topic(asked)):
+        if not is_topic_name(asked):
+            # MQTT 5 forbids wildcards in a response topic (section 3.3.2.3.5), but not every
+            # broker checks: mosquitto 2.0 passes "/pong/#" on. Nowhere to publish an answer.
+            logger.warning("Ignoring response topic %r: not a topic name.", asked)
+            return pong, None
+        if settings.is_ping(asked):
             # Answering on the ping topic would echo our own answer for ever.
             logger.warning("Ignoring response topic %s: it is the ping topic.", asked)
             return pong, None

@@ -89,6 +89,32 @@ def test_the_echo_answers_any_mqtt5_requester(spawn: Spawner, port: int) -> None
     assert (rr.returncode, rr.stdout.strip()) == (0, "hello"), rr.stderr
 
 
+def test_a_response_topic_that_is_no_topic_name_is_not_fatal(
+    spawn: Spawner, mosquitto: int
+) -> None:
+    """MQTT 5 forbids wildcards in a response topic; our broker refuses such a PUBLISH, but
+    mosquitto 2.0 passes it on. The echo says so, answers on the pong topic, and goes on
+    answering the next requester (it used to end with a traceback: one client took it down)."""
+    echo = spawn.start("echo_client", "--port", str(mosquitto), name="echo")
+    echo.wait_for(ECHO_READY)
+    rude = subprocess.run(
+        [tool("mosquitto_pub"), "-V", "5", "-p", str(mosquitto), "-t", "/ping", "-m", "rude",
+         "-D", "publish", "response-topic", "/reply/#"],
+        capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert rude.returncode == 0, rude.stderr
+    echo.wait_for(r"Ignoring response topic '/reply/#': not a topic name\.")
+    rr = subprocess.run(
+        [tool("mosquitto_rr"), "-V", "5", "-p", str(mosquitto), "-t", "/ping", "-e", "/reply/me",
+         "-m", "hello", "-W", "10"],
+        capture_output=True, text=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert (rr.returncode, rr.stdout.strip()) == (0, "hello"), rr.stderr
+    assert echo.popen.poll() is None
+    assert "Traceback" not in echo.err()
+    assert echo.count(r"Publishing b'rude' on /pong\.") == 1
+
+
 def test_shared_echo_clients_split_the_pings_each_answered_once(spawn: Spawner, port: int) -> None:
     """--share GROUP: $share/GROUP/<ping topic> (MQTT 5 section 4.8.2)."""
     spawn.broker(port)
