@@ -145,6 +145,8 @@ class PublishProperties(Properties):
                 value, taken = _READ[kind](view, left)
             except (IndexError, struct.error) as exc:
                 raise MalformedPacket(f"truncated property {attribute} in PUBLISH") from exc
+            except UnicodeDecodeError as exc:
+                raise MalformedPacket(f"property {attribute} in PUBLISH is not UTF-8") from exc
             view = view[taken:]
             left -= taken
             if attribute in given and not multiple:

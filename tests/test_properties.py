@@ -111,8 +111,9 @@ def test_rejects_what_paho_rejects_on_assignment() -> None:
         ),
         (b"\x03\x23\x00\x00", "TopicAlias property value must be in the range 1-65535"),
         (b"\x03\x02\x00\x00", "truncated property MessageExpiryInterval"),
+        (b"\x04\x08\x00\x01\xff", "property ResponseTopic in PUBLISH is not UTF-8"),
     ],
-    ids=["unknown", "repeated", "not a PUBLISH's", "out of range", "truncated"],
+    ids=["unknown", "repeated", "not a PUBLISH's", "out of range", "truncated", "not UTF-8"],
 )
 def test_malformed_properties_are_a_malformed_packet(body: bytes, reason: str) -> None:
     with pytest.raises(Exception):  # noqa: B017,PT011 (paho raises whatever it meets)
