@@ -133,6 +133,25 @@ def _serve_subscriptions(
             send(answers)
 
 
+def publish_after_suback(publish: bytes) -> Behaviour:
+    """A behaviour: CONNACK and SUBACKs at once, and ``publish`` (a whole packet) right after
+    the first SUBACK, on each connection."""
+
+    def behave(sock: socket.socket, stop: threading.Event) -> None:
+        sent = False
+
+        def send(answers: bytes) -> None:
+            nonlocal sent
+            if not sent and answers[0] >> 4 == 9:  # the first SUBACK
+                answers += publish
+                sent = True
+            sock.sendall(answers)
+
+        _serve_subscriptions(sock, stop, send)
+
+    return behave
+
+
 def drip(sock: socket.socket, stop: threading.Event) -> None:
     """A valid CONNACK and SUBACKs, one byte per second."""
     pending = bytearray()

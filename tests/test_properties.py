@@ -10,8 +10,6 @@ test_interop) runs on these classes too, on both the sending and the receiving s
 from __future__ import annotations
 
 import signal
-import socket
-import threading
 import timeit
 
 import pytest
@@ -24,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from common import aiomqtt_fixes
 from common.properties import FAST, PublishProperties, publish_properties
-from tests.hostile import connack, hostile_broker, read_connect, subacks
+from tests.hostile import hostile_broker, publish_after_suback
 from tests.support import Spawner
 
 text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=20)
@@ -153,34 +151,15 @@ def test_a_ping_s_properties_cost_a_fraction_of_paho_s() -> None:
     assert mine < theirs / 2, (mine, theirs)
 
 
-def _bad_publish_after_suback(sock: socket.socket, stop: threading.Event) -> None:
-    """CONNACK and SUBACKs; after the first SUBACK, a PUBLISH on /pong whose properties say
-    an identifier MQTT does not have; the connection is then held until the client leaves."""
-    level = read_connect(sock)
-    sock.sendall(connack(level))
-    sock.settimeout(0.05)
-    buffer, sent = b"", False
-    while not stop.is_set():
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        if not chunk:
-            return
-        answers, buffer = subacks(buffer + chunk, level)
-        if answers:
-            sock.sendall(answers)
-        if answers and not sent:
-            body = b"\x00\x05/pong" + b"\x02\x7f\x00" + b"123"
-            sock.sendall(bytes([0x30, len(body)]) + body)
-            sent = True
+BAD_PROPERTIES = b"\x30\x0d" + b"\x00\x05/pong" + b"\x02\x7f\x00" + b"123"
+"""A PUBLISH on /pong whose properties name an identifier MQTT does not have (0x7f)."""
 
 
 def test_a_broker_sending_malformed_properties_is_a_lost_connection(
     spawn: Spawner, port: int
 ) -> None:
     """The client notices, says so in one line, reconnects in 100 ms, and stays calm."""
-    with hostile_broker(port, _bad_publish_after_suback) as broker:
+    with hostile_broker(port, publish_after_suback(BAD_PROPERTIES)) as broker:
         probe = spawn.start("ping_client", "--port", str(port))
         probe.wait_for(r"Lost connection to 127\.0\.0\.1:\d+: .+\. Retrying every 100 ms\.")
         probe.wait_for(r"Reconnected to 127\.0\.0\.1:\d+ after 0\.1\d\d s")
