@@ -32,7 +32,7 @@ _NAMES = {name: name.replace(" ", "") for name in _TABLES.names}
 """Each property's name as paho spells it, to its attribute name (spaces removed)."""
 
 _BY_IDENT: dict[int, tuple[str, int, bool]] = {
-    ident: (_NAMES[name], _TABLES.properties[ident][0], ident in (11, 38))
+    ident: (_NAMES[name], _TABLES.properties[ident][0], _TABLES.allowsMultiple(_NAMES[name]))  # type: ignore[no-untyped-call]
     for name, ident in _TABLES.names.items()
 }
 """Identifier to (attribute name, paho's type index, may occur more than once)."""
@@ -66,21 +66,19 @@ _READ: dict[int, Any] = {
 }
 """paho's decoder of each property type (what its ``readProperty`` picks by comparisons)."""
 
-_ORDER = [(_NAMES[name], ident) for name, ident in _TABLES.names.items()]
-"""The order paho packs in: that of its names table."""
-
 _PACKING = [
     (attribute, VariableByteIntegers.encode(ident), _WRITE[kind], multiple)  # type: ignore[no-untyped-call]
-    for attribute, ident in _ORDER
-    for _attribute, kind, multiple in [_BY_IDENT[ident]]
+    for ident, (attribute, kind, multiple) in _BY_IDENT.items()
 ]
-"""For each property in paho's order: attribute, encoded identifier, encoder, list or not."""
+"""For each property in the order paho packs in (its names table's): attribute, encoded
+identifier, encoder, list or not."""
 
 _PLAIN = frozenset(
     attribute
-    for attribute, ident in _ORDER
+    for ident, (attribute, _kind, multiple) in _BY_IDENT.items()
     if PacketTypes.PUBLISH in _TABLES.properties[ident][1]
-    and ident not in (1, 11, 35, 38)  # paho checks the range of these, or makes a list
+    and not multiple
+    and ident not in (1, 35)  # paho checks the range of these
 )
 """PUBLISH properties that paho stores as given, without a check: assigned directly."""
 
@@ -122,14 +120,14 @@ class PublishProperties(Properties):
 
         Properties that are not MQTT's, or not a PUBLISH's, or repeated where MQTT allows one,
         make the packet malformed, as MQTT says (section 2.2.2.2), and paho ends the connection
-        as it does for any malformed packet. (paho's own code raised KeyError or MQTTException
-        there, out of its read loop; the connection ended too, and aiomqtt reports both the
-        same way.)
+        as it does for any malformed packet. (paho's own code raised KeyError, MQTTException,
+        struct.error or UnicodeDecodeError there, out of its read loop; the connection ended
+        too, and aiomqtt reports both the same way.)
         """
         if self.packetType != PacketTypes.PUBLISH:
             return super().unpack(buffer)  # type: ignore[no-any-return,no-untyped-call]
         given = self.__dict__
-        for attribute, _ident in _ORDER:
+        for attribute in _NAMES.values():
             given.pop(attribute, None)
         length, used = VariableByteIntegers.decode(buffer)  # type: ignore[no-untyped-call]
         view = buffer[used:]
@@ -156,8 +154,6 @@ class PublishProperties(Properties):
                 continue
             try:
                 Properties.__setattr__(self, attribute, value)  # type: ignore[no-untyped-call]
-            except MalformedPacket:
-                raise
             except MQTTException as exc:  # not a PUBLISH's property, or out of range
                 raise MalformedPacket(str(exc)) from exc
         return self, length + used
