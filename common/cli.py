@@ -229,9 +229,22 @@ def seconds(text: str) -> float:
 
 def positive_seconds(text: str) -> float:
     """Parse a finite number of seconds greater than zero."""
-    value = seconds(text)
-    if value <= 0:
-        raise ValueError(f"seconds must be > 0, got {text!r}")
+    return _positive(text, "a number of seconds", "seconds")
+
+
+def positive_rate(text: str) -> float:
+    """Parse a finite rate, per second, greater than zero."""
+    return _positive(text, "a rate per second", "a rate per second")
+
+
+def _positive(text: str, kind: str, what: str) -> float:
+    """Parse a finite number greater than zero; ``kind`` and ``what`` name it in the errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not {kind}: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {text!r}")
     return value
 
 

@@ -187,7 +187,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         parser,
         environ,
         "--connect-rate",
-        convert=cli.positive_seconds,
+        convert=cli.positive_rate,
         default=None,
         help="with --devices: devices brought up per second (default: as fast as the broker "
         "takes them)",

@@ -76,21 +76,28 @@ def test_malformed_settings_get_one_line_and_exit_64(
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "needle"),
     [
-        ["--qos", "3"],
-        ["--interval", "0"],
-        ["--interval", "nan"],
-        ["--ping-topic", "/a/+"],
-        ["--ping-topic", "/same", "--pong-topic", "/same"],
-        ["--count", "-1"],
+        (["--qos", "3"], "QoS must be 0, 1 or 2, got '3'"),
+        (["--interval", "0"], "seconds must be a finite number > 0, got '0'"),
+        (["--interval", "nan"], "seconds must be a finite number > 0, got 'nan'"),
+        # Not "a finite number >= 0": the reason names what would have been accepted.
+        (["--interval", "-1"], "seconds must be a finite number > 0, got '-1'"),
+        (["--interval", "soon"], "not a number of seconds: 'soon'"),
+        # Devices per second, not seconds.
+        (["--devices", "2", "--connect-rate", "0"], "a rate per second must be a finite number"),
+        (["--devices", "2", "--connect-rate", "fast"], "not a rate per second: 'fast'"),
+        (["--ping-topic", "/a/+"], "must not contain '+' or '#'"),
+        (["--ping-topic", "/same", "--pong-topic", "/same"], "/same"),
+        (["--count", "-1"], "must be >= 1, got -1"),
     ],
 )
-def test_ping_client_rejects_bad_values(spawn: Spawner, args: list[str]) -> None:
+def test_ping_client_rejects_bad_values(spawn: Spawner, args: list[str], needle: str) -> None:
     result = spawn.run("ping_client", *args, timeout=10)
     assert result.returncode == 64, result
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("ping_client: error: ")
+    assert needle in result.stderr, result.stderr
 
 
 def test_echo_client_refuses_to_echo_onto_its_own_topic(spawn: Spawner) -> None:
