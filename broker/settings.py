@@ -125,6 +125,26 @@ def event_loop(text: str) -> str:
     return value
 
 
+MIN_PACKET_SIZE = 20
+"""The smallest --max-packet-size: below it a client's CONNECT hardly fits (mosquitto refuses
+the same values of its max_packet_size)."""
+MAX_PACKET_SIZE = 268_435_460
+"""The largest MQTT packet there can be: a remaining length of 268,435,455 (four bytes of
+variable-length integer) and its five-byte fixed header (sections 1.5.5 and 2.1.4)."""
+
+
+def packet_size_limit(text: str) -> int:
+    """Parse --max-packet-size: bytes, from 20 to the largest packet MQTT can encode."""
+    value = cli.positive_int(text)
+    if value < MIN_PACKET_SIZE:
+        raise ValueError(f"must be >= {MIN_PACKET_SIZE} bytes (a CONNECT must fit), got {value}")
+    if value > MAX_PACKET_SIZE:
+        raise ValueError(
+            f"must be <= {MAX_PACKET_SIZE:,} bytes (the largest MQTT packet), got {value}"
+        )
+    return value
+
+
 def keepalive_limit(text: str) -> int:
     """Parse a keep alive cap: whole seconds, 1 to 65535 (MQTT's two-byte field)."""
     value = cli.positive_int(text)
@@ -195,7 +215,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         parser,
         environ,
         "--max-packet-size",
-        convert=cli.positive_int,
+        convert=packet_size_limit,
         default=DEFAULT_MAX_PACKET_SIZE,
         help="largest MQTT packet accepted, in bytes; a larger one closes the connection",
     )

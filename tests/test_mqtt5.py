@@ -101,6 +101,16 @@ def test_a_silent_client_is_told_0x8d(port: int) -> None:
     assert c.disconnect.reason_str == "silent for more than 1.5 s [MQTT-3.1.2-24]"
 
 
+def test_the_largest_packet_size_limit_is_announced(spawn: Spawner) -> None:
+    """--max-packet-size up to the largest packet MQTT can encode goes into every CONNACK
+    (a four-byte integer, section 3.2.2.3.6); the broker's log has no error."""
+    port = free_port()
+    proc = spawn.broker(port, "--max-packet-size", "268435460")
+    assert V5(port).connect(uid("largest")).max_packet_size == 268_435_460
+    assert RawClient(port).connect(uid("v311")) == (False, 0)
+    assert "ERROR" not in proc.err()
+
+
 def test_a_keep_alive_over_the_cap_is_replaced_by_the_server_keep_alive(spawn: Spawner) -> None:
     """Section 3.2.2.3.14: a client asking for more than --max-keepalive, or for none, is told
     the broker's in CONNACK and held to it; one within it is left alone, as 3.1.1 clients are

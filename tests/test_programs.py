@@ -220,10 +220,14 @@ def test_our_shutdown_bounds_act_before_supervisords() -> None:
     [
         (["--max-keepalive", "70000"], {}, "must be <= 65535 (a two-byte field), got 70000"),
         ([], {"MQTT_MAX_KEEPALIVE": "0"}, "MQTT_MAX_KEEPALIVE='0': must be >= 1, got 0"),
+        # No CONNECT fits in 10 bytes: every client would be closed (mosquitto refuses it too).
+        (["--max-packet-size", "10"], {}, "must be >= 20 bytes (a CONNECT must fit), got 10"),
+        # Over four bytes, it broke every MQTT 5 CONNACK with an internal error.
+        ([], {"MQTT_MAX_PACKET_SIZE": "5000000000"}, "must be <= 268,435,460 bytes"),
     ],
-    ids=["flag", "env"],
+    ids=["keepalive-flag", "keepalive-env", "packet-size-small", "packet-size-large"],
 )
-def test_broker_rejects_a_keepalive_cap_out_of_range(
+def test_broker_rejects_a_limit_out_of_range(
     spawn: Spawner, args: list[str], env: dict[str, str], needle: str
 ) -> None:
     result = spawn.run("broker", *args, env=base_env(**env), timeout=10)
