@@ -145,14 +145,6 @@ def packet_size_limit(text: str) -> int:
     return value
 
 
-def keepalive_limit(text: str) -> int:
-    """Parse a keep alive cap: whole seconds, 1 to 65535 (MQTT's two-byte field)."""
-    value = cli.positive_int(text)
-    if value > 65535:
-        raise ValueError(f"must be <= 65535 (a two-byte field), got {value}")
-    return value
-
-
 def filter_list(text: str) -> tuple[str, ...]:
     """Parse a comma-separated list of topic filters."""
     items = tuple(item.strip() for item in text.split(",") if item.strip())
@@ -239,7 +231,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> BrokerSetti
         parser,
         environ,
         "--max-keepalive",
-        convert=keepalive_limit,
+        convert=cli.keepalive,
         default=65535,
         help="MQTT 5: the longest keep alive a client may ask for, in seconds; one asking for "
         "more, or for none, is told this one (server keep alive)",

@@ -216,35 +216,46 @@ class Repeatable(argparse.Action):
         setattr(namespace, self.dest, collected)
 
 
+MAX_SECONDS = 2**32 - 1
+"""The most seconds any flag takes: MQTT's longest interval (a four-byte integer: message and
+session expiry). A ping's --timeout becomes its message expiry, and longer made the PUBLISH
+fail to encode; a watchdog's timer cannot wait much longer either (threading.TIMEOUT_MAX)."""
+
+
 def seconds(text: str) -> float:
-    """Parse a finite, non-negative number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"seconds must be a finite number >= 0, got {text!r}")
-    return value
+    """Parse a finite, non-negative number of seconds, at most :data:`MAX_SECONDS`."""
+    return _number(text, "a number of seconds", "seconds", above=None, most=MAX_SECONDS)
 
 
 def positive_seconds(text: str) -> float:
-    """Parse a finite number of seconds greater than zero."""
-    return _positive(text, "a number of seconds", "seconds")
+    """Parse a number of seconds greater than zero, at most :data:`MAX_SECONDS`."""
+    return _number(text, "a number of seconds", "seconds", above=0.0, most=MAX_SECONDS)
 
 
 def positive_rate(text: str) -> float:
     """Parse a finite rate, per second, greater than zero."""
-    return _positive(text, "a rate per second", "a rate per second")
+    return _number(text, "a rate per second", "a rate per second", above=0.0)
 
 
-def _positive(text: str, kind: str, what: str) -> float:
-    """Parse a finite number greater than zero; ``kind`` and ``what`` name it in the errors."""
+def _number(
+    text: str, kind: str, what: str, *, above: float | None, most: float | None = None
+) -> float:
+    """Parse a finite number, more than ``above`` (else at least 0), at most ``most``.
+
+    ``kind`` and ``what`` name it in the errors, which say what would have been accepted.
+    """
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"not {kind}: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {text!r}")
+    least = f"> {above:g}" if above is not None else ">= 0"
+    bounds = least if most is None else f"{least} and <= {most:,.0f}"
+    if (
+        not math.isfinite(value)
+        or (value <= above if above is not None else value < 0)
+        or (most is not None and value > most)
+    ):
+        raise ValueError(f"{what} must be a finite number {bounds}, got {text!r}")
     return value
 
 
@@ -256,6 +267,25 @@ def positive_int(text: str) -> int:
         raise ValueError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def keepalive(text: str) -> int:
+    """Parse a keep alive: whole seconds, 1 to 65535 (MQTT's two-byte field)."""
+    value = positive_int(text)
+    if value > 65535:
+        raise ValueError(f"must be <= 65535 (a two-byte field), got {value}")
+    return value
+
+
+def interval_seconds(text: str) -> int:
+    """Parse MQTT 5's whole seconds of an interval: 1 to :data:`MAX_SECONDS`.
+
+    A four-byte field, whose largest value means never (as for a session expiry).
+    """
+    value = positive_int(text)
+    if value > MAX_SECONDS:
+        raise ValueError(f"must be <= {MAX_SECONDS:,} (a four-byte field: never), got {value}")
     return value
 
 

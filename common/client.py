@@ -131,7 +131,7 @@ def add_client_options(
         parser,
         environ,
         "--keepalive",
-        convert=cli.positive_int,
+        convert=cli.keepalive,
         default=10,
         help="MQTT keepalive in seconds; a silent broker is dropped after about 1.5x this",
     )
@@ -177,7 +177,7 @@ def add_client_options(
         parser,
         environ,
         "--session-expiry",
-        convert=cli.positive_int,
+        convert=cli.interval_seconds,
         default=3600,
         help="MQTT 5, --session persistent: seconds the broker keeps the session after a loss",
     )

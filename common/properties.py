@@ -15,6 +15,7 @@ returns paho's own class and nothing changes but the speed.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -198,3 +199,19 @@ def publish_properties() -> Properties:
     if FAST:
         return PublishProperties()
     return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
+def ping_request(response_topic: str, payload: bytes, timeout: float | None) -> Properties:
+    """Return a ping's MQTT 5 request/response properties (section 4.10).
+
+    Where to answer; which ping it is (correlation data: its timestamp, without the spaces
+    ``--size`` pads it with, as correlation data has a two-byte length and a payload may be
+    longer); and, with ``timeout``, no echo once the ping has timed out (it would only count as
+    late): a message expiry in whole seconds.
+    """
+    properties = publish_properties()
+    properties.ResponseTopic = response_topic
+    properties.CorrelationData = payload.rstrip(b" ")
+    if timeout is not None:
+        properties.MessageExpiryInterval = max(1, math.ceil(timeout))
+    return properties

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import aiomqtt
 
 from common.client import make_client
-from common.properties import publish_properties
+from common.properties import ping_request
 from common.reconnect import Link
 from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
 from ping_client.report import Reporter
@@ -326,10 +326,7 @@ class Fleet:
                     seq=ping.seq)  # fmt: skip
         properties = None
         if self.v5:
-            properties = publish_properties()
-            properties.ResponseTopic = device.response_topic
-            properties.CorrelationData = payload
-            properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
+            properties = ping_request(device.response_topic, payload, self.settings.timeout)
         await client.publish(
             device.ping_topic, payload, qos=self.settings.client.qos, properties=properties
         )

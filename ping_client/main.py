@@ -24,7 +24,7 @@ from common import logs
 from common.client import fallback, make_client
 from common.constants import EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers, raise_open_files
-from common.properties import publish_properties
+from common.properties import ping_request
 from common.reconnect import Link
 from common.show import show
 from ping_client.probe import Ping, Tracker, Verdict, decimals_for, percentile
@@ -305,14 +305,9 @@ class Probe:
         client = self.link.client
         properties = None
         if client.protocol_level == 5:
-            # MQTT 5 request/response (section 4.10): where to answer, which request this is,
-            # and no echo after the ping has timed out (it would only count as late).
-            properties = publish_properties()
-            properties.ResponseTopic = self.client_settings.pong_topic
-            properties.CorrelationData = payload
-            if not self.client_settings.persistent:
-                # A persistent session keeps pings queued through an outage: no expiry then.
-                properties.MessageExpiryInterval = max(1, math.ceil(self.settings.timeout))
+            # A persistent session keeps pings queued through an outage: no expiry then.
+            timeout = None if self.client_settings.persistent else self.settings.timeout
+            properties = ping_request(self.client_settings.pong_topic, payload, timeout)
         try:
             await client.publish(
                 self.client_settings.ping_topic, payload, qos=self.client_settings.qos,

@@ -14,6 +14,20 @@ DEADLINE_SLACK = 1.0
 """Seconds a derived deadline adds to what a counted run needs, for a slow machine."""
 
 
+MAX_SIZE = 268_435_455 - 131_121
+"""The largest --size that fits any PUBLISH: MQTT's largest remaining length less what a ping
+adds at most (a topic of up to 65,535 bytes and its length, a packet id, properties: a response
+topic as long, correlation data, expiry). paho failed with a traceback on a larger one."""
+
+
+def payload_size(text: str) -> int:
+    """Parse --size: bytes of payload, 1 to :data:`MAX_SIZE`."""
+    value = cli.positive_int(text)
+    if value > MAX_SIZE:
+        raise ValueError(f"must be <= {MAX_SIZE:,} bytes (the largest MQTT packet), got {value}")
+    return value
+
+
 def derived_deadline(count: int, interval: float, timeout: float, connect_timeout: float) -> float:
     """Return the deadline a counted run gets when none is given: all it needs, plus slack.
 
@@ -168,7 +182,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         environ,
         "--size",
         short="-s",
-        convert=cli.positive_int,
+        convert=payload_size,
         default=None,
         help="pad each ping's timestamp with spaces to this many bytes, to measure what payload "
         "size costs (default: the timestamp alone)",

@@ -385,6 +385,20 @@ def test_ping_style_short_flags_quiet_and_payload_size(spawn: Spawner, port: int
     watcher.close()
 
 
+def test_a_ping_larger_than_correlation_data_may_be_is_answered(spawn: Spawner, port: int) -> None:
+    """MQTT 5 and -s 70000, the ping alone and a fleet: correlation data has a two-byte length,
+    and carries the timestamp without the padding (it was the whole payload: a traceback)."""
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
+    for fleet in ((), ("--devices", "2")):
+        result = spawn.run("ping_client", "--port", str(port), "-c", "2", "-i", "0.1", "-W", "2",
+                           "-s", "70000", *fleet)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        pings = 2 * (2 if fleet else 1)
+        assert f"{pings} sent, {pings} received, 0 lost" in result.stdout, result.stdout
+        assert "Traceback" not in result.stderr
+
+
 def test_every_program_says_its_version(spawn: Spawner) -> None:
     for program, words in (("broker", "MQTT 5.0 and 3.1.1"), ("ping_client", "aiomqtt"),
                            ("echo_client", "paho-mqtt")):  # fmt: skip

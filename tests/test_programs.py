@@ -79,10 +79,13 @@ def test_malformed_settings_get_one_line_and_exit_64(
     ("args", "needle"),
     [
         (["--qos", "3"], "QoS must be 0, 1 or 2, got '3'"),
-        (["--interval", "0"], "seconds must be a finite number > 0, got '0'"),
-        (["--interval", "nan"], "seconds must be a finite number > 0, got 'nan'"),
+        (["--interval", "0"], "seconds must be a finite number > 0 and <= 4,294,967,295"),
+        (["--interval", "nan"], "must be a finite number > 0 and <= 4,294,967,295, got 'nan'"),
         # Not "a finite number >= 0": the reason names what would have been accepted.
-        (["--interval", "-1"], "seconds must be a finite number > 0, got '-1'"),
+        (["--interval", "-1"], "must be a finite number > 0 and <= 4,294,967,295, got '-1'"),
+        # The timeout is the ping's message expiry, a four-byte integer: it made a traceback.
+        (["--timeout", "1e20"], "must be a finite number > 0 and <= 4,294,967,295, got '1e20'"),
+        (["--stats-interval", "-1"], "must be a finite number >= 0 and <= 4,294,967,295"),
         (["--interval", "soon"], "not a number of seconds: 'soon'"),
         # Devices per second, not seconds.
         (["--devices", "2", "--connect-rate", "0"], "a rate per second must be a finite number"),
@@ -90,6 +93,10 @@ def test_malformed_settings_get_one_line_and_exit_64(
         (["--ping-topic", "/a/+"], "must not contain '+' or '#'"),
         (["--ping-topic", "/same", "--pong-topic", "/same"], "/same"),
         (["--count", "-1"], "must be >= 1, got -1"),
+        # Over four bytes, the CONNECT did not encode: a traceback at every connection attempt.
+        (["--session-expiry", "5000000000"], "must be <= 4,294,967,295 (a four-byte field"),
+        (["--size", "300000000"], "must be <= 268,304,334 bytes (the largest MQTT packet)"),
+        (["--keepalive", "70000"], "must be <= 65535 (a two-byte field), got 70000"),
     ],
 )
 def test_ping_client_rejects_bad_values(spawn: Spawner, args: list[str], needle: str) -> None:
@@ -224,8 +231,16 @@ def test_our_shutdown_bounds_act_before_supervisords() -> None:
         (["--max-packet-size", "10"], {}, "must be >= 20 bytes (a CONNECT must fit), got 10"),
         # Over four bytes, it broke every MQTT 5 CONNACK with an internal error.
         ([], {"MQTT_MAX_PACKET_SIZE": "5000000000"}, "must be <= 268,435,460 bytes"),
+        # Its watchdog's timer could not wait that long: a traceback at every shutdown.
+        (["--shutdown-timeout", "1e20"], {}, "must be a finite number > 0 and <= 4,294,967,295"),
     ],
-    ids=["keepalive-flag", "keepalive-env", "packet-size-small", "packet-size-large"],
+    ids=[
+        "keepalive-flag",
+        "keepalive-env",
+        "packet-size-small",
+        "packet-size-large",
+        "shutdown-timeout",
+    ],
 )
 def test_broker_rejects_a_limit_out_of_range(
     spawn: Spawner, args: list[str], env: dict[str, str], needle: str
