@@ -19,7 +19,7 @@ from broker.connection import Connection
 from broker.engine import Engine, EngineMismatch
 from broker.hub import Hub
 from broker.server import BACKLOG, BindError, Listener, bind, tls_context
-from broker.settings import BrokerSettings, parse
+from broker.settings import BrokerSettings, parse, user_names
 from broker.settings import password_file as checked_password_file
 from common import logs
 from common.constants import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE
@@ -164,9 +164,14 @@ def warn_unknown_users(rules: acl.Acl, password_file: Path | None) -> None:
     """Warn of each ACL user the password file does not know (they could never log in)."""
     if password_file is None:
         return
-    known = {line.split(":", 1)[0].strip() for line in password_file.read_text().splitlines()}
-    for user in sorted(set(rules.users) - known):
+    for user in sorted(set(rules.users) - user_names(password_file)):
         logger.warning("The ACL names user %s, who is not in %s.", user, password_file)
+
+
+def warn_no_users(password_file: Path) -> None:
+    """Say that no client can log in: the password file has nobody in it."""
+    logger.warning("%s has no users: every client will be refused (add one: make add-user "
+                   "NAME=...).", password_file)  # fmt: skip
 
 
 async def reload(broker: Running, settings: BrokerSettings) -> None:
@@ -193,6 +198,8 @@ async def reload(broker: Running, settings: BrokerSettings) -> None:
             logger.warning("Reload: kept the old passwords: %s.", exc)
         else:
             logger.info("Reload: %d users from %s.", users, settings.password_file)
+            if not users:
+                warn_no_users(settings.password_file)
 
 
 FULL_COLLECTION_EVERY = 100
@@ -234,7 +241,11 @@ async def serve(settings: BrokerSettings) -> int:
                 if listener.websocket and settings.http_dir is not None and not listener.tls:
                     logger.info("The live page: http://%s/", listener.address)
             if settings.password_file is not None:
-                logger.info("Clients must authenticate: users from %s.", settings.password_file)
+                users = len(user_names(settings.password_file))
+                logger.info("Clients must authenticate: users from %s (%d).",
+                            settings.password_file, users)  # fmt: skip
+                if not users:
+                    warn_no_users(settings.password_file)
             if broker.hub.acl is not None:
                 logger.info("Topic access from %s: %s.", settings.acl_file, broker.hub.acl)
                 warn_unknown_users(broker.hub.acl, settings.password_file)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -82,6 +82,8 @@ class BrokerSettings:
 def readable_file(text: str) -> Path:
     """Accept the path of an existing, readable file."""
     path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{text} is a directory, not a file")
     if not path.is_file():
         raise ValueError(f"no such file: {text}")
     try:
@@ -94,14 +96,24 @@ def readable_file(text: str) -> Path:
 def password_file(text: str) -> Path:
     """Accept a password file of ``name:argon2-hash`` lines (make add-user writes them)."""
     path = readable_file(text)
-    for number, raw in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, digest = line.partition(":")
+    for number, name, digest in _password_entries(path):
         if not name or not digest.startswith("$argon2"):
             raise ValueError(f"{text}:{number}: expected 'name:$argon2...' (see make add-user)")
     return path
+
+
+def user_names(path: Path) -> set[str]:
+    """Return the users of a password file (its comments and blank lines skipped)."""
+    return {name for _, name, _ in _password_entries(path)}
+
+
+def _password_entries(path: Path) -> Iterator[tuple[int, str, str]]:
+    """Each entry of a password file: its line number, name and hash."""
+    for number, raw in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            name, _, digest = line.partition(":")
+            yield number, name, digest
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")

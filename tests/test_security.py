@@ -66,6 +66,25 @@ def test_malformed_password_file_is_a_usage_error(spawn: Spawner, tmp_path: Path
     assert result.stderr.count("\n") == 1
 
 
+def test_a_password_file_with_nobody_in_it_is_said_at_start_up(
+    spawn: Spawner, port: int, tmp_path: Path
+) -> None:
+    """Comments only: the broker starts (a user may be added and SIGHUP sent), and says that
+    every client will be refused, which it then is."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# users: make add-user NAME=...\n\n")
+    broker = spawn.broker(port, "--password-file", str(empty))
+    broker.wait_for(rf"{empty} has no users: every client will be refused")
+    assert RawClient(port).connect("anyone", username="alice", password="x") == (False, 5)
+
+
+def test_a_directory_is_no_password_or_acl_file(spawn: Spawner, tmp_path: Path) -> None:
+    for flag in ("--password-file", "--acl-file"):
+        result = spawn.run("broker", flag, str(tmp_path), timeout=10)
+        assert result.returncode == 64
+        assert f"{tmp_path} is a directory, not a file" in result.stderr, result.stderr
+
+
 def test_tls_listener_carries_the_round_trip(
     spawn: Spawner, port: int, certificate: tuple[Path, Path]
 ) -> None:
