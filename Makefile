@@ -70,7 +70,8 @@ stop:
 	@bash tools/run.sh --stop
 
 status:
-	@$(BIN)/supervisorctl -c $(CONF) status || true
+	@if [ -S run/sv.sock ]; then $(BIN)/supervisorctl -c $(CONF) status || true; \
+	else echo "Not running (make run starts it)."; fi
 
 # Re-read the broker's password file and ACL without a restart (SIGHUP; clients stay connected).
 reload:

@@ -48,6 +48,19 @@ def checkout(tmp: Path) -> Path:
     return root
 
 
+def test_make_stop_and_status_say_when_nothing_runs(tmp_path: Path) -> None:
+    """Not "unix:///.../run/sv.sock no such file" from supervisorctl, and not silence."""
+    root = checkout(tmp_path)
+    for target, said in (
+        ("stop", "Not running.\n"),
+        ("status", "Not running (make run starts it).\n"),
+    ):
+        make = ["make", "--no-print-directory", target]
+        result = subprocess.run(make, cwd=root, env=base_env(), capture_output=True, text=True,
+                                timeout=60, check=False)  # fmt: skip
+        assert (result.returncode, result.stdout, result.stderr) == (0, said, ""), result
+
+
 def test_make_run_streams_logs_and_ctrl_c_stops_everything(tmp_path: Path, port: int) -> None:
     run_and_interrupt(checkout(tmp_path), tmp_path, port)
 

@@ -48,6 +48,7 @@ start() {
 
 stop() {
   if ! running; then
+    [ "${1:-}" = quiet ] || echo "Not running."
     return 0
   fi
   local pid
@@ -78,7 +79,7 @@ on_exit() {
   trap - EXIT
   set +e
   { echo; echo "Stopping..."; } 2>/dev/null
-  stop 2>/dev/null
+  stop quiet 2>/dev/null
   probe_report 2>/dev/null
   exit "$probe_code"
 }
