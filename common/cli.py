@@ -224,23 +224,21 @@ fail to encode; a watchdog's timer cannot wait much longer either (threading.TIM
 
 def seconds(text: str) -> float:
     """Parse a finite, non-negative number of seconds, at most :data:`MAX_SECONDS`."""
-    return _number(text, "a number of seconds", "seconds", above=None, most=MAX_SECONDS)
+    return _number(text, "a number of seconds", "seconds", positive=False, most=MAX_SECONDS)
 
 
 def positive_seconds(text: str) -> float:
     """Parse a number of seconds greater than zero, at most :data:`MAX_SECONDS`."""
-    return _number(text, "a number of seconds", "seconds", above=0.0, most=MAX_SECONDS)
+    return _number(text, "a number of seconds", "seconds", positive=True, most=MAX_SECONDS)
 
 
 def positive_rate(text: str) -> float:
     """Parse a finite rate, per second, greater than zero."""
-    return _number(text, "a rate per second", "a rate per second", above=0.0)
+    return _number(text, "a rate per second", "a rate per second", positive=True)
 
 
-def _number(
-    text: str, kind: str, what: str, *, above: float | None, most: float | None = None
-) -> float:
-    """Parse a finite number, more than ``above`` (else at least 0), at most ``most``.
+def _number(text: str, kind: str, what: str, *, positive: bool, most: float | None = None) -> float:
+    """Parse a finite number: more than 0 if ``positive``, else at least 0; at most ``most``.
 
     ``kind`` and ``what`` name it in the errors, which say what would have been accepted.
     """
@@ -248,13 +246,10 @@ def _number(
         value = float(text)
     except ValueError:
         raise ValueError(f"not {kind}: {text!r}") from None
-    least = f"> {above:g}" if above is not None else ">= 0"
+    least = "> 0" if positive else ">= 0"
     bounds = least if most is None else f"{least} and <= {most:,.0f}"
-    if (
-        not math.isfinite(value)
-        or (value <= above if above is not None else value < 0)
-        or (most is not None and value > most)
-    ):
+    too_small = value <= 0 if positive else value < 0
+    if not math.isfinite(value) or too_small or (most is not None and value > most):
         raise ValueError(f"{what} must be a finite number {bounds}, got {text!r}")
     return value
 
