@@ -60,11 +60,13 @@ def add_option(
     default: object,
     help: str,
     short: str | None = None,
+    secret: bool = False,
     **kwargs: Any,  # noqa: ANN401 - passed through to argparse
 ) -> None:
     """Add ``flag`` to ``parser``; its default comes from the environment when that is set.
 
-    ``short`` is its one-letter spelling too (``-c`` for ``--count``, as ping has it).
+    ``short`` is its one-letter spelling too (``-c`` for ``--count``, as ping has it). A
+    ``secret`` (a password) is never shown: not in an error, not as the default in ``--help``.
     """
     name = env_name(flag)
     raw = environ.get(name)
@@ -72,11 +74,13 @@ def add_option(
         try:
             default = convert(raw)
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            parser.error(f"{name}={raw!r}: {exc}")
+            parser.error(f"{name}={'(not shown)' if secret else repr(raw)}: {exc}")
     if "(default:" in help:
         suffix = f"[env: {name}]"  # the help says the default in words already
     else:
         shown = "unset" if default is None else "none" if default == () else repr(default)
+        if secret and default is not None:
+            shown = "set (not shown)"
         suffix = f"[env: {name}; default: {shown}]"
     parser.add_argument(
         *([short] if short else []),
@@ -263,6 +267,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(f"must be >= 1, got {value}")
     return value
+
+
+MAX_STRING = 65535
+"""The most bytes an MQTT string holds (its length is two bytes, section 1.5.4)."""
+
+
+def mqtt_string(text: str) -> str:
+    """Accept what goes into an MQTT string (a client id, a user name, a password)."""
+    if "\x00" in text:
+        raise ValueError("must not contain U+0000")
+    size = len(text.encode())
+    if size > MAX_STRING:
+        raise ValueError(f"must be at most {MAX_STRING:,} bytes of UTF-8 (a two-byte length), "
+                         f"got {size:,}")  # fmt: skip
+    return text
 
 
 def keepalive(text: str) -> int:

@@ -139,20 +139,22 @@ def add_client_options(
         parser,
         environ,
         "--client-id",
-        convert=str,
+        convert=cli.mqtt_string,
         default=None,
         help=(
             "MQTT client id (default: the program name and a random suffix; under supervisord "
             "the program name is appended, so that each program has its own)"
         ),
     )
-    add(parser, environ, "--username", convert=str, default=None, help="MQTT user name")
+    add(parser, environ, "--username", convert=cli.mqtt_string, default=None,
+        help="MQTT user name")  # fmt: skip
     add(
         parser,
         environ,
         "--password",
-        convert=str,
+        convert=cli.mqtt_string,
         default=None,
+        secret=True,
         help="MQTT password (prefer the environment variable to the flag)",
     )
     cli.add_flag(parser, environ, "--tls", help="connect with TLS (the broker's --tls-port)")

@@ -240,8 +240,18 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     if deadline is None and args.count is not None and connect_timeout is not None:
         spacing = args.timeout if args.flood else args.interval  # a flood ping takes at most that
         deadline = derived_deadline(args.count, spacing, args.timeout, connect_timeout)
+    client = client_settings(parser, args, "ping_client", environ)
+    if args.devices > 1:
+        # A device is "<client id>-<i>", answered on "<pong topic>/<client id>-<i>" (3.1.1:
+        # pinging on "<ping topic>/<client id>-<i>"): each an MQTT string, at most 65,535 bytes.
+        last = f"{client.client_id}-{args.devices - 1}"
+        for what, name in (("client id", last), ("topic", f"{client.pong_topic}/{last}"),
+                           ("topic", f"{client.ping_topic}/{last}")):  # fmt: skip
+            if len(name.encode()) > cli.MAX_STRING:
+                why = f"a device's {what} would be over {cli.MAX_STRING:,} bytes"
+                parser.error(f"--devices {args.devices}: {why}: shorten --client-id or the topics")
     return PingSettings(
-        client=client_settings(parser, args, "ping_client", environ),
+        client=client,
         interval=args.interval,
         count=args.count,
         timeout=args.timeout,

@@ -97,6 +97,10 @@ def test_malformed_settings_get_one_line_and_exit_64(
         (["--session-expiry", "5000000000"], "must be <= 4,294,967,295 (a four-byte field"),
         (["--size", "300000000"], "must be <= 268,304,334 bytes (the largest MQTT packet)"),
         (["--keepalive", "70000"], "must be <= 65535 (a two-byte field), got 70000"),
+        # MQTT strings have a two-byte length: these were tracebacks at the first CONNECT.
+        (["--client-id", "x" * 70000], "must be at most 65,535 bytes of UTF-8"),
+        (["--username", "é" * 40000], "(a two-byte length), got 80,000"),
+        (["--devices", "200", "--client-id", "x" * 65530], "a device's topic would be over 65,535"),
     ],
 )
 def test_ping_client_rejects_bad_values(spawn: Spawner, args: list[str], needle: str) -> None:
@@ -105,6 +109,19 @@ def test_ping_client_rejects_bad_values(spawn: Spawner, args: list[str], needle:
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("ping_client: error: ")
     assert needle in result.stderr, result.stderr
+
+
+def test_a_password_is_never_shown(spawn: Spawner) -> None:
+    """Not in --help, where it was the default from MQTT_PASSWORD, nor in a refusal of it."""
+    shown = spawn.run("ping_client", "--help", env=base_env(MQTT_PASSWORD="hunter2"), timeout=10)
+    assert shown.returncode == 0
+    assert "hunter2" not in shown.stdout
+    assert "[env: MQTT_PASSWORD; default: set (not shown)]" in " ".join(shown.stdout.split())
+    long = "hunter2" * 10000
+    refused = spawn.run("echo_client", env=base_env(MQTT_PASSWORD=long), timeout=10)
+    assert refused.returncode == 64
+    assert "hunter2" not in refused.stderr
+    assert "MQTT_PASSWORD=(not shown): must be at most 65,535 bytes" in refused.stderr
 
 
 def test_echo_client_refuses_to_echo_onto_its_own_topic(spawn: Spawner) -> None:
