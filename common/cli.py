@@ -8,6 +8,7 @@ stderr and exit code 64 (``EX_USAGE``), never with a traceback.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -185,19 +186,31 @@ def host(text: str) -> str:
 
 def _address_parts(text: str) -> tuple[str, str | None]:
     """Split ``HOST:PORT`` (``[IPv6]:PORT``) into host and port text; a bare host has None."""
+    if text.startswith("[") and text.endswith("]"):
+        return text[1:-1], None  # [IPv6] alone
     where, colon, port_text = text.rpartition(":")
-    if colon and (text.count(":") == 1 or where.endswith("]")):
-        return where.strip("[]"), port_text
+    if colon and (text.count(":") == 1 or (where.startswith("[") and where.endswith("]"))):
+        return where.removeprefix("[").removesuffix("]"), port_text
     return text, None
 
 
 def broker_address(text: str) -> str:
     """Accept ``HOST`` or ``HOST:PORT`` (``[IPv6]:PORT``); the text comes back as given."""
     value = host(text)
+    if "://" in value:
+        raise ValueError(f"a host name or address (HOST or HOST:PORT), not a URL: {text!r}")
     where, port_text = _address_parts(value)
     if port_text is not None:
-        host(where or " ")
+        if not where:
+            raise ValueError(f"no host before the port: {text!r}")
         port(port_text)
+    if "[" in where or "]" in where:
+        raise ValueError(f"not a host name or address: {text!r} (an IPv6 one is [ADDRESS]:PORT)")
+    if ":" in where:  # only an IPv6 address has colons
+        try:
+            ipaddress.IPv6Address(where)
+        except ValueError:
+            raise ValueError(f"not a host name or address: {text!r}") from None
     return value
 
 
