@@ -324,13 +324,17 @@ def qos(text: str) -> int:
 
 
 def topic_name(text: str) -> str:
-    """Accept a topic name a client may publish to: non-empty, no wildcards, no U+0000."""
+    """Accept a topic name a client may publish to: non-empty, no wildcards, no U+0000, no "$"."""
     if not text:
         raise ValueError("a topic must not be empty")
     if "+" in text or "#" in text:
         raise ValueError(f"a topic to publish to must not contain '+' or '#': {text!r}")
     if "\x00" in text:
         raise ValueError("a topic must not contain U+0000")
+    if text.startswith("$"):
+        # Section 4.7.2: "$" topics are the broker's ($SYS), and brokers drop what a client
+        # publishes there: every ping would be lost, without a word to the client.
+        raise ValueError(f"a topic starting with '$' is the broker's, not a client's: {text!r}")
     if len(text.encode()) > 65535:
         raise ValueError("a topic must be at most 65535 bytes of UTF-8")
     return text

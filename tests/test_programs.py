@@ -91,6 +91,8 @@ def test_malformed_settings_get_one_line_and_exit_64(
         (["--devices", "2", "--connect-rate", "0"], "a rate per second must be a finite number"),
         (["--devices", "2", "--connect-rate", "fast"], "not a rate per second: 'fast'"),
         (["--ping-topic", "/a/+"], "must not contain '+' or '#'"),
+        # Brokers drop a client's PUBLISH to $SYS/...: every ping was lost, silently.
+        (["--ping-topic", "$SYS/ping"], "a topic starting with '$' is the broker's"),
         (["--ping-topic", "/same", "--pong-topic", "/same"], "/same"),
         (["--count", "-1"], "must be >= 1, got -1"),
         # Over four bytes, the CONNECT did not encode: a traceback at every connection attempt.
