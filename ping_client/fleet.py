@@ -85,6 +85,9 @@ class FleetSummary:
     """Why no device ever came up (the first device's link says), when none did."""
     held_back: tuple[float, float] | None = None
     """Under --deadline: (seconds before it in which no device pings, the deadline)."""
+    unanswered: int = 0
+    """When --deadline cut a --count run short: its pings not answered, in flight or never
+    sent (as the single probe counts them)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready data."""
@@ -95,7 +98,8 @@ class FleetSummary:
             "target": self.target, "devices": self.devices, "devices_ever_up": self.ever_up,
             "sent": self.sent, "received": self.received, "lost": self.lost, "late": self.late,
             "duplicates": self.duplicates, "not_sent": self.not_sent,
-            "in_flight": self.in_flight, "elapsed_s": round(self.elapsed, 3),
+            "in_flight": self.in_flight, "unanswered": self.unanswered,
+            "elapsed_s": round(self.elapsed, 3),
             "reconnects": self.reconnects,
             "rtt_ms": None if stats is None else {
                 "min": _ms(stats.minimum), "avg": _ms(stats.average), "max": _ms(stats.maximum),
@@ -143,6 +147,8 @@ class FleetSummary:
             held, deadline = self.held_back
             lines.append(f"no ping in the last {held:g} s before the {deadline:g} s deadline, "
                          "so that each one sent could be answered")  # fmt: skip
+            if self.unanswered:
+                lines.append(f"deadline {deadline:g} s reached, {self.unanswered} unanswered")
         if self.worst:
             shown = ", ".join(f"{d} ({n} lost)" for d, n in self.worst[:10])
             more = f" and {len(self.worst) - 10} more" if len(self.worst) > 10 else ""
@@ -158,7 +164,7 @@ def fleet_exit_code(summary: FleetSummary) -> int:
     """0 every ping answered, 1 some lost (or unanswered), 2 no device ever usable."""
     if not summary.ever_up:
         return 2
-    if summary.lost or summary.in_flight or summary.received < summary.sent:
+    if summary.lost or summary.in_flight or summary.unanswered or summary.received < summary.sent:
         return 1
     return 0
 
@@ -202,6 +208,8 @@ class Fleet:
         """Set before the tasks are cancelled: a cancellation that a library swallows (Python
         3.11's asyncio.wait_for can, when what it waits for completes at that moment) still
         ends the ticker at its next tick."""
+        self._cut = False
+        """Whether --deadline ended the run (then a --count run's missing pings are unanswered)."""
         self._all_up_once = False
         self._outage: tuple[float, float | None] | None = None
         """(when the first device lost its link, when the first came back), during an outage."""
@@ -399,11 +407,14 @@ class Fleet:
             ends: list[asyncio.Task[Any]] = [
                 tg.create_task(stop.wait()), tg.create_task(self.done.wait())
             ]  # fmt: skip
+            deadline = None
             if settings.deadline is not None:
-                ends.append(tg.create_task(asyncio.sleep(settings.deadline)))
+                deadline = tg.create_task(asyncio.sleep(settings.deadline))
+                ends.append(deadline)
             if settings.connect_timeout is not None:
                 ends.append(tg.create_task(self._connect_deadline(settings.connect_timeout)))
-            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            self._cut = deadline in done
             self._stopping = True
             for device in self.devices:
                 device.link.stop()
@@ -423,16 +434,22 @@ class Fleet:
         held_back = None
         if settings.deadline is not None:  # as _ticker holds back
             held_back = (min(settings.interval, settings.timeout), settings.deadline)
+        received = sum(t.received for t in trackers)
+        lost = sum(t.lost for t in trackers)
+        not_sent = sum(d.not_sent for d in self.devices)
+        unanswered = 0
+        if self._cut and settings.count is not None:
+            unanswered = max(0, settings.count * len(self.devices) - received - lost - not_sent)
         return FleetSummary(
             target=self.target,
             devices=len(self.devices),
             ever_up=ever_up,
             sent=sum(t.sent for t in trackers),
-            received=sum(t.received for t in trackers),
-            lost=sum(t.lost for t in trackers),
+            received=received,
+            lost=lost,
             late=sum(t.late for t in trackers),
             duplicates=sum(t.duplicates for t in trackers),
-            not_sent=sum(d.not_sent for d in self.devices),
+            not_sent=not_sent,
             in_flight=sum(len(t.outstanding) for t in trackers),
             elapsed=time.monotonic() - self.started,
             reconnects=sum(d.link.reconnects for d in self.devices),
@@ -442,4 +459,5 @@ class Fleet:
             recoveries=list(self.recoveries),
             problem=None if ever_up else self.devices[0].link.problem(),
             held_back=held_back,
+            unanswered=unanswered,
         )

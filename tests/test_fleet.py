@@ -146,6 +146,21 @@ def test_a_fleet_stopped_while_its_devices_connect_ends(spawn: Spawner, port: in
     assert [line for line in result.stderr.splitlines() if " ERROR " in line] == []
 
 
+def test_a_deadline_that_cuts_a_counted_fleet_short_leaves_pings_unanswered(
+    spawn: Spawner, port: int
+) -> None:
+    """As the single probe counts them: -c 2 -w 1 sends nothing (no ping in the deadline's last
+    interval), and the 6 pings asked for are unanswered, exit 1 (it said 0, all answered)."""
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(r"Subscribed to /ping")
+    result = spawn.run("ping_client", "--port", str(port), "--devices", "3", "-c", "2",
+                       "-w", "1", "--json")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    summary = events(result.stdout)[-1]
+    assert (summary["sent"], summary["unanswered"]) == (0, 6), summary
+    assert "deadline 1 s reached, 6 unanswered" in result.stderr
+
+
 @pytest.mark.parametrize("hard", [True, False], ids=["hard limit", "soft limit"])
 def test_a_fleet_the_open_files_limit_cannot_hold_says_so(
     spawn: Spawner, port: int, hard: bool
