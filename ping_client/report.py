@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, NoReturn, TextIO
 
 from common.constants import EXIT_UNAVAILABLE
 from ping_client.probe import RttStats, Tracker, rtt_stats
@@ -21,6 +21,8 @@ EXIT_DATAERR = 65
 """sysexits.h: the input was not a run."""
 EXIT_NOINPUT = 66
 """sysexits.h: the input could not be read."""
+EXIT_CANTCREAT = 73
+"""sysexits.h: the output could not be written."""
 
 
 def ms(seconds: float) -> float:
@@ -263,21 +265,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     args = parser.parse_args(argv)
     output = args.output or args.source.with_suffix(".png")
-    try:
-        from ping_client import plot  # noqa: PLC0415 - the extra is needed only here
 
+    def fail(code: int, why: str) -> NoReturn:
+        parser.exit(code, f"ping_client.report: error: {why}\n")
+
+    from ping_client import plot  # noqa: PLC0415 - reading needs no matplotlib, drawing does
+
+    try:
         run = plot.load(args.source, every_run=args.every_run)
-        if not (run.rtts or run.lost or run.late):
-            parser.exit(EXIT_DATAERR, f"ping_client.report: error: {args.source}: no pings in it\n")
-        plot.draw(run, output, args.title or plot.title(run, args.source.name))
     except OSError as exc:
-        parser.exit(EXIT_NOINPUT, f"ping_client.report: error: {exc.filename}: {exc.strerror}\n")
+        fail(EXIT_NOINPUT, f"{exc.filename}: {exc.strerror}")
+    if not (run.rtts or run.lost or run.late):
+        fail(EXIT_DATAERR, f"{args.source}: no pings in it")
+    try:
+        plot.draw(run, output, args.title or plot.title(run, args.source.name))
     except ImportError:
-        parser.exit(
-            EXIT_UNAVAILABLE,
-            "ping_client.report: error: matplotlib is not installed: "
-            "pip install -e '.[report]' (make report does)\n",
-        )
+        fail(EXIT_UNAVAILABLE, "matplotlib is not installed: pip install -e '.[report]' "
+             "(make report does)")  # fmt: skip
+    except OSError as exc:
+        fail(EXIT_CANTCREAT, f"cannot write {exc.filename or output}: {exc.strerror}")
     sys.stdout.write(f"{output}\n")
 
 

@@ -109,6 +109,21 @@ def test_the_report_draws_a_png_of_the_run(
     assert out.stat().st_size > 20_000  # drawn, not a blank canvas
 
 
+@pytest.mark.skipif(not DRAWS, reason="the report extra is not installed")
+def test_an_output_that_cannot_be_written_is_said_so(
+    outage_run: tuple[Path, Path], spawn: Spawner, tmp_path: Path
+) -> None:
+    """sysexits' 73 (cannot create), not 66 (no input), and which file it could not write."""
+    events, _ = outage_run
+    out = tmp_path / "no such dir" / "run.png"
+    result = spawn.run("ping_client.report", str(events), "-o", str(out))
+    assert result.returncode == 73
+    assert (
+        result.stderr == f"ping_client.report: error: cannot write {out}: No such file or "
+        "directory\n"
+    )
+
+
 @pytest.mark.skipif(DRAWS, reason="the report extra is installed")
 def test_without_the_extra_the_report_says_how_to_get_it(
     outage_run: tuple[Path, Path], spawn: Spawner, tmp_path: Path
