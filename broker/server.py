@@ -98,9 +98,25 @@ def tls_context(
             context.load_verify_locations(client_ca)
             context.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
     except (ssl.SSLError, OSError) as exc:
-        raise BindError(f"cannot load TLS certificate {cert} and key {key}: {exc}") from exc
+        why = _unloadable(cert, key, exc)
+        raise BindError(f"cannot load TLS certificate {cert} and key {key}: {why}") from exc
     context.sslobject_class = SaysWhyHandshake
     return context
+
+
+def _unloadable(cert: Path, key: Path, exc: Exception) -> str:
+    """Say why a certificate and key did not load: OpenSSL says only "PEM lib" for most."""
+    if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+        return f"{key} is not the private key of {cert}"
+    try:
+        cert_text, key_text = cert.read_text(errors="replace"), key.read_text(errors="replace")
+    except OSError:
+        return str(exc)
+    if "-----BEGIN CERTIFICATE-----" not in cert_text:
+        return f"{cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    if "PRIVATE KEY-----" not in key_text:
+        return f"{key} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)"
+    return str(exc)
 
 
 class SaysWhyHandshake(ssl.SSLObject):

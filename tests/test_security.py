@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import configparser
+import re
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from broker.server import BindError, tls_context
 from broker.settings import parse
 from tests import mqtt_raw as m
 from tests.mqtt_raw import RawClient
@@ -83,6 +88,24 @@ def test_a_directory_is_no_password_or_acl_file(spawn: Spawner, tmp_path: Path) 
         result = spawn.run("broker", flag, str(tmp_path), timeout=10)
         assert result.returncode == 64
         assert f"{tmp_path} is a directory, not a file" in result.stderr, result.stderr
+
+
+def test_a_certificate_and_key_that_do_not_load_say_why(
+    certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Not OpenSSL's "[SSL] PEM lib (_ssl.c:3905)", which it says of most of these."""
+    cert, key = certificate
+    other = tmp_path / "other.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    readme = REPO / "README.md"
+    for given, why in (
+        ((cert, other), f"{other} is not the private key of {cert}"),
+        ((cert, cert), f"{cert} holds no PEM private key"),
+        ((readme, key), f"{readme} holds no PEM certificate"),
+    ):
+        with pytest.raises(BindError, match=re.escape(why)):
+            tls_context(*given)
 
 
 def test_tls_listener_carries_the_round_trip(
