@@ -94,12 +94,18 @@ def tls_context(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
-        if client_ca is not None:
-            context.load_verify_locations(client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
     except (ssl.SSLError, OSError) as exc:
         why = _unloadable(cert, key, exc)
         raise BindError(f"cannot load TLS certificate {cert} and key {key}: {why}") from exc
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            why = (f"{client_ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                   if getattr(exc, "reason", None) == "NO_CERTIFICATE_OR_CRL_FOUND"
+                   else str(exc))  # fmt: skip
+            raise BindError(f"cannot load the clients' CA --tls-ca {client_ca}: {why}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
     context.sslobject_class = SaysWhyHandshake
     return context
 

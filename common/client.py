@@ -238,8 +238,13 @@ def client_settings(
     if args.tls_ca is not None:
         try:
             ssl.create_default_context(cafile=args.tls_ca)
-        except (OSError, ssl.SSLError) as exc:
-            parser.error(f"--tls-ca {args.tls_ca}: {getattr(exc, 'strerror', None) or exc}")
+        except ssl.SSLError as exc:
+            # OpenSSL's words for it: "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate ...".
+            why = ("holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                   if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND" else str(exc))  # fmt: skip
+            parser.error(f"--tls-ca {args.tls_ca}: {why}")
+        except OSError as exc:
+            parser.error(f"--tls-ca {args.tls_ca}: {exc.strerror or exc}")
     first = args.host[0] if isinstance(args.host, list) else args.host
     try:
         host, port = cli.split_address(cli.broker_address(first), args.port)

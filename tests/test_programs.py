@@ -99,6 +99,8 @@ def test_malformed_settings_get_one_line_and_exit_64(
         (["--session-expiry", "5000000000"], "must be <= 4,294,967,295 (a four-byte field"),
         (["--size", "300000000"], "must be <= 268,304,334 bytes (the largest MQTT packet)"),
         (["--keepalive", "70000"], "must be <= 65535 (a two-byte field), got 70000"),
+        # Not OpenSSL's "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found".
+        (["--tls-ca", str(REPO / "README.md")], "README.md: holds no PEM certificate"),
         # MQTT strings have a two-byte length: these were tracebacks at the first CONNECT.
         (["--client-id", "x" * 70000], "must be at most 65,535 bytes of UTF-8"),
         (["--username", "é" * 40000], "(a two-byte length), got 80,000"),

@@ -106,6 +106,8 @@ def test_a_certificate_and_key_that_do_not_load_say_why(
     ):
         with pytest.raises(BindError, match=re.escape(why)):
             tls_context(*given)
+    with pytest.raises(BindError, match=re.escape(f"--tls-ca {readme}: {readme} holds no PEM")):
+        tls_context(cert, key, client_ca=readme)
 
 
 def test_tls_listener_carries_the_round_trip(
