@@ -214,6 +214,11 @@ def broker_address(text: str) -> str:
     return value
 
 
+def join_address(host: str, port: int) -> str:
+    """``host:port`` as it is typed back: an IPv6 address in brackets (``[::1]:1883``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def split_address(text: str, default_port: int) -> tuple[str, int]:
     """Split a checked :func:`broker_address` into host and port (``default_port`` if none)."""
     where, port_text = _address_parts(text)

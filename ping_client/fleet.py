@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 import aiomqtt
 
+from common import cli
 from common.client import make_client
 from common.properties import ping_request
 from common.reconnect import Link
@@ -179,7 +180,7 @@ class Fleet:
         self.settings = settings
         client = settings.client
         brokers = settings.brokers or ((client.host, client.port),)
-        self.target = ",".join(f"{host}:{port}" for host, port in brokers)
+        self.target = ",".join(cli.join_address(host, port) for host, port in brokers)
         """The brokers pinged, as the summary and the metrics name them."""
         self.v5 = client.protocol == 5
         self.reporter = Reporter(json_mode=settings.json, out=out)
@@ -193,7 +194,8 @@ class Fleet:
             response = f"{client.pong_topic}/{own.client_id}"
             ping = client.ping_topic if self.v5 else f"{client.ping_topic}/{own.client_id}"
             link = Link(
-                make_client(own), address=f"{host}:{port}", interval=client.reconnect_interval,
+                make_client(own), address=cli.join_address(host, port),
+                interval=client.reconnect_interval,
                 topics=[(response, client.qos)], quiet=True,
                 listener=functools.partial(self._on_link, index),
             )  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Final
 
 import aiomqtt
 
-from common import logs
+from common import cli, logs
 from common.client import fallback, make_client
 from common.constants import EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers, raise_open_files
@@ -61,7 +61,7 @@ class Probe:
         self.wall = wall
         self.tracker = Tracker(timeout=settings.timeout, memory=max(60.0, 10 * settings.timeout),
                                grace=DUPLICATE_GRACE)  # fmt: skip
-        self.target = f"{settings.client.host}:{settings.client.port}"
+        self.target = cli.join_address(settings.client.host, settings.client.port)
         self.link = Link(
             make_client(settings.client),
             fallback=fallback(settings.client),

@@ -286,6 +286,15 @@ def test_a_host_may_carry_its_port(given: str, expected: tuple[str, int]) -> Non
     assert cli.split_address(cli.broker_address(given), 10008) == expected
 
 
+def test_an_ipv6_target_is_written_as_it_is_typed(spawn: Spawner) -> None:
+    """[::1]:1, not "::1:1" (which reads as an address of its own), in the log and summary."""
+    result = spawn.run("ping_client", "--host", "::1", "--port", "1", "-c", "1",
+                       "--connect-timeout", "0.3", timeout=20)  # fmt: skip
+    assert result.returncode == 2, result
+    assert "--- [::1]:1 ping statistics ---" in result.stdout
+    assert "Cannot connect to [::1]:1:" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("given", "reason"),
     [
