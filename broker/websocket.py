@@ -35,6 +35,10 @@ SUBPROTOCOLS = [Subprotocol("mqtt"), Subprotocol("mqttv3.1")]
 """MQTT 5.0 section 6.0 and 3.1.1 section 6: "mqtt"; some older clients ask for "mqttv3.1"."""
 PATHS = frozenset({"/mqtt", "/"})
 """Where the upgrade is accepted: /mqtt (MQTT.js's default, and mosquitto's), and /."""
+OTHER_METHODS = frozenset(
+    {b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"}
+)
+"""HTTP's methods (RFC 9110) but GET, the one this port serves: each gets a 405."""
 
 _quiet = logging.getLogger("broker.websockets")
 """``websockets``' own lines (connection open, rejected) say less than ours: warnings only."""
@@ -118,12 +122,19 @@ class WebSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Feed the WebSocket; hand the MQTT bytes of this read's binary frames on at once."""
         ws = self.ws
-        if not self._answered and ws.state is State.CONNECTING and not data[:1].isalpha():
-            # An HTTP request starts with its method; an MQTT CONNECT with 0x10. Said now,
-            # not when the handshake times out waiting for a line that never ends.
-            self._answered = True
-            self._not_http("it starts with a byte no HTTP request starts with")
-            return
+        if not self._answered and ws.state is State.CONNECTING:
+            if not data[:1].isalpha():
+                # An HTTP request starts with its method; an MQTT CONNECT with 0x10. Said now,
+                # not when the handshake times out waiting for a line that never ends.
+                self._answered = True
+                self._not_http("it starts with a byte no HTTP request starts with")
+                return
+            method = data.split(b" ", 1)[0]
+            if method in OTHER_METHODS:
+                # websockets reads GET alone, and called a POST "not a valid HTTP request".
+                self._answered = True
+                self._wrong_method(method.decode())
+                return
         ws.receive_data(data)
         mqtt: list[bytes] = []
         for event in ws.events_received():
@@ -225,6 +236,20 @@ class WebSocket(asyncio.Protocol):
         self._write()
         inner = self.inner = Connection(self.hub)
         inner.connection_made(Tunnel(self))
+
+    def _wrong_method(self, method: str) -> None:
+        """Answer an HTTP request of another method than GET: 405, and what is served."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        logger.info("HTTP 405 for %s from %s: this port serves GET only.", method, self.peer)
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Type: text/plain\r\n"
+                b"Connection: close\r\n\r\nOnly GET here: the live page, and MQTT over "
+                b"WebSockets at /mqtt.\n"
+            )
+        self.close_after_write()
 
     def _not_http(self, why: str) -> None:
         """Answer what is not an HTTP request (an MQTT client on the wrong port, say)."""

@@ -240,6 +240,12 @@ def test_bad_requests_get_a_clear_http_answer(spawn: Spawner, port: int, ws_port
     for path in (b"/../pyproject.toml", b"/node_modules/mqtt/package.json", b"/etc/passwd"):
         answer = http(ws_port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), path
+    # Another method than GET: 405, not "not an HTTP request" and a 400 (curl -I, a POST).
+    for method in (b"HEAD", b"POST"):
+        answer = http(ws_port, method + b" / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\n"), answer
+        broker.wait_for(rf"HTTP 405 for {method.decode()} from \S+: this port serves GET only")
+    assert "not an HTTP request on the WebSocket port (did not" not in broker.err()
     assert "Traceback" not in broker.err()
 
 
