@@ -108,6 +108,9 @@ class WebSocket(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._answered = False
         """Whether the HTTP request got its response (an upgrade, a page, a refusal)."""
+        self._heard = False
+        """Whether any byte came: only the first ones are a method (a request may come a line
+        at a time, and its last line is an empty one)."""
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -122,7 +125,8 @@ class WebSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Feed the WebSocket; hand the MQTT bytes of this read's binary frames on at once."""
         ws = self.ws
-        if not self._answered and ws.state is State.CONNECTING:
+        if not self._heard:  # the request's first bytes: its method
+            self._heard = True
             if not data[:1].isalpha():
                 # An HTTP request starts with its method; an MQTT CONNECT with 0x10. Said now,
                 # not when the handshake times out waiting for a line that never ends.

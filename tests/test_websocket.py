@@ -249,6 +249,28 @@ def test_bad_requests_get_a_clear_http_answer(spawn: Spawner, port: int, ws_port
     assert "Traceback" not in broker.err()
 
 
+def test_a_request_that_comes_a_line_at_a_time_is_served(
+    spawn: Spawner, port: int, ws_port: int
+) -> None:
+    """As from telnet or a slow client: only the request's first bytes are its method. Its last
+    line, empty, starts with a CR, and was taken for an MQTT client on the wrong port (400).
+
+    The pause between lines shapes the input, so that each line is a read of its own; it waits
+    for nothing, and the answer is checked whatever the reads were.
+    """
+    broker = ws_broker(spawn, port, ws_port)
+    with socket.create_connection(("127.0.0.1", ws_port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for line in (b"GET /mqtt HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+            sock.sendall(line)
+            time.sleep(0.2)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 426 Upgrade Required\r\n"), answer
+    assert "not an HTTP request" not in broker.err()
+
+
 def test_a_slow_upgrade_is_cut_off_and_stalls_nobody(
     spawn: Spawner, port: int, ws_port: int
 ) -> None:
