@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from common import cli
+
 logger = logging.getLogger("broker")
 
 
@@ -30,7 +32,7 @@ class BindError(Exception):
 
 def bind(host: str, port: int) -> socket.socket:
     """Bind a listening TCP socket, turning each OS error into a one-line reason."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = cli.join_address(host, port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -78,7 +80,7 @@ class Listener:
     def address(self) -> str:
         """``host:port`` (``[host]:port`` for IPv6), as logs and amqtt's config show it."""
         host, port = self.sock.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return cli.join_address(host, port)
 
 
 def tls_context(

@@ -340,7 +340,7 @@ def topic_name(text: str) -> str:
         # Section 4.7.2: "$" topics are the broker's ($SYS), and brokers drop what a client
         # publishes there: every ping would be lost, without a word to the client.
         raise ValueError(f"a topic starting with '$' is the broker's, not a client's: {text!r}")
-    if len(text.encode()) > 65535:
+    if len(text.encode()) > MAX_STRING:
         raise ValueError("a topic must be at most 65535 bytes of UTF-8")
     return text
 

@@ -34,7 +34,7 @@ from common.properties import ping_request
 from common.reconnect import Link
 from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
 from ping_client.report import Reporter
-from ping_client.settings import PingSettings
+from ping_client.settings import PingSettings, device_names
 
 logger = logging.getLogger("ping_client")
 
@@ -186,13 +186,12 @@ class Fleet:
         self.reporter = Reporter(json_mode=settings.json, out=out)
         """Writes the JSON events (the log lines go through ``logger``)."""
         self.progress = progress
-        base = client.client_id
         self.devices: list[Device] = []
         for index in range(settings.devices):
             host, port = brokers[index % len(brokers)]  # in turn: device i on broker i mod n
-            own = replace(client, client_id=f"{base}-{index}", host=host, port=port)
-            response = f"{client.pong_topic}/{own.client_id}"
-            ping = client.ping_topic if self.v5 else f"{client.ping_topic}/{own.client_id}"
+            client_id, response, own_ping = device_names(client, index)
+            own = replace(client, client_id=client_id, host=host, port=port)
+            ping = client.ping_topic if self.v5 else own_ping
             link = Link(
                 make_client(own), address=cli.join_address(host, port),
                 interval=client.reconnect_interval,

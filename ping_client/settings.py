@@ -14,10 +14,15 @@ DEADLINE_SLACK = 1.0
 """Seconds a derived deadline adds to what a counted run needs, for a slow machine."""
 
 
-MAX_SIZE = 268_435_455 - 131_121
-"""The largest --size that fits any PUBLISH: MQTT's largest remaining length less what a ping
-adds at most (a topic of up to 65,535 bytes and its length, a packet id, properties: a response
-topic as long, correlation data, expiry). paho failed with a traceback on a larger one."""
+MAX_REMAINING_LENGTH = 268_435_455
+"""MQTT's largest remaining length: four bytes of variable-length integer (section 1.5.5)."""
+PING_OVERHEAD = (2 + cli.MAX_STRING) + 2 + 4 + (1 + 2 + cli.MAX_STRING) + (1 + 2 + 32) + (1 + 4)
+"""The most a ping's PUBLISH adds to its payload: the topic with its length, a packet id, the
+properties' length, and the properties: a response topic as long, correlation data (a timestamp),
+the expiry (identifier, length or value)."""
+MAX_SIZE = MAX_REMAINING_LENGTH - PING_OVERHEAD
+"""The largest --size that fits any PUBLISH (268,304,334). paho failed with a traceback on a
+larger one."""
 
 
 def payload_size(text: str) -> int:
@@ -26,6 +31,15 @@ def payload_size(text: str) -> int:
     if value > MAX_SIZE:
         raise ValueError(f"must be <= {MAX_SIZE:,} bytes (the largest MQTT packet), got {value}")
     return value
+
+
+def device_names(client: ClientSettings, index: int) -> tuple[str, str, str]:
+    """Return the names of a fleet's device ``index``: client id, response topic, ping topic.
+
+    The response topic is MQTT 5's; the ping topic MQTT 3.1.1's, which has no response topic.
+    """
+    client_id = f"{client.client_id}-{index}"
+    return client_id, f"{client.pong_topic}/{client_id}", f"{client.ping_topic}/{client_id}"
 
 
 def derived_deadline(count: int, interval: float, timeout: float, connect_timeout: float) -> float:
@@ -242,11 +256,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         deadline = derived_deadline(args.count, spacing, args.timeout, connect_timeout)
     client = client_settings(parser, args, "ping_client", environ)
     if args.devices > 1:
-        # A device is "<client id>-<i>", answered on "<pong topic>/<client id>-<i>" (3.1.1:
-        # pinging on "<ping topic>/<client id>-<i>"): each an MQTT string, at most 65,535 bytes.
-        last = f"{client.client_id}-{args.devices - 1}"
-        for what, name in (("client id", last), ("topic", f"{client.pong_topic}/{last}"),
-                           ("topic", f"{client.ping_topic}/{last}")):  # fmt: skip
+        # Each of the last device's names is an MQTT string, at most 65,535 bytes.
+        names = device_names(client, args.devices - 1)
+        for what, name in zip(("client id", "topic", "topic"), names, strict=True):
             if len(name.encode()) > cli.MAX_STRING:
                 why = f"a device's {what} would be over {cli.MAX_STRING:,} bytes"
                 parser.error(f"--devices {args.devices}: {why}: shorten --client-id or the topics")
