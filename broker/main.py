@@ -232,6 +232,9 @@ async def serve(settings: BrokerSettings) -> int:
     raise_open_files()
     try:
         async with running(settings) as broker:
+            # Every listener is bound before the first "Listening" line, the one that says the
+            # broker is ready: a --metrics-port in use ends the start before it is claimed.
+            metrics = await serve_metrics(broker, settings)
             loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
             for listener in broker.listeners.values():
                 logger.info(
@@ -249,7 +252,6 @@ async def serve(settings: BrokerSettings) -> int:
             if broker.hub.acl is not None:
                 logger.info("Topic access from %s: %s.", settings.acl_file, broker.hub.acl)
                 warn_unknown_users(broker.hub.acl, settings.password_file)
-            metrics = await serve_metrics(broker, settings)
             collect_less()
             reloading: set[asyncio.Task[None]] = set()
 

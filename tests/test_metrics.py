@@ -110,6 +110,7 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_69(spawn: Spawner, port: int
         broker = spawn.run("broker", "--port", str(port), "--metrics-port", str(busy), timeout=20)
         assert broker.returncode == 69
         assert broker.stderr.splitlines()[-1] == f"broker: error: {reason}"
+        assert "Listening on" not in broker.stderr  # not ready, so never said to be
 
 
 def test_a_fleet_exports_its_devices_up_and_its_pings(spawn: Spawner, port: int) -> None:
