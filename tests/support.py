@@ -317,9 +317,9 @@ class MqttProbe:
 
 def on_free_ports(conf: str, ws_port: int | None = None) -> str:
     """Return a supervisord.conf's text with the WebSocket port (10080) on a free port."""
-    fixed = 'MQTT_WS_PORT="10080"'
+    fixed = "${MQTT_WS_PORT:-10080}"
     assert fixed in conf, "supervisord.conf no longer sets the broker's WebSocket port"
-    return conf.replace(fixed, f'MQTT_WS_PORT="{ws_port or free_port()}"')
+    return conf.replace(fixed, f"${{MQTT_WS_PORT:-{ws_port or free_port()}}}")
 
 
 def supervisor_conf(

@@ -153,7 +153,7 @@ def run_and_interrupt(
         assert "echo_client | " in text
         # The live page's address comes first (after make's own set-up lines: this checkout has
         # no sources to compile), on the port the configuration gives it.
-        ws_port = re.search(r'MQTT_WS_PORT="(\d+)"', (root / "supervisord.conf").read_text())
+        ws_port = re.search(r"MQTT_WS_PORT:-(\d+)", (root / "supervisord.conf").read_text())
         assert ws_port is not None
         own = [line for line in text.splitlines() if not line.startswith("Can't list")]
         assert own[0].startswith(f"Live page: http://127.0.0.1:{ws_port.group(1)}/"), own[:3]

@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from tests.support import (
+    free_port,
     logged_pongs,
     pid_alive,
     port_accepts,
@@ -75,3 +76,24 @@ def test_one_client_id_for_the_whole_system_gives_each_program_its_own(
             text = program_log(tmp_path, name)
             assert f"as demo-{name}." in text
             assert "Lost connection" not in text, text
+
+
+def test_the_environment_moves_the_websocket_port_that_the_config_defaults(
+    tmp_path: Path, port: int
+) -> None:
+    """MQTT_WS_PORT=N make run: the config's 10080 is a default, not an override."""
+    ws_port = free_port()
+    with supervised(tmp_path, port, [f'MQTT_WS_PORT="{ws_port}"']) as conf:
+        wait_until(
+            lambda: f"Listening on 127.0.0.1:{ws_port} for MQTT over WebSockets"
+            in program_log(tmp_path, "broker"),
+            20,
+            "the WebSocket listener on the port from the environment",
+        )
+        assert port_accepts(ws_port)
+        # The shell that fills in the default has exec'd: supervisord watches python itself.
+        wait_until(lambda: "RUNNING" in supervisorctl(conf, "status", "broker"), 10, "RUNNING")
+        pid = re.search(r"pid (\d+)", supervisorctl(conf, "status", "broker"))
+        assert pid is not None
+        argv = Path(f"/proc/{pid.group(1)}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:3] == [b"-m", b"broker"], argv

@@ -20,7 +20,7 @@ running() {
 # The live page's address, first: the broker's WebSocket port in the configuration, if any.
 live_page() {
   local ws
-  ws=$(grep -o 'MQTT_WS_PORT="[0-9]*"' "$CONF" | grep -o '[0-9][0-9]*' | head -n 1 || true)
+  ws=${MQTT_WS_PORT:-$(grep -o 'MQTT_WS_PORT:-[0-9]*' "$CONF" | grep -o '[0-9][0-9]*' | head -n 1 || true)}
   [[ -n $ws ]] && echo "Live page: http://127.0.0.1:$ws/ (MQTT over WebSockets at ws://127.0.0.1:$ws/mqtt)"
   return 0
 }
