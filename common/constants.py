@@ -20,6 +20,8 @@ EXIT_UNAVAILABLE: Final = 69
 """The broker could not listen on its address, e.g. the port is taken (EX_UNAVAILABLE)."""
 EXIT_SOFTWARE: Final = 70
 """A library we rely on no longer has the internals we use, e.g. after an upgrade (EX_SOFTWARE)."""
+EXIT_CANTCREAT: Final = 73
+"""sysexits.h: an output file could not be written (a report, the password file)."""
 EXIT_CONFIG: Final = 78
 """sysexits.h EX_CONFIG: a configuration file (the broker's ACL) is malformed."""
 EXIT_FORCED: Final = 124

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, TextIO
 
-from common.constants import EXIT_UNAVAILABLE
+from common.constants import EXIT_CANTCREAT, EXIT_UNAVAILABLE
 from ping_client.probe import RttStats, Tracker, rtt_stats
 
 logger = logging.getLogger("ping_client")
@@ -21,8 +21,6 @@ EXIT_DATAERR = 65
 """sysexits.h: the input was not a run."""
 EXIT_NOINPUT = 66
 """sysexits.h: the input could not be read."""
-EXIT_CANTCREAT = 73
-"""sysexits.h: the output could not be written."""
 
 
 def ms(seconds: float) -> float:

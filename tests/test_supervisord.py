@@ -85,8 +85,10 @@ def test_the_environment_moves_the_websocket_port_that_the_config_defaults(
     ws_port = free_port()
     with supervised(tmp_path, port, [f'MQTT_WS_PORT="{ws_port}"']) as conf:
         wait_until(
-            lambda: f"Listening on 127.0.0.1:{ws_port} for MQTT over WebSockets"
-            in program_log(tmp_path, "broker"),
+            lambda: (
+                f"Listening on 127.0.0.1:{ws_port} for MQTT over WebSockets"
+                in program_log(tmp_path, "broker")
+            ),
             20,
             "the WebSocket listener on the port from the environment",
         )
