@@ -85,7 +85,10 @@ class Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Accept the connection, or refuse it at once when --max-connections are in use."""
+        """Accept the connection, or refuse it at once when the most allowed are in use.
+
+        That is --max-connections, or what the open-file limit leaves (:meth:`Hub.cap_connections`).
+        """
         self.transport = cast("asyncio.Transport", transport)  # a stream server's (or uvloop's)
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer_address = (str(peer[0]), int(peer[1]))
@@ -98,8 +101,8 @@ class Connection(asyncio.Protocol):
             hub.refused += 1
             if hub.refused in (1, 10, 100) or hub.refused % 1000 == 0:
                 logger.warning(
-                    "Refused a connection: %d of --max-connections %d in use (%d refused so far).",
-                    len(hub.connections), hub.max_connections, hub.refused,
+                    "Refused a connection: %d in use, %s (%d refused so far).",
+                    len(hub.connections), hub.limited_by, hub.refused,
                 )  # fmt: skip
             self._closed = self.client.ended = True
             transport.close()

@@ -33,6 +33,9 @@ from broker.topics import Match
 
 logger = logging.getLogger("broker")
 
+OPEN_FILES_KEPT = 64
+"""Files kept for the broker's own use when the open-file limit caps connections: listeners,
+the event loop's, logs, a password file being read, metrics scrapes."""
 RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
 """MQTT 5 retain handling (section 3.8.3.1): 0 sends retained messages on every SUBSCRIBE."""
 FLUSH_FIRST, FLUSH_AFTER = 4, 32
@@ -88,6 +91,9 @@ class Hub:
         """Create an empty hub; :attr:`engine` must be set before the first client connects."""
         self.limits = limits
         self.max_connections = max_connections
+        """The most connections served at once, 0 for no limit (see :meth:`cap_connections`)."""
+        self.limited_by = f"--max-connections {max_connections}"
+        """What sets :attr:`max_connections`, for the line that refuses a connection."""
         self.acl: Acl | None = None
         """Who may read and write what (--acl-file); None lets everyone do everything."""
         self._checkers: dict[tuple[str, str | None], Checker] = {}
@@ -308,6 +314,20 @@ class Hub:
             self.spawn(
                 self.state.retain(session, will.topic, will.payload, will.qos, props),
                 "retain will",
+            )
+
+    def cap_connections(self, open_files: int) -> None:
+        """Serve no more connections than the open-file limit leaves room for.
+
+        At the limit, accept() fails with EMFILE and libuv (uvloop) closes the connection
+        without a word (asyncio logs an ERROR and stops accepting for a second); a refusal here
+        says why, in a line now and then.
+        """
+        room = open_files - OPEN_FILES_KEPT
+        if room > 0 and (not self.max_connections or room < self.max_connections):
+            self.max_connections = room
+            self.limited_by = (
+                f"all that the open-file limit of {open_files} leaves room for (ulimit -n)"
             )
 
     def retained_for(

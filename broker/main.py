@@ -74,8 +74,10 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
+async def running(settings: BrokerSettings, open_files: int = 0) -> AsyncIterator[Running]:
     """Serve until the block ends, then shut down within ``settings.shutdown_timeout``.
+
+    ``open_files``, the process's open-file limit, caps the connections served at once.
 
     Raise BindError when a socket cannot be bound, EngineMismatch when amqtt is not the one
     the engine was written for.
@@ -83,6 +85,7 @@ async def running(settings: BrokerSettings) -> AsyncIterator[Running]:
     rules = acl.load(settings.acl_file) if settings.acl_file is not None else None
     listeners = listen(settings)
     hub = Hub(settings.limits, settings.max_connections)
+    hub.cap_connections(open_files)
     hub.set_acl(rules)
     loop = asyncio.get_running_loop()
     servers: dict[str, asyncio.Server] = {}
@@ -229,9 +232,9 @@ async def serve(settings: BrokerSettings) -> int:
     """Run the broker until a stop signal; return the exit code."""
     stop = asyncio.Event()
     install_stop_handlers(stop, hard_limit=settings.shutdown_timeout + 1.0)
-    raise_open_files()
+    open_files = raise_open_files()
     try:
-        async with running(settings) as broker:
+        async with running(settings, open_files) as broker:
             # Every listener is bound before the first "Listening" line, the one that says the
             # broker is ready: a --metrics-port in use ends the start before it is claimed.
             metrics = await serve_metrics(broker, settings)

@@ -6,10 +6,12 @@ Nothing here sleeps for a fixed time: every wait is for a condition, with a dead
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -214,8 +216,17 @@ class Spawner:
         cwd: Path | None = None,
         name: str | None = None,
         interpreter_args: Sequence[str] = (),
+        open_files: int | None = None,
     ) -> Proc:
-        """Start ``python [interpreter_args] -m module args...``."""
+        """Start ``python [interpreter_args] -m module args...``.
+
+        ``open_files`` sets the process's open-file limit, soft and hard (as ``prlimit``).
+        """
+        limit = None
+        if open_files is not None:
+            limit = functools.partial(
+                resource.setrlimit, resource.RLIMIT_NOFILE, (open_files, open_files)
+            )
         label = name or f"{module}-{len(self.procs)}"
         out_path = self.tmp / f"{label}.out"
         err_path = self.tmp / f"{label}.err"
@@ -227,6 +238,7 @@ class Spawner:
                 stdin=subprocess.DEVNULL,
                 env=env if env is not None else base_env(),
                 cwd=cwd or REPO,
+                preexec_fn=limit,  # noqa: PLW1509 - one setrlimit, no lock taken
             )
         proc = Proc(label, popen, out_path, err_path, module)
         self.procs.append(proc)

@@ -151,7 +151,7 @@ def test_max_connections_refuses_extra_clients_at_once(spawn: Spawner, port: int
         assert c.connect(f"held-{i}") == (False, 0)
     extra = RawClient(port)
     assert extra.closed_within(3)
-    broker.wait_for(r"Refused a connection: 3 of --max-connections 3 in use")
+    broker.wait_for(r"Refused a connection: 3 in use, --max-connections 3 \(1 refused so far\)")
     held[0].close()
     wait_until(lambda: broker.count("disconnected") >= 1, 5, "the slot to free up")
     assert RawClient(port).connect("after") == (False, 0)
@@ -174,3 +174,19 @@ def test_a_failed_login_cannot_take_over_a_client_id(
     assert again.connect("alice-box", username="alice", password="wonderland",
                          clean=False) == (True, 0)  # fmt: skip
     assert alice.closed_within(3)  # a real take-over, by the rightful owner
+
+
+def test_the_open_file_limit_caps_connections_with_a_reason(spawn: Spawner, port: int) -> None:
+    """At its open-file limit the broker refuses and says why; libuv closed them in silence."""
+    broker = spawn.broker(port, open_files=100)  # room for 100 - 64 = 36
+    held = [RawClient(port) for _ in range(36)]
+    for i, c in enumerate(held):
+        assert c.connect(f"held-{i}") == (False, 0)
+    extra = RawClient(port)
+    assert extra.closed_within(3)
+    broker.wait_for(r"Refused a connection: 36 in use, all that the open-file limit of 100 "
+                    r"leaves room for \(ulimit -n\) \(1 refused so far\)\.")  # fmt: skip
+    held[0].close()
+    wait_until(lambda: broker.count("disconnected") >= 1, 5, "the slot to free up")
+    assert RawClient(port).connect("after") == (False, 0)
+    assert held[-1].barrier() == []  # the others still served
