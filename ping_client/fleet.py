@@ -85,7 +85,9 @@ class FleetSummary:
     problem: str | None = None
     """Why no device ever came up (the first device's link says), when none did."""
     held_back: tuple[float, float] | None = None
-    """Under --deadline: (seconds before it in which no device pings, the deadline)."""
+    """A timed run under --deadline: (seconds before it in which no device pings, the deadline)."""
+    cut_by: float | None = None
+    """The deadline in seconds (given or derived) when it cut the run short, else None."""
     unanswered: int = 0
     """When --deadline cut a --count run short: its pings not answered, in flight or never
     sent (as the single probe counts them)."""
@@ -148,8 +150,8 @@ class FleetSummary:
             held, deadline = self.held_back
             lines.append(f"no ping in the last {held:g} s before the {deadline:g} s deadline, "
                          "so that each one sent could be answered")  # fmt: skip
-            if self.unanswered:
-                lines.append(f"deadline {deadline:g} s reached, {self.unanswered} unanswered")
+        if self.unanswered and self.cut_by is not None:
+            lines.append(f"deadline {self.cut_by:g} s reached, {self.unanswered} unanswered")
         if self.worst:
             shown = ", ".join(f"{d} ({n} lost)" for d, n in self.worst[:10])
             more = f" and {len(self.worst) - 10} more" if len(self.worst) > 10 else ""
@@ -433,7 +435,10 @@ class Fleet:
                        key=lambda x: (-x[1], x[0]))  # fmt: skip
         settings = self.settings
         held_back = None
-        if settings.deadline is not None:  # as _ticker holds back
+        # A timed run under a deadline, as _ticker holds back. Not a counted one, whose
+        # deadline is usually derived (no device holds back its count's pings; a cut run's
+        # missing ones are unanswered), as the single probe says it.
+        if settings.deadline is not None and settings.count is None:
             held_back = (min(settings.interval, settings.timeout), settings.deadline)
         received = sum(t.received for t in trackers)
         lost = sum(t.lost for t in trackers)
@@ -460,5 +465,6 @@ class Fleet:
             recoveries=list(self.recoveries),
             problem=None if ever_up else self.devices[0].link.problem(),
             held_back=held_back,
+            cut_by=settings.deadline if self._cut else None,
             unanswered=unanswered,
         )
