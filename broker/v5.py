@@ -133,9 +133,11 @@ def _check_strings(frame: Frame) -> None:
         offset = _properties(body, 2, name)
         while offset < len(body):
             topic_filter, offset = read_string(body, offset, f"{name} topic filter")
+            what = name
             if topic_filter.startswith("$share/"):  # $share/GROUP/filter
+                what = f"{name} {topic_filter!r}"  # "$share/g": the filter is its empty part
                 topic_filter = topic_filter.removeprefix("$share/").partition("/")[2]
-            check_filter(topic_filter, name)
+            check_filter(topic_filter, what)
             offset += 1 if kind == SUBSCRIBE else 0
     elif kind in (PUBACK, PUBREC, PUBREL, PUBCOMP) and len(body) > 3:
         _properties(body, 3, name)

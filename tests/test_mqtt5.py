@@ -509,7 +509,11 @@ def test_a_pubrec_to_a_qos1_delivery_is_a_protocol_error_with_any_reason_code(po
     [
         ("$share/g/t/#", mqtt5.DisconnectReasonCode.PROTOCOL_ERROR, "with No Local set"),
         ("$share//t", mqtt5.DisconnectReasonCode.PROTOCOL_ERROR, "invalid shared subscription"),
-        ("$share/g", mqtt5.DisconnectReasonCode.MALFORMED_PACKET, "empty topic filter"),
+        (
+            "$share/g",
+            mqtt5.DisconnectReasonCode.MALFORMED_PACKET,
+            "SUBSCRIBE '$share/g' with an empty topic filter",
+        ),
     ],
     ids=["no-local", "no-share-name", "no-filter"],
 )
