@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Self
@@ -13,7 +14,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from common import properties
+from common import cli, properties
+
+logger = logging.getLogger(__name__)
+
+_QOS_TOLD: set[tuple[str, int, int, int]] = set()
+"""(host, port, the broker's Maximum QoS, the QoS asked for): the downgrades already logged."""
 
 
 class ClosedBeforeConnack(aiomqtt.MqttError):
@@ -27,10 +33,20 @@ INTERNALS: dict[str, type | tuple[type, ...]] = {
     "_client": mqtt.Client,
     "_lock": asyncio.Lock,
     "_misc_task": (asyncio.Task, type(None)),
+    "_loop": asyncio.AbstractEventLoop,
+    "_hostname": str,
+    "_port": int,
 }
 """aiomqtt's private attributes that :class:`Client` relies on; checked when a client is made."""
 
-OVERRIDDEN = ("_client_connect", "_on_connect", "_on_disconnect")
+OVERRIDDEN = (
+    "_client_connect",
+    "_on_connect",
+    "_on_disconnect",
+    "_on_socket_close",
+    "_on_socket_register_write",
+    "_on_socket_unregister_write",
+)
 """aiomqtt's private methods that :class:`Client` overrides: were one renamed, the override
 would never be called. Checked with INTERNALS."""
 
@@ -61,6 +77,9 @@ class Client(aiomqtt.Client):
       (empicano/aiomqtt#345): see :meth:`ack`.
     - :attr:`lost`, done when the connection ends, for what a lost connection does not end in
       aiomqtt: a publish waiting for its confirmation waits out its whole timeout.
+    - The socket is watched for writing exactly while paho has something to write, and a
+      closed socket is watched no more (see :meth:`_on_socket_register_write`).
+    - :attr:`maximum_qos` holds the broker's Maximum QoS, and :meth:`publish` keeps to it.
     """
 
     protocol_level = 4
@@ -69,9 +88,15 @@ class Client(aiomqtt.Client):
     """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""
     disconnect_text: str | None = None
     """The reason string of the broker's MQTT 5 DISCONNECT, if it gave one."""
+    disconnect_name: str | None = None
+    """The name of the reason code of the broker's MQTT 5 DISCONNECT, if it sent one."""
     at_connack: Sequence[tuple[str, int]] = ()
     """(filter, QoS) pairs to subscribe to as soon as a connection is accepted."""
+    maximum_qos = 2
+    """The highest QoS the broker takes in a PUBLISH: its MQTT 5 CONNACK's Maximum QoS, else 2."""
     _early: dict[str, asyncio.Future[Any]] | None = None
+    _writing: Any = None
+    """The socket paho has something to write on (between its register and unregister)."""
     _attempt: concurrent.futures.Future[None]
     """The current connect in aiomqtt's executor thread: not begun, under way, or over."""
 
@@ -164,6 +189,94 @@ class Client(aiomqtt.Client):
                 if pending is early:  # waited for no more (a timeout): its SUBACK finds nobody
                     del self._pending_subscribes[mid]
 
+    async def publish(
+        self,
+        /,
+        topic: str,
+        payload: Any = None,  # noqa: ANN401 - aiomqtt's
+        qos: int = 0,
+        *args: Any,  # noqa: ANN401 - aiomqtt's
+        **kwargs: Any,  # noqa: ANN401 - aiomqtt's
+    ) -> None:
+        """Publish as aiomqtt does, at no higher a QoS than the broker's :attr:`maximum_qos`.
+
+        A client must not publish above it [MQTT-3.2.2-11], and a broker disconnects one that
+        does (0x9B, QoS not supported): mosquitto with ``max_qos 1`` did so at every ping of
+        ``--qos 2``, paho sent the ping again on the next connection, and the probe went round
+        that loop, saying only "Disconnected during message iteration". Said once per process
+        and broker, at WARNING.
+        """
+        if qos > self.maximum_qos:
+            told = (self._hostname, self._port, self.maximum_qos, qos)
+            if told not in _QOS_TOLD:
+                _QOS_TOLD.add(told)
+                logger.warning(
+                    "%s takes at most QoS %d (its CONNACK's Maximum QoS): publishing at QoS %d,"
+                    " not %d.",
+                    cli.join_address(self._hostname, self._port), self.maximum_qos,
+                    self.maximum_qos, qos,
+                )  # fmt: skip
+            qos = self.maximum_qos
+        await super().publish(topic, payload, qos, *args, **kwargs)
+
+    def _on_socket_register_write(
+        self,
+        client: mqtt.Client,  # noqa: ARG002 - paho's callback signature
+        userdata: Any,  # noqa: ANN401, ARG002 - paho's callback signature
+        sock: Any,  # noqa: ANN401 - paho's socket-like
+    ) -> None:
+        """Watch ``sock`` for writing: at once on the loop's thread, else from the loop.
+
+        aiomqtt always scheduled the watch for later, and stopped it at once. When paho wrote
+        everything and said so before the scheduled watch began, the socket stayed watched with
+        nothing to write (a writer woken on every pass of the loop), and when paho then closed
+        it, the closed socket stayed in the selector: the next connection, given the same file
+        descriptor, failed with "Exception in callback ...add_reader(...): FileNotFoundError"
+        at ERROR, and waited out a 5 s timeout.
+        """
+        self._writing = sock
+        try:
+            running = asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # aiomqtt's connect, in its executor thread
+            running = False
+        if running:
+            self._watch_writes(sock)
+        else:
+            self._loop.call_soon_threadsafe(self._watch_writes, sock)
+
+    def _watch_writes(self, sock: Any) -> None:  # noqa: ANN401 - paho's socket-like
+        if self._writing is sock and sock.fileno() != -1:  # still wanted, on an open socket
+            self._loop.add_writer(sock.fileno(), self._write)
+
+    def _write(self) -> None:
+        """Write what paho has queued; an error ends the connection, as in aiomqtt."""
+        try:
+            self._client.loop_write()
+        except Exception as exc:  # noqa: BLE001 - as aiomqtt: any error means a broken connection
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _on_socket_unregister_write(
+        self,
+        client: mqtt.Client,
+        userdata: Any,  # noqa: ANN401 - paho's callback signature
+        sock: Any,  # noqa: ANN401 - paho's socket-like
+    ) -> None:
+        self._writing = None
+        super()._on_socket_unregister_write(client, userdata, sock)
+
+    def _on_socket_close(
+        self,
+        client: mqtt.Client,
+        userdata: Any,  # noqa: ANN401 - paho's callback signature
+        sock: Any,  # noqa: ANN401 - paho's socket-like
+    ) -> None:
+        """Stop watching ``sock`` at all: a closed file descriptor must leave the selector."""
+        self._writing = None
+        if sock.fileno() != -1:
+            self._loop.remove_writer(sock.fileno())
+        super()._on_socket_close(client, userdata, sock)
+
     def _on_connect(
         self,
         client: mqtt.Client,
@@ -174,6 +287,7 @@ class Client(aiomqtt.Client):
     ) -> None:
         self._early = None
         if not self._connected.done() and reason_code == mqtt.CONNACK_ACCEPTED:
+            self.maximum_qos = getattr(properties, "MaximumQoS", 2)
             self._early = {topic: self._subscribe_now(topic, qos) for topic, qos in self.at_connack}
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
@@ -199,6 +313,8 @@ class Client(aiomqtt.Client):
     ) -> None:
         self.disconnect_reason = getattr(reason_code, "value", None)
         self.disconnect_text = getattr(properties, "ReasonString", None)
+        from_broker = getattr(flags, "is_disconnect_packet_from_server", False)
+        self.disconnect_name = str(reason_code) if from_broker else None
         if not self._connected.done():
             self._connected.set_exception(
                 ClosedBeforeConnack(f"connection closed before CONNACK ({reason_code})")

@@ -172,7 +172,8 @@ class Link:
         while not self._stopping:
             self.attempts += 1
             # What the broker said when an earlier connection ended is not this one's story.
-            self.client.disconnect_reason = self.client.disconnect_text = None
+            self.client.disconnect_reason = None
+            self.client.disconnect_text = self.client.disconnect_name = None
             try:
                 self._waiting = ("CONNACK", self._clock())
                 self.client.at_connack = self.topics
@@ -346,6 +347,13 @@ class Link:
         elif said:
             # An MQTT 5 broker's reason string says more than paho's name for the reason code.
             self._last_error = f"{self._last_error} (the broker said: {said})"
+        elif self.client.disconnect_name is not None:
+            # Else the reason code of its DISCONNECT: "Disconnected during message iteration"
+            # alone does not say that the broker ended the connection, nor why.
+            self._last_error = (
+                f"{self._last_error} (the broker's DISCONNECT: {self.client.disconnect_name},"
+                f" 0x{self.client.disconnect_reason or 0:02x})"
+            )
         retry_ms = round(self.interval * 1000)
         if self.connected.is_set():
             # An established connection broke: always reported, exactly once.
@@ -435,6 +443,10 @@ async def _cancel(task: asyncio.Future[None], every: float = 0.05) -> None:
         while not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=every)
+        if not task.cancelled():
+            # Seen: a caller stopped now reads no outcome, and asyncio would log an error the
+            # session ended with ("Task exception was never retrieved"). Others still get it.
+            task.exception()
     except asyncio.CancelledError:
         # Cancelled in turn (a stop): the caller reads no outcome, so this does.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,7 @@ from tests.support import (
     base_env,
     check_broker_output,
     free_port,
-    port_accepts,
-    wait_until,
+    reference_broker,
 )
 
 
@@ -119,16 +117,5 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def mosquitto(tmp_path: Path, port: int) -> Iterator[int]:
     """The reference broker on a free port, anonymous, for our clients."""
-    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(path).exists():
-        pytest.fail("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen([path, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_until(lambda: port_accepts(port), 10, "mosquitto to listen")
+    with reference_broker(port, tmp_path):
         yield port
-    finally:
-        broker.terminate()
-        broker.wait(10)

@@ -203,6 +203,30 @@ class DropsFirstPublish:
         _hold(sock, stop)
 
 
+class DisconnectsAtQos2:
+    """CONNACK (no Maximum QoS) and SUBACKs; a QoS 2 PUBLISH gets DISCONNECT 0x9B (QoS not
+    supported) and a hang-up, as from mosquitto with ``max_qos 1`` [MQTT-3.2.2-12], on every
+    connection: the client sends it again on the next."""
+
+    def __init__(self) -> None:
+        """Nobody connected yet."""
+        self.connections = 0
+
+    def __call__(self, sock: socket.socket, _stop: threading.Event) -> None:
+        """Serve one connection."""
+        self.connections += 1
+        level = read_connect(sock)
+        sock.sendall(connack(level))
+        while True:
+            head, body = read_packet(sock)
+            if head >> 4 == PUBLISH and head & 0x06 == 0x04:
+                sock.sendall(b"\xe0\x02\x9b\x00" if level == 5 else b"")
+                return
+            if head >> 4 == 8:
+                sock.sendall(b"\x90\x04" + body[:2] + b"\x00\x02" if level == 5
+                             else b"\x90\x03" + body[:2] + b"\x02")  # fmt: skip
+
+
 class RefusesAfterFirst:
     """Accepts the first connection and ends it soon after its SUBACK; refuses every later
     CONNECT as not authorized (CONNACK 0x05, MQTT 3.1.1), as a broker restarted with other

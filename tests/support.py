@@ -120,6 +120,25 @@ def port_accepts(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@contextlib.contextmanager
+def reference_broker(port: int, directory: Path, settings: str = "") -> Iterator[int]:
+    """mosquitto on 127.0.0.1:``port``, anonymous, with ``settings`` (lines of its
+    configuration) added; its configuration is written in ``directory``. Yields the port."""
+    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(path).exists():
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto (.ci/run does)")
+    conf = directory / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{settings}")
+    broker = subprocess.Popen([path, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_until(lambda: port_accepts(port), 10, "mosquitto to listen")
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
 def base_env(**extra: str) -> dict[str, str]:
     """The environment for a child program: ours, unbuffered, minus any MQTT_* leftovers.
 

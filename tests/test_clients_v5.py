@@ -21,6 +21,7 @@ from tests.support import (
     base_env,
     free_port,
     port_accepts,
+    reference_broker,
     tool,
     wait_until,
 )
@@ -170,6 +171,34 @@ def test_our_clients_speak_mqtt5_with_mosquitto(spawn: Spawner, port: int, tmp_p
     assert result.returncode == 0, result.stderr
     assert "falling back" not in echo.err() + result.stderr
     assert log.count("p5") >= 3  # mosquitto logs each client's protocol: "p5" is MQTT 5
+
+
+def test_our_clients_keep_to_the_maximum_qos_of_the_broker(
+    spawn: Spawner, port: int, tmp_path: Path
+) -> None:
+    """--qos 2 through mosquitto with ``max_qos 1``: published at QoS 1, said once, answered.
+
+    The clients published QoS 2 despite its CONNACK's Maximum QoS 1 [MQTT-3.2.2-11]; mosquitto
+    disconnected them at every ping, paho sent the ping again on the next connection, and the
+    probe lost every ping, saying only "Disconnected during message iteration".
+    """
+    with reference_broker(port, tmp_path, "max_qos 1\n"):
+        echo = spawn.start("echo_client", "--port", str(port), "--qos", "2", name="echo")
+        echo.wait_for(ECHO_READY)
+        result = spawn.run("ping_client", "--port", str(port), "--qos", "2", "--count", "3",
+                           "--interval", "0.1")  # fmt: skip
+        wait_until(lambda: echo.count(r"Publishing b'[\d.]+' on /pong\.") == 3, 10, "3 echoes")
+        echo_log = echo.err()  # before mosquitto stops: then the echo loses its connection
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 sent, 3 received, 0 lost" in result.stdout
+    downgrade = (
+        rf"127\.0\.0\.1:{port} takes at most QoS 1 \(its CONNACK's Maximum QoS\):"
+        r" publishing at QoS 1, not 2\."
+    )
+    for log in (result.stderr, echo_log):
+        assert len(re.findall(downgrade, log)) == 1, log
+        assert "Lost connection" not in log
+        assert " ERROR " not in log
 
 
 def test_the_clients_fall_back_to_311_when_the_broker_hangs_up_on_mqtt5(

@@ -19,7 +19,13 @@ import pytest
 from common.client import ClientSettings, make_client
 from common.constants import EXIT_SOFTWARE
 from common.reconnect import Link, Listener
-from tests.hostile import PUBLISH, DropsFirstPublish, RefusesAfterFirst, hostile_broker
+from tests.hostile import (
+    PUBLISH,
+    DisconnectsAtQos2,
+    DropsFirstPublish,
+    RefusesAfterFirst,
+    hostile_broker,
+)
 from tests.support import Proc, Spawner, wait_until
 
 
@@ -343,6 +349,44 @@ def test_after_a_reconnect_the_subscription_goes_before_what_paho_sends_again(
         asyncio.run(check())
     assert watcher.connections == 2
     assert watcher.order[:2] == [8, PUBLISH]  # SUBSCRIBE, then the ping sent again
+
+
+def test_a_broker_that_hangs_up_at_each_publish_leaves_no_closed_socket_watched(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection the broker ends (DISCONNECT 0x9B) as paho sends its ping again, over and
+    over, is reconnected every 100 ms, says why, and leaves the loop's selector clean.
+
+    aiomqtt watched a socket for writing from a callback scheduled for later, and stopped
+    watching at once: when paho wrote and closed first, the closed socket stayed in the
+    selector, and the next connection (given the same file descriptor) failed with "Exception
+    in callback ...add_reader: FileNotFoundError" at ERROR, then waited 5 s for a CONNACK.
+    """
+    broker = DisconnectsAtQos2()
+
+    async def check() -> str:
+        client = make_client(ClientSettings(port=port, client_id="resender"))
+        link = Link(client, address=f"127.0.0.1:{port}", interval=0.1, topics=[("/pong", 1)])
+
+        async def session(client: aiomqtt.Client) -> None:
+            await client.publish("/ping", b"1", qos=2)
+            await asyncio.Event().wait()
+
+        runner = asyncio.ensure_future(link.run(session))
+        # Four connections: three quick losses, then the link backs off (it is flapping).
+        deadline = time.monotonic() + 3
+        while broker.connections < 4:
+            assert time.monotonic() < deadline, f"{broker.connections} connections in 3 s"
+            await asyncio.sleep(0.01)
+        await stopped(link, runner)
+        return link.problem()
+
+    with caplog.at_level(logging.WARNING), hostile_broker(port, broker):
+        problem = asyncio.run(check())
+    # asyncio's own lines: "Exception in callback ...", "Task exception was never retrieved".
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    said = "the broker's DISCONNECT: QoS not supported, 0x9b"
+    assert said in caplog.text or said in problem, caplog.text
 
 
 def test_a_reconnect_the_broker_refuses_says_why(port: int) -> None:
