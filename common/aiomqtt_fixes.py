@@ -26,6 +26,23 @@ class ClosedBeforeConnack(aiomqtt.MqttError):
     """The broker ended the connection before it answered the CONNECT."""
 
 
+class PacketTooLarge(aiomqtt.MqttError):
+    """A PUBLISH larger than the broker's Maximum Packet Size: not sent (see Client.oversized)."""
+
+
+def publish_size(
+    topic: str, payload: bytes, qos: int, properties: Properties | None, *, v5: bool
+) -> int:
+    """Return the bytes of the PUBLISH paho sends for these, fixed header included (3.3)."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    if v5:
+        remaining += len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+    length_bytes = (
+        1 if remaining < 128 else 2 if remaining < 16_384 else 3 if remaining < 2_097_152 else 4
+    )
+    return 1 + length_bytes + remaining
+
+
 INTERNALS: dict[str, type | tuple[type, ...]] = {
     "_connected": asyncio.Future,
     "_disconnected": asyncio.Future,
@@ -79,7 +96,9 @@ class Client(aiomqtt.Client):
       aiomqtt: a publish waiting for its confirmation waits out its whole timeout.
     - The socket is watched for writing exactly while paho has something to write, and a
       closed socket is watched no more (see :meth:`_on_socket_register_write`).
-    - :attr:`maximum_qos` holds the broker's Maximum QoS, and :meth:`publish` keeps to it.
+    - :attr:`maximum_qos` holds the broker's Maximum QoS, and :meth:`publish` keeps to it;
+      :attr:`maximum_packet_size` its Maximum Packet Size, and :meth:`publish` sends nothing
+      larger (see :meth:`oversized`).
     """
 
     protocol_level = 4
@@ -94,6 +113,9 @@ class Client(aiomqtt.Client):
     """(filter, QoS) pairs to subscribe to as soon as a connection is accepted."""
     maximum_qos = 2
     """The highest QoS the broker takes in a PUBLISH: its MQTT 5 CONNACK's Maximum QoS, else 2."""
+    maximum_packet_size: int | None = None
+    """The largest packet the broker takes (its MQTT 5 CONNACK's Maximum Packet Size), if it
+    said."""
     _early: dict[str, asyncio.Future[Any]] | None = None
     _writing: Any = None
     """The socket paho has something to write on (between its register and unregister)."""
@@ -217,7 +239,46 @@ class Client(aiomqtt.Client):
                     self.maximum_qos, qos,
                 )  # fmt: skip
             qos = self.maximum_qos
+        properties = kwargs.get("properties", args[1] if len(args) > 1 else None)
+        if (size := self.oversized(topic, payload, qos, properties)) is not None:
+            raise PacketTooLarge(self.too_large(size))
         await super().publish(topic, payload, qos, *args, **kwargs)
+
+    def oversized(
+        self,
+        topic: str,
+        payload: Any,  # noqa: ANN401 - what aiomqtt takes
+        qos: int,
+        properties: Properties | None = None,
+    ) -> int | None:
+        """Return the size of this PUBLISH if it exceeds the broker's Maximum Packet Size.
+
+        A client must send no larger packet [MQTT-3.2.2-15]; paho does not check, and the
+        broker ends the connection (0x95): a ping too large for it went round the reconnect
+        loop, lost every time, and an echo that sent one at QoS 1 would have sent it again on
+        every connection. None if it fits, or if the broker set no maximum.
+        """
+        limit = self.maximum_packet_size
+        if limit is None:
+            return None
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif isinstance(payload, int | float):
+            payload = str(payload).encode()
+        elif payload is None:
+            payload = b""
+        size = publish_size(
+            topic, payload, min(qos, self.maximum_qos), properties, v5=self.protocol_level == 5
+        )
+        return size if size > limit else None
+
+    def too_large(self, size: int) -> str:
+        """Say that a ``size``-byte PUBLISH is over the broker's Maximum Packet Size."""
+        where = cli.join_address(self._hostname, self._port)
+        return (
+            f"a {size}-byte PUBLISH is over the Maximum Packet Size of {where}"
+            f" ({self.maximum_packet_size} bytes, from its CONNACK)"
+        )
 
     def _on_socket_register_write(
         self,
@@ -288,6 +349,7 @@ class Client(aiomqtt.Client):
         self._early = None
         if not self._connected.done() and reason_code == mqtt.CONNACK_ACCEPTED:
             self.maximum_qos = getattr(properties, "MaximumQoS", 2)
+            self.maximum_packet_size = getattr(properties, "MaximumPacketSize", None)
             self._early = {topic: self._subscribe_now(topic, qos) for topic, qos in self.at_connack}
         super()._on_connect(client, userdata, flags, reason_code, properties)
 

@@ -23,7 +23,7 @@ from common.aiomqtt_fixes import Client, closed_before_connack, refuses_mqtt5
 
 logger = logging.getLogger(__name__)
 
-Session = Callable[[aiomqtt.Client], Awaitable[None]]
+Session = Callable[[Client], Awaitable[None]]
 """Runs while the link is up (subscribed): handles messages until the link breaks."""
 
 Listener = Callable[[str, dict[str, object]], None]

@@ -188,7 +188,7 @@ class Echo:
         self.bytes = 0
         self.skipped = 0
 
-    async def session(self, client: aiomqtt.Client) -> None:
+    async def session(self, client: Client) -> None:
         """Echo until the link breaks (the Link has subscribed to the ping topic)."""
         qos = self.settings.client.qos
         owner = Ownership(client)
@@ -221,6 +221,15 @@ class Echo:
                         owner.settled(message)
                         continue
                     topic, properties = self._answer(message)
+                    size = client.oversized(topic, payload, qos, properties)
+                    if size is not None:
+                        # Sent, the broker would end the connection, and paho send it again
+                        # on the next (at QoS 1 and 2): one ping would stop every echo.
+                        self.skipped += 1
+                        logger.warning("Not echoing %s on %s: %s.", show(payload), topic,
+                                       client.too_large(size))  # fmt: skip
+                        owner.settled(message)
+                        continue
                     logger.info("Publishing %s on %s.", show(payload), topic)
                     if qos == 0:
                         await self._publish(client, topic, payload, properties)

@@ -27,11 +27,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 import aiomqtt
+from paho.mqtt.properties import Properties
 
 from common import cli
+from common.aiomqtt_fixes import Client
 from common.client import make_client
 from common.properties import ping_request
 from common.reconnect import Link
+from ping_client.main import too_large
 from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
 from ping_client.report import Reporter
 from ping_client.settings import PingSettings, device_names
@@ -211,6 +214,8 @@ class Fleet:
         """Set before the tasks are cancelled: a cancellation that a library swallows (Python
         3.11's asyncio.wait_for can, when what it waits for completes at that moment) still
         ends the ticker at its next tick."""
+        self.too_large = False
+        """Whether the run ended at a ping over the broker's Maximum Packet Size (exit 64)."""
         self._cut = False
         """Whether --deadline ended the run (then a --count run's missing pings are unanswered)."""
         self._all_up_once = False
@@ -318,7 +323,7 @@ class Fleet:
         else:
             publishing.result()  # done; any other error is a bug, and raised
 
-    async def _publish(self, device: Device, client: aiomqtt.Client) -> None:
+    async def _publish(self, device: Device, client: Client) -> None:
         """Send one ping, if the link is still usable when this task first runs.
 
         That is a loop iteration or more after the ticker made the task: 50 ms later in one
@@ -332,15 +337,31 @@ class Fleet:
             return
         tracker = device.tracker
         payload = tracker.next_payload(time.time(), self._decimals, self.settings.size)
+        qos = self.settings.client.qos
+        properties = self._properties(device, payload)
+        size = client.oversized(device.ping_topic, payload, qos, properties)
+        if size is not None:
+            # As the single probe: every ping would be too large, and cost its device the
+            # connection. The fleet ends at the first, said once (exit 64).
+            if not self.too_large:
+                self.too_large = True
+                advice = too_large(
+                    client, payload, size, topic=device.ping_topic, qos=qos,
+                    properties=functools.partial(self._properties, device),
+                )  # fmt: skip
+                logger.error("%s", advice)
+            self.done.set()
+            return
         ping = tracker.on_sent(payload, time.monotonic())
         self._event("ping", device, logging.DEBUG, f"Device {device.index}: ping {payload!r}.",
                     seq=ping.seq)  # fmt: skip
-        properties = None
-        if self.v5:
-            properties = ping_request(device.response_topic, payload, self.settings.timeout)
-        await client.publish(
-            device.ping_topic, payload, qos=self.settings.client.qos, properties=properties
-        )
+        await client.publish(device.ping_topic, payload, qos=qos, properties=properties)
+
+    def _properties(self, device: Device, payload: bytes) -> Properties | None:
+        """Return a device's ping's MQTT 5 request/response properties; none in 3.1.1."""
+        if not self.v5:
+            return None
+        return ping_request(device.response_topic, payload, self.settings.timeout)
 
     async def _expirer(self) -> None:
         step = min(0.25, self.settings.timeout / 4)

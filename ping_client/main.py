@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -19,8 +20,10 @@ from dataclasses import replace
 from typing import Final
 
 import aiomqtt
+from paho.mqtt.properties import Properties
 
 from common import cli, logs
+from common.aiomqtt_fixes import Client
 from common.client import fallback, make_client
 from common.constants import EXIT_UNAVAILABLE, EXIT_USAGE
 from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers, raise_open_files
@@ -90,6 +93,8 @@ class Probe:
             quiet=True,
         )
         self.done = asyncio.Event()
+        self.too_large = False
+        """Whether the run ended at a ping over the broker's Maximum Packet Size (exit 64)."""
         self.deadline_reached = False
         self.held_back: float | None = None
         """Seconds before --deadline in which no ping went out (a timed run), once it ended."""
@@ -283,6 +288,12 @@ class Probe:
     def _send(self, tg: asyncio.TaskGroup) -> None:
         topic = self.client_settings.ping_topic
         payload = self.tracker.next_payload(self.wall(), self._decimals, self.settings.size)
+        client = self.link.client
+        properties = self._properties(client, payload)
+        size = client.oversized(topic, payload, self.client_settings.qos, properties)
+        if size is not None:
+            self._too_large(client, payload, size)
+            return
         # Record before publishing: the echo can arrive before publish() returns.
         ping = self.tracker.on_sent(payload, self.clock())
         if self._unanswered_since is None:
@@ -297,17 +308,34 @@ class Probe:
             seq=ping.seq,
             payload=text(payload),
         )
-        task = tg.create_task(self._publish(payload), name=f"publish-{ping.seq}")
+        publishing = self._publish(client, payload, properties)
+        task = tg.create_task(publishing, name=f"publish-{ping.seq}")
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    async def _publish(self, payload: bytes) -> None:
-        client = self.link.client
-        properties = None
-        if client.protocol_level == 5:
-            # A persistent session keeps pings queued through an outage: no expiry then.
-            timeout = None if self.client_settings.persistent else self.settings.timeout
-            properties = ping_request(self.client_settings.pong_topic, payload, timeout)
+    def _properties(self, client: Client, payload: bytes) -> Properties | None:
+        """Return a ping's MQTT 5 request/response properties; none in MQTT 3.1.1."""
+        if client.protocol_level != 5:
+            return None
+        # A persistent session keeps pings queued through an outage: no expiry then.
+        timeout = None if self.client_settings.persistent else self.settings.timeout
+        return ping_request(self.client_settings.pong_topic, payload, timeout)
+
+    def _too_large(self, client: Client, payload: bytes, size: int) -> None:
+        """End the run: this ping, and every later one, is over the broker's packet size.
+
+        The broker would end the connection at each (0x95), and the run would lose them all
+        in a reconnect loop.
+        """
+        advice = too_large(
+            client, payload, size, topic=self.client_settings.ping_topic,
+            qos=self.client_settings.qos, properties=functools.partial(self._properties, client),
+        )  # fmt: skip
+        logger.error("%s", advice)
+        self.too_large = True
+        self.done.set()
+
+    async def _publish(self, client: Client, payload: bytes, properties: Properties | None) -> None:
         try:
             await client.publish(
                 self.client_settings.ping_topic, payload, qos=self.client_settings.qos,
@@ -483,6 +511,34 @@ class Probe:
             )
 
 
+def too_large(
+    client: Client,
+    payload: bytes,
+    size: int,
+    *,
+    topic: str,
+    qos: int,
+    properties: Callable[[bytes], Properties | None],
+) -> str:
+    """Say that a ``size``-byte ping is over the broker's Maximum Packet Size.
+
+    And which ``--size`` fits, if one does. ``properties`` makes a ping's properties for a
+    payload.
+    """
+    bare = payload.rstrip(b" ")
+    fits = len(payload) - (size - (client.maximum_packet_size or 0))
+    while fits >= len(bare):  # one length byte fewer may let a byte more fit: try down
+        padded = bare.ljust(fits)
+        if client.oversized(topic, padded, qos, properties(padded)) is None:
+            break
+        fits -= 1
+    if fits >= len(bare):
+        advice = f"At most --size {fits} fits"
+    else:
+        advice = "Not even an unpadded ping fits: shorter topics, or a broker that takes more"
+    return f"Cannot ping: {client.too_large(size)}; nothing sent. {advice}."
+
+
 def exit_code(summary: Summary) -> int:
     """Map a summary to the exit status: 2 never usable, 1 lost or unanswered, 0 all answered."""
     if not summary.connected:
@@ -517,7 +573,7 @@ async def amain(settings: PingSettings) -> int:
     else:
         sys.stdout.write(summary.as_text())
         sys.stdout.flush()
-    return exit_code(summary)
+    return EXIT_USAGE if probe.too_large else exit_code(summary)
 
 
 async def serve_metrics(
@@ -578,7 +634,7 @@ async def fleet_main(settings: PingSettings, stop: asyncio.Event) -> int:
     else:
         sys.stdout.write(summary.as_text())
     sys.stdout.flush()
-    return fleet_exit_code(summary)
+    return EXIT_USAGE if fleet.too_large else fleet_exit_code(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -68,6 +68,34 @@ def test_echo_skips_payloads_over_the_limit(spawn: Spawner, port: int) -> None:
     probe.close()
 
 
+def test_an_echo_over_the_brokers_maximum_packet_size_is_skipped_not_sent(
+    spawn: Spawner, port: int
+) -> None:
+    """A ping that fits the broker's Maximum Packet Size whose echo does not (a longer pong
+    topic): skipped with a warning, the connection kept, the next ping answered.
+
+    Sent, it cost the echo its connection (0x95); at QoS 1 paho would send it again on every
+    connection after, and no ping would be answered again: one publisher stopping the echo.
+    """
+    broker = spawn.broker(port, "--max-packet-size", "1000")
+    pong = "/pong/" + "x" * 29  # 30 bytes longer than /ping
+    echo = spawn.start("echo_client", "--port", str(port), "--qos", "1", "--pong-topic", pong,
+                       name="echo")  # fmt: skip
+    echo.wait_for(ECHO_READY)
+    probe = MqttProbe(port)
+    probe.subscribe(pong)
+    probe.publish("/ping", b"x" * 988, qos=1)  # a 1000-byte PUBLISH at QoS 1
+    echo.wait_for(
+        r"Not echoing b'x+\.\.\. \(988 bytes\) on /pong/x+: a 1031-byte PUBLISH is over the"
+        rf" Maximum Packet Size of 127\.0\.0\.1:{port} \(1000 bytes, from its CONNACK\)\."
+    )
+    probe.publish("/ping", b"small", qos=1)
+    assert probe.expect() == (pong, b"small")
+    probe.close()
+    assert "Lost connection" not in echo.err()
+    assert "exceeds" not in broker.err()
+
+
 def test_echo_logs_binary_payloads_safely_and_truncated(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")

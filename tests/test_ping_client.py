@@ -399,6 +399,35 @@ def test_a_ping_larger_than_correlation_data_may_be_is_answered(spawn: Spawner, 
         assert "Traceback" not in result.stderr
 
 
+def test_a_ping_over_the_brokers_maximum_packet_size_ends_the_run_with_what_fits(
+    spawn: Spawner, port: int
+) -> None:
+    """-s larger than the broker's Maximum Packet Size (its CONNACK): nothing sent, one line
+    saying which -s fits, exit 64; the ping alone and a fleet. That -s is answered.
+
+    paho does not check [MQTT-3.2.2-15]: each ping cost the connection (0x95), was lost, and the
+    reconnect loop went round until the count ran out, blaming "another client using the id".
+    """
+    broker = spawn.broker(port, "--max-packet-size", "1000")
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
+    for fleet, fits in (((), 961), (("--devices", "2"), 938)):  # a fleet's topics are longer
+        result = spawn.run("ping_client", "--port", str(port), "-c", "3", "-i", "0.1",
+                           "-s", "2000", *fleet)  # fmt: skip
+        assert result.returncode == 64, result.stdout + result.stderr
+        too_large = re.findall(r"ERROR +client: (.*)", result.stderr)
+        assert too_large == [
+            f"Cannot ping: a {3000 - fits}-byte PUBLISH is over the Maximum Packet Size of"
+            f" 127.0.0.1:{port} (1000 bytes, from its CONNACK); nothing sent. At most --size"
+            f" {fits} fits."
+        ], result.stderr
+        assert re.search(r"\b0 sent, ", result.stdout), result.stdout
+        assert "Lost connection" not in result.stderr
+        exact = spawn.run("ping_client", "--port", str(port), "-c", "2", "-i", "0.1",
+                          "-s", str(fits), *fleet)  # fmt: skip
+        assert exact.returncode == 0, exact.stdout + exact.stderr
+    assert "exceeds" not in broker.err()  # nothing too large reached it
+
+
 def test_every_program_says_its_version(spawn: Spawner) -> None:
     for program, words in (("broker", "MQTT 5.0 and 3.1.1"), ("ping_client", "aiomqtt"),
                            ("echo_client", "paho-mqtt")):  # fmt: skip
