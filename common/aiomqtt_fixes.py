@@ -96,6 +96,8 @@ class Client(aiomqtt.Client):
       aiomqtt: a publish waiting for its confirmation waits out its whole timeout.
     - The socket is watched for writing exactly while paho has something to write, and a
       closed socket is watched no more (see :meth:`_on_socket_register_write`).
+    - No more QoS 1 and 2 messages in flight than the broker's Receive Maximum allows
+      (:attr:`max_inflight`).
     - :attr:`maximum_qos` holds the broker's Maximum QoS, and :meth:`publish` keeps to it;
       :attr:`maximum_packet_size` its Maximum Packet Size, and :meth:`publish` sends nothing
       larger (see :meth:`oversized`).
@@ -113,6 +115,9 @@ class Client(aiomqtt.Client):
     """(filter, QoS) pairs to subscribe to as soon as a connection is accepted."""
     maximum_qos = 2
     """The highest QoS the broker takes in a PUBLISH: its MQTT 5 CONNACK's Maximum QoS, else 2."""
+    max_inflight = 1000
+    """QoS 1 and 2 messages this client lets be unacknowledged at once, or fewer: as many as
+    the broker's Receive Maximum (its MQTT 5 CONNACK) allows. Set by make_client."""
     maximum_packet_size: int | None = None
     """The largest packet the broker takes (its MQTT 5 CONNACK's Maximum Packet Size), if it
     said."""
@@ -350,6 +355,12 @@ class Client(aiomqtt.Client):
         if not self._connected.done() and reason_code == mqtt.CONNACK_ACCEPTED:
             self.maximum_qos = getattr(properties, "MaximumQoS", 2)
             self.maximum_packet_size = getattr(properties, "MaximumPacketSize", None)
+            # paho keeps to its own limit, not the broker's [MQTT-3.3.4-7]: an echo with more
+            # QoS 2 echoes unacknowledged than our broker's --max-queued 5 was disconnected
+            # (0x93) at every burst. paho holds the others back until an acknowledgement.
+            # paho refuses to change its limit while connected; its attribute is what it reads.
+            receive = getattr(properties, "ReceiveMaximum", 65_535)
+            self._client._max_inflight_messages = min(self.max_inflight, receive)
             self._early = {topic: self._subscribe_now(topic, qos) for topic, qos in self.at_connack}
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
@@ -394,10 +405,20 @@ class Client(aiomqtt.Client):
                 )
 
 
+PAHO_INTERNALS: dict[str, type] = {"_max_inflight_messages": int}
+"""paho's private attributes that :class:`Client` sets; checked with INTERNALS."""
+
+
 def unsupported(client: Client) -> list[str]:
-    """Return the names in INTERNALS and OVERRIDDEN this aiomqtt lacks (none: it is supported)."""
+    """Return what of INTERNALS, OVERRIDDEN and PAHO_INTERNALS is missing (none: supported)."""
     missing = [n for n, kind in INTERNALS.items() if not isinstance(getattr(client, n, None), kind)]
-    return missing + [n for n in OVERRIDDEN if not callable(getattr(aiomqtt.Client, n, None))]
+    missing += [n for n in OVERRIDDEN if not callable(getattr(aiomqtt.Client, n, None))]
+    paho = getattr(client, "_client", None)
+    return missing + [
+        f"paho's {n}"
+        for n, kind in PAHO_INTERNALS.items()
+        if not isinstance(getattr(paho, n, None), kind)
+    ]
 
 
 def closed_before_connack(exc: aiomqtt.MqttError) -> bool:

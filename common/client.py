@@ -298,7 +298,7 @@ def make_client(
         clean_start=(not settings.persistent) if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
         properties=session_properties(settings) if v5 else None,
         # paho's defaults (20 in flight) and aiomqtt's (10 pending calls) throttle QoS 1/2 echo.
-        max_inflight_messages=1000,
+        max_inflight_messages=Client.max_inflight,
         tls_context=ssl.create_default_context(cafile=settings.tls_ca) if settings.tls else None,
     )
     missing = unsupported(client)

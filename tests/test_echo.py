@@ -96,6 +96,25 @@ def test_an_echo_over_the_brokers_maximum_packet_size_is_skipped_not_sent(
     assert "exceeds" not in broker.err()
 
 
+def test_the_echo_keeps_to_the_brokers_receive_maximum(spawn: Spawner, port: int) -> None:
+    """A burst of QoS 2 pings through a broker whose CONNACK says Receive Maximum 5: the echo
+    has at most 5 echoes unacknowledged at once [MQTT-3.3.4-7], and keeps its connection.
+
+    paho kept to its own limit (1,000 here): our broker, with ``--max-queued 5``, closed the
+    echo at every burst ("more than 5 QoS 2 messages awaiting PUBREL", 0x93).
+    """
+    broker = spawn.broker(port, "--max-queued", "5")
+    echo = spawn.start("echo_client", "--port", str(port), "--qos", "2", name="echo")
+    echo.wait_for(ECHO_READY)
+    # 20 devices, pinging at once: the broker's bound of 5 queued may drop some deliveries to
+    # the echo (it says so), which the fleet counts as lost; what counts here is the echo.
+    spawn.run("ping_client", "--port", str(port), "--devices", "20", "--qos", "2", "-c", "2",
+              "-i", "0.05", "--jitter", "0", "-W", "1")  # fmt: skip
+    assert echo.count(r"Publishing b'") >= 5, echo.err()
+    assert "Lost connection" not in echo.err()
+    assert "awaiting PUBREL" not in broker.err()
+
+
 def test_echo_logs_binary_payloads_safely_and_truncated(spawn: Spawner, port: int) -> None:
     spawn.broker(port)
     echo = spawn.start("echo_client", "--port", str(port), name="echo")
