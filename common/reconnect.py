@@ -238,7 +238,8 @@ class Link:
                 await asyncio.wait({work}, timeout=LOSS_GRACE)  # its own error says more
         finally:
             await _cancel(work)
-        if work.cancelled():
+        if work.cancelled() or (self.client.lost.done() and _refused_unconnected(work)):
+            # A publish paho refused as "not currently connected" is the loss, seen late.
             raise aiomqtt.MqttError("Disconnected during message iteration")
         work.result()  # the session's own end, or its error
 
@@ -430,6 +431,12 @@ class Link:
     def _emit(self, event: str, **data: object) -> None:
         if self._listener is not None:
             self._listener(event, data)
+
+
+def _refused_unconnected(work: asyncio.Future[None]) -> bool:
+    """Tell whether a session ended as paho refused a call for want of a connection."""
+    exc = work.exception()
+    return isinstance(exc, aiomqtt.MqttCodeError) and exc.rc == mqtt.MQTT_ERR_NO_CONN
 
 
 async def _cancel(task: asyncio.Future[None], every: float = 0.05) -> None:

@@ -387,6 +387,8 @@ def test_a_broker_that_hangs_up_at_each_publish_leaves_no_closed_socket_watched(
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
     said = "the broker's DISCONNECT: QoS not supported, 0x9b"
     assert said in caplog.text or said in problem, caplog.text
+    # A publish paho refused once it had seen the loss is the loss, not a mystery of its own.
+    assert "not currently connected" not in caplog.text + problem
 
 
 def test_a_reconnect_the_broker_refuses_says_why(port: int) -> None:
