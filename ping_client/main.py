@@ -104,7 +104,7 @@ class Probe:
         self._ticks_done = False
         self._unanswered_since: float | None = None
         self._silent = False
-        self._decimals = 6 if settings.flood else decimals_for(settings.interval)
+        self._decimals = 6 if settings.back_to_back else decimals_for(settings.interval)
         self._answered = asyncio.Event()
         self._publishing: set[asyncio.Task[None]] = set()
 
@@ -238,7 +238,7 @@ class Probe:
         last_send = math.inf
         if self.settings.deadline is not None:
             last_send = self.started + self.settings.deadline - min(interval, self.settings.timeout)
-        if self.settings.flood:
+        if self.settings.back_to_back:
             await self._flood(tg, last_send)
             return
         tick = 1
@@ -423,14 +423,16 @@ class Probe:
     async def run(self, stop: asyncio.Event) -> Summary:
         """Run until a stop signal, --count completion, or --connect-timeout; return the summary."""
         settings, client = self.settings, self.client_settings
-        pace = "back to back (flood)" if settings.flood else f"every {settings.interval:g} s"
+        pace = "back to back" if settings.back_to_back else f"every {settings.interval:g} s"
+        if settings.flood:
+            pace += " (flood)"
         protocol = "3.1.1" if client.protocol == 4 else "5"
         size = f", {settings.size}-byte payloads" if settings.size else ""
         # ping's first line: what is pinged, how.
         self.reporter.event(
             "start", logging.INFO, "PING %s: %s, QoS %d, MQTT %s, %s -> %s%s.",
             self.target, pace, client.qos, protocol, client.ping_topic, client.pong_topic, size,
-            target=self.target, interval=None if settings.flood else settings.interval,
+            target=self.target, interval=None if settings.back_to_back else settings.interval,
             qos=client.qos, protocol=protocol, size=settings.size,
         )  # fmt: skip
         logger.info(

@@ -67,7 +67,10 @@ class PingSettings:
     stats_interval: float = 60.0
     json: bool = False
     flood: bool = False
-    """Send each ping as soon as the previous one is answered or lost (``ping -f``)."""
+    """No line per ping, a dot per ping on a terminal (``ping -f``)."""
+    back_to_back: bool = False
+    """Send each ping as soon as the previous one is answered or lost (``--flood`` without
+    ``--interval``, as ``ping -f`` without ``-i``)."""
     quiet: bool = False
     """Log no line per ping (``ping -q``): warnings, errors and the summary only."""
     size: int | None = None
@@ -110,8 +113,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         "--interval",
         short="-i",
         convert=cli.positive_seconds,
-        default=1.0,
-        help="seconds between pings (fractions such as 0.01 work)",
+        default=None,
+        help="seconds between pings, fractions such as 0.01 too (default: 1; with --flood:"
+        " back to back)",
     )
     add(
         parser,
@@ -175,8 +179,9 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         parser,
         environ,
         "--flood",
-        help="send each ping as soon as the previous one is answered or lost, like ping -f "
-        "(--interval is then unused): the round trip back to back",
+        help="log no line per ping, and draw a dot per ping on a terminal, like ping -f; without"
+        " --interval, send each ping as soon as the previous one is answered or lost: the round"
+        " trip back to back",
     )
     cli.add_flag(
         parser,
@@ -247,12 +252,14 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
     if brokers and args.devices < len(brokers):
         parser.error(f"--host given {len(brokers)} times needs --devices {len(brokers)} or more: "
                      "a fleet's devices are spread over the brokers")  # fmt: skip
+    back_to_back = args.flood and args.interval is None
+    interval = 1.0 if args.interval is None else args.interval
     connect_timeout = args.connect_timeout
     if connect_timeout is None and args.count is not None:
         connect_timeout = DEFAULT_CONNECT_TIMEOUT_WITH_COUNT
     deadline = args.deadline
     if deadline is None and args.count is not None and connect_timeout is not None:
-        spacing = args.timeout if args.flood else args.interval  # a flood ping takes at most that
+        spacing = args.timeout if back_to_back else interval  # such a ping takes at most that
         deadline = derived_deadline(args.count, spacing, args.timeout, connect_timeout)
     client = client_settings(parser, args, "ping_client", environ)
     if args.devices > 1:
@@ -264,7 +271,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
                 parser.error(f"--devices {args.devices}: {why}: shorten --client-id or the topics")
     return PingSettings(
         client=client,
-        interval=args.interval,
+        interval=interval,
         count=args.count,
         timeout=args.timeout,
         connect_timeout=connect_timeout,
@@ -273,11 +280,12 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> PingSetting
         stats_interval=args.stats_interval,
         json=args.json,
         flood=args.flood,
+        back_to_back=back_to_back,
         quiet=args.quiet,
         size=args.size,
         metrics_port=args.metrics_port,
         devices=args.devices,
         brokers=brokers,
         connect_rate=args.connect_rate or 0.0,
-        jitter=args.interval if args.jitter is None else args.jitter,
+        jitter=interval if args.jitter is None else args.jitter,
     )

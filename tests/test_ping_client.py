@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pty
@@ -446,6 +447,25 @@ def test_flood_logs_nothing_per_ping(spawn: Spawner, port: int) -> None:
     assert summary_counts(result.stdout)["received"] == 200
     assert "Publishing" not in result.stderr
     assert "Got b'" not in result.stderr
+    assert "back to back (flood)" in result.stderr
+
+
+def test_flood_with_an_interval_pings_at_that_interval(spawn: Spawner, port: int) -> None:
+    """ping -f -i: the flood's output, at the interval given (it was ignored: back to back)."""
+    spawn.broker(port)
+    spawn.start("echo_client", "--port", str(port), name="echo").wait_for(ECHO_READY)
+    result = spawn.run("ping_client", "--port", str(port), "--flood", "-i", "0.1", "-c", "5",
+                       "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0]["event"] == "start"
+    assert events[0]["interval"] == 0.1
+    sent = [e["time"] for e in events if e["event"] == "ping"]
+    assert len(sent) == 5
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert min(gaps) > 0.05, gaps  # back to back, they are a few milliseconds apart
+    assert "every 0.1 s (flood)" in result.stderr
+    assert "Publishing" not in result.stderr
 
 
 def test_flood_on_a_terminal_draws_a_dot_per_ping_and_rubs_it_out_per_reply(
