@@ -14,12 +14,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from common import cli, properties
+from common import properties
 
 logger = logging.getLogger(__name__)
 
-_QOS_TOLD: set[tuple[str, int, int, int]] = set()
-"""(host, port, the broker's Maximum QoS, the QoS asked for): the downgrades already logged."""
+_QOS_TOLD: set[tuple[str, int, int]] = set()
+"""(broker, its Maximum QoS, the QoS asked for): the downgrades already logged."""
 
 
 class ClosedBeforeConnack(aiomqtt.MqttError):
@@ -51,8 +51,6 @@ INTERNALS: dict[str, type | tuple[type, ...]] = {
     "_lock": asyncio.Lock,
     "_misc_task": (asyncio.Task, type(None)),
     "_loop": asyncio.AbstractEventLoop,
-    "_hostname": str,
-    "_port": int,
 }
 """aiomqtt's private attributes that :class:`Client` relies on; checked when a client is made."""
 
@@ -105,6 +103,8 @@ class Client(aiomqtt.Client):
 
     protocol_level = 4
     """4 (MQTT 3.1.1) or 5, as made by make_client."""
+    address = ""
+    """The broker, as the logs name it (``host:port``, or a ws:// URL), as made by make_client."""
     disconnect_reason: int | None = None
     """The reason code of the last disconnect (the broker's, in an MQTT 5 DISCONNECT)."""
     disconnect_text: str | None = None
@@ -234,13 +234,13 @@ class Client(aiomqtt.Client):
         and broker, at WARNING.
         """
         if qos > self.maximum_qos:
-            told = (self._hostname, self._port, self.maximum_qos, qos)
+            told = (self.address, self.maximum_qos, qos)
             if told not in _QOS_TOLD:
                 _QOS_TOLD.add(told)
                 logger.warning(
                     "%s takes at most QoS %d (its CONNACK's Maximum QoS): publishing at QoS %d,"
                     " not %d.",
-                    cli.join_address(self._hostname, self._port), self.maximum_qos,
+                    self.address, self.maximum_qos,
                     self.maximum_qos, qos,
                 )  # fmt: skip
             qos = self.maximum_qos
@@ -279,9 +279,8 @@ class Client(aiomqtt.Client):
 
     def too_large(self, size: int) -> str:
         """Say that a ``size``-byte PUBLISH is over the broker's Maximum Packet Size."""
-        where = cli.join_address(self._hostname, self._port)
         return (
-            f"a {size}-byte PUBLISH is over the Maximum Packet Size of {where}"
+            f"a {size}-byte PUBLISH is over the Maximum Packet Size of {self.address}"
             f" ({self.maximum_packet_size} bytes, from its CONNACK)"
         )
 

@@ -9,6 +9,7 @@ import ssl
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -55,6 +56,21 @@ class ClientSettings:
     """Keep the session (and what is queued in it) across reconnects and restarts."""
     session_expiry: int = 3600
     """MQTT 5: how long the broker keeps a persistent session after the connection ends."""
+    transport: Literal["tcp", "websockets"] = "tcp"
+    """``tcp``, or ``websockets``: MQTT over WebSockets (wss with --tls), at ``ws_path``."""
+    ws_path: str = "/mqtt"
+
+    @property
+    def address(self) -> str:
+        """Where the broker is, as the logs say it: ``host:port``, or a ws:// or wss:// URL."""
+        return self.address_of(self.host, self.port)
+
+    def address_of(self, host: str, port: int) -> str:
+        """Say ``host:port`` as :attr:`address` does (a fleet has more than one broker)."""
+        where = cli.join_address(host, port)
+        if self.transport != "websockets":
+            return where
+        return f"{'wss' if self.tls else 'ws'}://{where}{self.ws_path}"
 
     def __post_init__(self) -> None:
         """Reject topic pairs that would make the echo feed itself.
@@ -192,7 +208,35 @@ def add_client_options(
         default=5,
         help="MQTT version: 5 (falls back to 3.1.1 once if the broker refuses it) or 3.1.1",
     )
+    add(
+        parser,
+        environ,
+        "--transport",
+        convert=transport,
+        default="tcp",
+        help="tcp, or websockets: MQTT over WebSockets (wss with --tls), as browsers speak it;"
+        " --port is then the broker's WebSocket port (ours: --ws-port, 10080 under supervisord)",
+    )
+    add(parser, environ, "--ws-path", convert=ws_path, default="/mqtt",
+        help="with --transport websockets: the path of the upgrade")  # fmt: skip
     add(parser, environ, "--log-level", convert=cli.log_level, default="INFO", help="log level")
+
+
+def transport(text: str) -> Literal["tcp", "websockets"]:
+    """Parse a transport: tcp, or websockets (ws)."""
+    value = text.strip().lower()
+    if value == "tcp":
+        return "tcp"
+    if value in ("websockets", "websocket", "ws"):
+        return "websockets"
+    raise ValueError(f"transport must be tcp or websockets, got {text!r}")
+
+
+def ws_path(text: str) -> str:
+    """Parse a WebSocket path: it starts with /, and is printable ASCII without spaces."""
+    if not text.startswith("/") or not all(33 <= ord(c) < 127 for c in text):
+        raise ValueError(f"a WebSocket path starts with / and has no spaces, got {text!r}")
+    return text
 
 
 def session_kind(text: str) -> str:
@@ -265,6 +309,8 @@ def client_settings(
             protocol=args.protocol,
             persistent=args.session == "persistent",
             session_expiry=args.session_expiry,
+            transport=args.transport,
+            ws_path=args.ws_path,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -300,6 +346,8 @@ def make_client(
         # paho's defaults (20 in flight) and aiomqtt's (10 pending calls) throttle QoS 1/2 echo.
         max_inflight_messages=Client.max_inflight,
         tls_context=ssl.create_default_context(cafile=settings.tls_ca) if settings.tls else None,
+        transport=settings.transport,
+        websocket_path=settings.ws_path if settings.transport == "websockets" else None,
     )
     missing = unsupported(client)
     if missing:
@@ -309,6 +357,7 @@ def make_client(
         )
         sys.exit(EXIT_SOFTWARE)
     client.protocol_level = level
+    client.address = settings.address
     if manual_ack:
         client.acknowledge_manually()
     return client

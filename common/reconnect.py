@@ -345,6 +345,12 @@ class Link:
             self._last_error = (
                 f"session taken over: another client connected as {self.client.identifier!r}"
             )
+        elif isinstance(exc.__context__, mqtt.WebsocketConnectionError):
+            # paho keeps no word of the HTTP answer (our broker's says where MQTT is).
+            self._last_error = (
+                f"{self._last_error} (the HTTP upgrade was refused: is the port the broker's"
+                " WebSocket port, and --ws-path its path?)"
+            )
         elif said:
             # An MQTT 5 broker's reason string says more than paho's name for the reason code.
             self._last_error = f"{self._last_error} (the broker said: {said})"

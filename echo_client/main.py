@@ -286,7 +286,7 @@ async def amain(settings: EchoSettings) -> int:
     """Echo until SIGTERM/SIGINT, then log a summary; return the exit status."""
     stop = asyncio.Event()
     install_stop_handlers(stop, hard_limit=CLIENT_SHUTDOWN_LIMIT)
-    address = cli.join_address(settings.client.host, settings.client.port)
+    address = settings.client.address
     link = Link(
         make_client(settings.client, manual_ack=True),
         fallback=fallback(settings.client, manual_ack=True),

@@ -29,7 +29,6 @@ from typing import Any, TextIO
 import aiomqtt
 from paho.mqtt.properties import Properties
 
-from common import cli
 from common.aiomqtt_fixes import Client
 from common.client import make_client
 from common.properties import ping_request
@@ -185,7 +184,7 @@ class Fleet:
         self.settings = settings
         client = settings.client
         brokers = settings.brokers or ((client.host, client.port),)
-        self.target = ",".join(cli.join_address(host, port) for host, port in brokers)
+        self.target = ",".join(settings.client.address_of(host, port) for host, port in brokers)
         """The brokers pinged, as the summary and the metrics name them."""
         self.v5 = client.protocol == 5
         self.reporter = Reporter(json_mode=settings.json, out=out)
@@ -198,7 +197,7 @@ class Fleet:
             own = replace(client, client_id=client_id, host=host, port=port)
             ping = client.ping_topic if self.v5 else own_ping
             link = Link(
-                make_client(own), address=cli.join_address(host, port),
+                make_client(own), address=own.address,
                 interval=client.reconnect_interval,
                 topics=[(response, client.qos)], quiet=True,
                 listener=functools.partial(self._on_link, index),

@@ -22,7 +22,7 @@ from typing import Final
 import aiomqtt
 from paho.mqtt.properties import Properties
 
-from common import cli, logs
+from common import logs
 from common.aiomqtt_fixes import Client
 from common.client import fallback, make_client
 from common.constants import EXIT_UNAVAILABLE, EXIT_USAGE
@@ -64,7 +64,7 @@ class Probe:
         self.wall = wall
         self.tracker = Tracker(timeout=settings.timeout, memory=max(60.0, 10 * settings.timeout),
                                grace=DUPLICATE_GRACE)  # fmt: skip
-        self.target = cli.join_address(settings.client.host, settings.client.port)
+        self.target = settings.client.address
         self.link = Link(
             make_client(settings.client),
             fallback=fallback(settings.client),

@@ -110,6 +110,25 @@ def test_a_certificate_and_key_that_do_not_load_say_why(
         tls_context(cert, key, client_ca=readme)
 
 
+def test_our_clients_ping_over_wss(
+    spawn: Spawner, port: int, certificate: tuple[Path, Path]
+) -> None:
+    """--transport websockets with --tls-ca: MQTT over WebSockets over TLS (wss://)."""
+    from tests.support import free_port  # noqa: PLC0415
+
+    cert, key = certificate
+    wss_port = free_port()
+    broker = spawn.broker(port, "--wss-port", str(wss_port), "--tls-cert", str(cert),
+                          "--tls-key", str(key))  # fmt: skip
+    broker.wait_for(rf"Listening on 127\.0\.0\.1:{wss_port} for MQTT over WebSockets \(wss://")
+    wss = ["--port", str(wss_port), "--tls-ca", str(cert), "--transport", "websockets"]
+    spawn.start("echo_client", *wss, name="echo").wait_for(ECHO_READY)
+    result = spawn.run("ping_client", *wss, "--count", "3", "--interval", "0.1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 sent, 3 received" in result.stdout
+    assert f"--- wss://127.0.0.1:{wss_port}/mqtt ping statistics ---" in result.stdout
+
+
 def test_tls_listener_carries_the_round_trip(
     spawn: Spawner, port: int, certificate: tuple[Path, Path]
 ) -> None:

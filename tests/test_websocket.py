@@ -20,7 +20,17 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests import mqtt_raw as m
 from tests.mqtt_raw import RawClient
-from tests.support import REPO, MqttProbe, Proc, Spawner, free_port, wait_until
+from tests.support import (
+    ECHO_READY,
+    REPO,
+    MqttProbe,
+    Proc,
+    Spawner,
+    free_port,
+    port_accepts,
+    reference_broker,
+    wait_until,
+)
 
 VERSIONS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
 
@@ -120,6 +130,58 @@ def test_mqttjs_round_trips_over_websockets(
     assert [(x["qos"], x["granted"], x["payload"]) for x in lines] == [
         (q, q, [0, 1, 2, 255, q]) for q in (0, 1, 2)
     ]
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+def test_our_clients_ping_over_websockets(
+    spawn: Spawner, port: int, ws_port: int, version: str
+) -> None:
+    """--transport websockets: the echo_client and the probe (one, then a fleet) through our
+    broker's WebSocket port, at QoS 1; the logs name the broker by its ws:// URL."""
+    ws_broker(spawn, port, ws_port)
+    over_ws = ("--port", str(ws_port), "--transport", "websockets", "-V", version)
+    echo = spawn.start("echo_client", *over_ws, "--qos", "1", name="echo")
+    echo.wait_for(ECHO_READY)
+    assert f"Connected to ws://127.0.0.1:{ws_port}/mqtt as " in echo.err()
+    for fleet in ((), ("--devices", "3")):
+        result = spawn.run("ping_client", *over_ws, "--qos", "1", "-c", "3", "-i", "0.05",
+                           *fleet)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        sent = 9 if fleet else 3
+        assert f"{sent} sent, {sent} received, 0 lost" in result.stdout, result.stdout
+        assert f"ws://127.0.0.1:{ws_port}/mqtt" in result.stdout
+
+
+def test_our_clients_ping_over_mosquittos_websockets(
+    spawn: Spawner, port: int, ws_port: int, tmp_path: Path
+) -> None:
+    """Our clients over WebSockets through another broker: mosquitto's ``protocol
+    websockets`` listener, MQTT 5."""
+    with reference_broker(port, tmp_path, f"listener {ws_port} 127.0.0.1\nprotocol websockets\n"):
+        wait_until(lambda: port_accepts(ws_port), 10, "mosquitto's WebSocket listener")
+        over_ws = ("--port", str(ws_port), "--transport", "websockets")
+        echo = spawn.start("echo_client", *over_ws, name="echo")
+        echo.wait_for(ECHO_READY)
+        result = spawn.run("ping_client", *over_ws, "-c", "3", "-i", "0.05")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 sent, 3 received, 0 lost" in result.stdout, result.stdout
+    assert "falling back" not in result.stderr
+
+
+def test_a_websocket_client_at_the_tcp_port_is_told_what_to_check(
+    spawn: Spawner, port: int, ws_port: int
+) -> None:
+    """--transport websockets at the MQTT TCP port: exit 2, and the one line says to check the
+    port and the path (paho keeps nothing of the broker's HTTP answer)."""
+    ws_broker(spawn, port, ws_port)
+    result = spawn.run("ping_client", "--port", str(port), "--transport", "websockets",
+                       "-c", "1", "--connect-timeout", "1")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        f"No usable link to ws://127.0.0.1:{port}/mqtt within 1 s: WebSocket handshake error,"
+        " connection not upgraded (the HTTP upgrade was refused: is the port the broker's"
+        " WebSocket port, and --ws-path its path?)."
+    ) in result.stderr
 
 
 def ws(ws_port: int, **kwargs: object) -> ClientConnection:
