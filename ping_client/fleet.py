@@ -33,7 +33,7 @@ from common.aiomqtt_fixes import Client
 from common.client import make_client
 from common.properties import ping_request
 from common.reconnect import Link
-from ping_client.main import too_large
+from ping_client.limits import too_large
 from ping_client.probe import Tracker, decimals_for, percentile, rtt_stats
 from ping_client.report import Reporter
 from ping_client.settings import PingSettings, device_names

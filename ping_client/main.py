@@ -30,6 +30,7 @@ from common.lifecycle import CLIENT_SHUTDOWN_LIMIT, install_stop_handlers, raise
 from common.properties import ping_request
 from common.reconnect import Link
 from common.show import show
+from ping_client.limits import too_large
 from ping_client.probe import Ping, Tracker, Verdict, decimals_for, percentile
 from ping_client.report import Reporter, Summary, ms, summarize, text
 from ping_client.settings import PingSettings, parse
@@ -511,34 +512,6 @@ class Probe:
                 deadline,
                 self.summary().unanswered,
             )
-
-
-def too_large(
-    client: Client,
-    payload: bytes,
-    size: int,
-    *,
-    topic: str,
-    qos: int,
-    properties: Callable[[bytes], Properties | None],
-) -> str:
-    """Say that a ``size``-byte ping is over the broker's Maximum Packet Size.
-
-    And which ``--size`` fits, if one does. ``properties`` makes a ping's properties for a
-    payload.
-    """
-    bare = payload.rstrip(b" ")
-    fits = len(payload) - (size - (client.maximum_packet_size or 0))
-    while fits >= len(bare):  # one length byte fewer may let a byte more fit: try down
-        padded = bare.ljust(fits)
-        if client.oversized(topic, padded, qos, properties(padded)) is None:
-            break
-        fits -= 1
-    if fits >= len(bare):
-        advice = f"At most --size {fits} fits"
-    else:
-        advice = "Not even an unpadded ping fits: shorter topics, or a broker that takes more"
-    return f"Cannot ping: {client.too_large(size)}; nothing sent. {advice}."
 
 
 def exit_code(summary: Summary) -> int:
