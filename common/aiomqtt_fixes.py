@@ -116,8 +116,8 @@ class Client(aiomqtt.Client):
     maximum_qos = 2
     """The highest QoS the broker takes in a PUBLISH: its MQTT 5 CONNACK's Maximum QoS, else 2."""
     max_inflight = 1000
-    """QoS 1 and 2 messages this client lets be unacknowledged at once, or fewer: as many as
-    the broker's Receive Maximum (its MQTT 5 CONNACK) allows. Set by make_client."""
+    """QoS 1 and 2 messages this client lets be unacknowledged at once (make_client gives paho
+    this), or fewer: as many as the broker's Receive Maximum (its MQTT 5 CONNACK) allows."""
     maximum_packet_size: int | None = None
     """The largest packet the broker takes (its MQTT 5 CONNACK's Maximum Packet Size), if it
     said."""
@@ -356,8 +356,8 @@ class Client(aiomqtt.Client):
             self.maximum_packet_size = getattr(properties, "MaximumPacketSize", None)
             # paho keeps to its own limit, not the broker's [MQTT-3.3.4-7]: an echo with more
             # QoS 2 echoes unacknowledged than our broker's --max-queued 5 was disconnected
-            # (0x93) at every burst. paho holds the others back until an acknowledgement.
-            # paho refuses to change its limit while connected; its attribute is what it reads.
+            # (0x93) at every burst. paho holds the others back until an acknowledgement. Its
+            # setter refuses while connected, so this sets the attribute the setter would.
             receive = getattr(properties, "ReceiveMaximum", 65_535)
             self._client._max_inflight_messages = min(self.max_inflight, receive)
             self._early = {topic: self._subscribe_now(topic, qos) for topic, qos in self.at_connack}
