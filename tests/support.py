@@ -113,6 +113,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: fl
         time.sleep(step)
 
 
+def supervisord_pid(pidfile: Path, timeout: float = 10) -> int:
+    """supervisord's pid, once its pidfile holds a whole line.
+
+    supervisord creates the file and writes it after: read too soon, it is empty (``int('')``
+    failed a CI run).
+    """
+
+    def whole() -> str:
+        try:
+            text = pidfile.read_text()
+        except FileNotFoundError:
+            return ""
+        return text if text.endswith("\n") else ""
+
+    return int(wait_until(whole, timeout, f"a pid in {pidfile}"))
+
+
 def port_accepts(port: int) -> bool:
     """Return whether something accepts TCP connections on 127.0.0.1:port."""
     with socket.socket() as s:
@@ -382,9 +399,7 @@ def supervised(
     """Run real supervisord on a copy of our config; shut it down and check nothing is left."""
     conf = supervisor_conf(tmp, port, extra_env, ws_port)
     subprocess.run([str(BIN / "supervisord"), "-c", str(conf)], check=True, timeout=30)
-    pidfile = tmp / "run" / "supervisord.pid"
-    wait_until(pidfile.exists, 10, "supervisord's pidfile")
-    pid = int(pidfile.read_text())
+    pid = supervisord_pid(tmp / "run" / "supervisord.pid")
     try:
         yield conf
     finally:

@@ -18,6 +18,7 @@ from tests.support import (
     free_port,
     pid_alive,
     supervisor_children,
+    supervisord_pid,
     wait_until,
 )
 
@@ -62,9 +63,7 @@ def test_the_clients_round_trip_across_a_two_node_rabbitmq_cluster(tmp_path: Pat
     layout = Layout.load(directory)
     env = base_env(MQTT_QOS="1", MQTT_INTERVAL="0.2")
     subprocess.run([str(BIN / "supervisord"), "-c", str(conf)], check=True, timeout=30, env=env)
-    pidfile = directory / "supervisord.pid"
-    wait_until(pidfile.exists, 10, "supervisord's pidfile")
-    pid = int(pidfile.read_text())
+    pid = supervisord_pid(directory / "supervisord.pid")
     try:
 
         def pongs() -> int:

@@ -25,6 +25,7 @@ from tests.support import (
     pid_alive,
     port_accepts,
     supervisor_children,
+    supervisord_pid,
     wait_until,
 )
 
@@ -88,7 +89,7 @@ def one_cycle(root: Path, tmp_path: Path, port: int, env: dict[str, str], cycle:
     seen = ping_log.read_text().count("client: Got b'") if ping_log.exists() else 0
     subprocess.run(["make", "--no-print-directory", "start"], cwd=root, env=env,
                    check=True, capture_output=True, timeout=60)  # fmt: skip
-    pid = int((root / "run" / "supervisord.pid").read_text())
+    pid = supervisord_pid(root / "run" / "supervisord.pid")
     wait_until(partial(more_pongs, ping_log, seen), 30, "a pong")
     family = [pid, *supervisor_children(pid)]
     subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
@@ -157,7 +158,7 @@ def run_and_interrupt(
         assert ws_port is not None
         own = [line for line in text.splitlines() if not line.startswith("Can't list")]
         assert own[0].startswith(f"Live page: http://127.0.0.1:{ws_port.group(1)}/"), own[:3]
-        pid = int((root / "run" / "supervisord.pid").read_text())
+        pid = supervisord_pid(root / "run" / "supervisord.pid")
         family = [pid, *supervisor_children(pid)]
         assert len(family) >= 4
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C does
@@ -181,9 +182,7 @@ def controlling_terminal() -> None:
 
 def supervisord_family(root: Path) -> list[int]:
     """supervisord and every process under it, once its pidfile is written."""
-    pidfile = root / "run" / "supervisord.pid"
-    wait_until(pidfile.exists, 30, "supervisord's pidfile")
-    pid = int(pidfile.read_text())
+    pid = supervisord_pid(root / "run" / "supervisord.pid", 30)
     return [pid, *supervisor_children(pid)]
 
 

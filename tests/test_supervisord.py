@@ -16,6 +16,7 @@ from tests.support import (
     supervised,
     supervisor_children,
     supervisorctl,
+    supervisord_pid,
     wait_until,
 )
 
@@ -30,7 +31,7 @@ def test_supervisord_runs_all_three_and_leaves_nothing_behind(tmp_path: Path, po
         assert f"Listening on 127.0.0.1:{port}" in program_log(tmp_path, "broker")
         sock = tmp_path / "run" / "sv.sock"
         assert sock.stat().st_mode & 0o777 == 0o700
-        pid = int((tmp_path / "run" / "supervisord.pid").read_text())
+        pid = supervisord_pid(tmp_path / "run" / "supervisord.pid")
         children = supervisor_children(pid)
         assert len(children) >= 3
     assert not pid_alive(pid)
