@@ -195,7 +195,7 @@ class Client:
         if connect.keep_alive:
             self.wire.watch(connect.keep_alive)
         resumed = self.session
-        if resumed is not None and (resumed.inflight_out or hub.size(resumed)):
+        if resumed is not None and (resumed.inflight_out or hub.queues.size(resumed)):
             self._flows.resume()  # what was in flight [MQTT-4.4.0-1], then what waits
 
     def _on_publish(self, session: Session, publish: Publish) -> None:
@@ -349,7 +349,7 @@ class Client:
             assert session is not None  # noqa: S101 - packets after CONNECT come after CONNACK
             flows = self.flows = Flows(
                 session, window=self.window, hold_limit=self.limits.max_queued,
-                send=self.wire.send, encode=self._encode_publish, queue=self.hub,
+                send=self.wire.send, encode=self._encode_publish, queue=self.hub.queues,
                 clock=time.monotonic, v5=self.v5,
             )  # fmt: skip
         return flows

@@ -26,6 +26,7 @@ from broker.engine import Engine, Message, Session
 from broker.handshakes import Handshakes
 from broker.lifetimes import Lifetimes
 from broker.protocol import encode_publish
+from broker.queues import Queues
 from broker.records import Connect, Props, Wanted, Will
 from broker.settings import Limits
 from broker.systopics import Counters
@@ -109,11 +110,11 @@ class Hub:
         self._dirty: list[Writer] = []
         self._flush_at = FLUSH_FIRST
         self._tasks: set[asyncio.Task[None]] = set()
-        self._dropping: dict[str, int] = {}
-        """Client id -> messages dropped for it since its queue was last empty."""
         self._all_closed: asyncio.Event | None = None
         self.counters = Counters()
         """What $SYS reports (broker/systopics.py)."""
+        self.queues = Queues(self, limits.max_queued, self.counters)
+        """The messages waiting for each session."""
         self._turns: dict[str, int] = {}
         """Shared subscription group -> how many messages it has had (whose turn it is)."""
         self.lifetimes = Lifetimes()
@@ -240,7 +241,7 @@ class Hub:
             if connection is None or connection.session is not session:
                 if delivered and not session.clean_session:
                     # [MQTT-3.1.2-5]: QoS 1/2 messages wait for an offline persistent session.
-                    self.put(session, Message(None, topic, delivered, payload,
+                    self.queues.put(session, Message(None, topic, delivered, payload,
                                                 keep_retain and retain, props, ids))  # fmt: skip
                 continue
             if delivered == 0 and not connection.backlog and not connection.v5:
@@ -289,7 +290,8 @@ class Hub:
         for session, granted, _, _, ids in ordered:
             delivered = _downgrade(qos, granted)
             if delivered and not session.clean_session:
-                self.put(session, Message(None, topic, delivered, payload, False, props, ids))
+                message = Message(None, topic, delivered, payload, False, props, ids)
+                self.queues.put(session, message)
                 return
 
     def publish_will(
@@ -349,39 +351,6 @@ class Hub:
                 for topic, payload, qos, props in found
                 if self.readable(session, topic)]  # fmt: skip
 
-    def put(self, session: Session, message: Message) -> None:
-        """Keep a message for ``session``, unless its queue is full (then count and drop it)."""
-        engine = self.state
-        if engine.queued(session) < self.limits.max_queued:
-            engine.enqueue(session, message)
-            return
-        client_id = session.client_id
-        dropped = self._dropping.get(client_id, 0)
-        if not dropped:
-            logger.warning(
-                "Dropping messages for client %s: queue full (%d).",
-                client_id, self.limits.max_queued,
-            )  # fmt: skip
-        self._dropping[client_id] = dropped + 1
-        self.counters.dropped += 1
-
-    def take(self, session: Session) -> Message | None:
-        """Take the oldest message waiting for ``session``."""
-        return self.state.dequeue(session)
-
-    def size(self, session: Session) -> int:
-        """How many messages wait for ``session``."""
-        return self.state.queued(session)
-
-    def drained(self, client_id: str) -> None:
-        """Note that a client's queue is empty: end its episode of drops, if any."""
-        dropped = self._dropping.pop(client_id, 0)
-        if dropped:
-            logger.warning(
-                "Client %s: queue drained; %d messages were dropped while it was full.",
-                client_id, dropped,
-            )  # fmt: skip
-
     # --- sessions -------------------------------------------------------------------------------
 
     def attach(self, connection: Attached, connect: Connect, session: Session) -> bool:
@@ -398,8 +367,7 @@ class Hub:
         present = False
         if connect.clean_session:
             # [MQTT-3.1.2-6]: a clean session starts empty and ends with the connection.
-            engine.forget(client_id)
-            self._dropping.pop(client_id, None)
+            self._forget(client_id)
         else:
             stored = engine.stored(client_id)
             if stored is not None:
@@ -428,8 +396,7 @@ class Hub:
         engine.disconnected(session)
         logger.info("Client %s disconnected from %s: %s.", session.client_id, connection.peer, how)
         if session.clean_session:
-            engine.forget(session.client_id)
-            self._dropping.pop(session.client_id, None)
+            self._forget(session.client_id)
         elif connection.expiry is not None and connection.expiry < NEVER_EXPIRES:
             # MQTT 5: the session ends this many seconds after the connection [MQTT-3.1.2-23].
             client_id = session.client_id
@@ -439,8 +406,12 @@ class Hub:
     def _expire(self, client_id: str, session: Session) -> None:
         if self.state.stored(client_id) is session and client_id not in self.online:
             logger.info("Session of client %s expired.", client_id)
-            self.state.forget(client_id)
-            self._dropping.pop(client_id, None)
+            self._forget(client_id)
+
+    def _forget(self, client_id: str) -> None:
+        """End a client's session: its state in the engine, and its queue's drop count."""
+        self.state.forget(client_id)
+        self.queues.forget(client_id)
 
     # --- shutdown -------------------------------------------------------------------------------
 

@@ -238,13 +238,13 @@ class Link:
                 await asyncio.wait({work}, timeout=LOSS_GRACE)  # its own error says more
         finally:
             await _cancel(work)
-        if not work.cancelled() and _refused_unconnected(work):
+        refused = not work.cancelled() and _refused_unconnected(work)
+        if refused:
             # A publish paho refused as "not currently connected" is the loss, seen late, or
             # seen early: paho can refuse before aiomqtt's disconnect callback has run (and
             # told the broker's reason code), so that is awaited a moment.
             await asyncio.wait({self.client.lost}, timeout=LOSS_GRACE)
-            raise aiomqtt.MqttError("Disconnected during message iteration")
-        if work.cancelled():
+        if refused or work.cancelled():
             raise aiomqtt.MqttError("Disconnected during message iteration")
         work.result()  # the session's own end, or its error
 

@@ -89,9 +89,8 @@ def one_cycle(root: Path, tmp_path: Path, port: int, env: dict[str, str], cycle:
     seen = ping_log.read_text().count("client: Got b'") if ping_log.exists() else 0
     subprocess.run(["make", "--no-print-directory", "start"], cwd=root, env=env,
                    check=True, capture_output=True, timeout=60)  # fmt: skip
-    pid = supervisord_pid(root / "run" / "supervisord.pid")
     wait_until(partial(more_pongs, ping_log, seen), 30, "a pong")
-    family = [pid, *supervisor_children(pid)]
+    family = supervisord_family(root)
     subprocess.run(["make", "--no-print-directory", "stop"], cwd=root, env=env,
                    check=True, capture_output=True, timeout=60)  # fmt: skip
     assert not any(pid_alive(p) for p in family), f"cycle {cycle}: processes left"
@@ -158,8 +157,7 @@ def run_and_interrupt(
         assert ws_port is not None
         own = [line for line in text.splitlines() if not line.startswith("Can't list")]
         assert own[0].startswith(f"Live page: http://127.0.0.1:{ws_port.group(1)}/"), own[:3]
-        pid = supervisord_pid(root / "run" / "supervisord.pid")
-        family = [pid, *supervisor_children(pid)]
+        family = supervisord_family(root)
         assert len(family) >= 4
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C does
         make.wait(15)  # raises if make is still running after 15 s
