@@ -9,6 +9,7 @@ test_interop) runs on these classes too, on both the sending and the receiving s
 
 from __future__ import annotations
 
+import functools
 import signal
 import timeit
 
@@ -137,7 +138,12 @@ def test_other_packet_types_are_paho_s_own() -> None:
 
 def test_a_ping_s_properties_cost_a_fraction_of_paho_s() -> None:
     """What the fleet does per ping: build three properties and pack them; the echo reads
-    them. Both measured here, one after the other, so that the machine's speed cancels."""
+    them. Both measured here, in turn, so that the machine's speed cancels.
+
+    Each is timed in 7 turns, the two kinds alternating, and its best turn counts: measured
+    one kind after the other, a burst of load on a CI machine covered all of one kind's
+    turns once (0.50 of paho's cost, against 0.16 usually).
+    """
 
     def ping(kind: type[Properties]) -> None:
         made = kind(PacketTypes.PUBLISH)
@@ -146,8 +152,11 @@ def test_a_ping_s_properties_cost_a_fraction_of_paho_s() -> None:
         made.MessageExpiryInterval = 2
         read(kind, made.pack())  # type: ignore[no-untyped-call]
 
-    theirs = min(timeit.repeat(lambda: ping(Properties), number=300, repeat=5))
-    mine = min(timeit.repeat(lambda: ping(PublishProperties), number=300, repeat=5))
+    turns: dict[type[Properties], list[float]] = {Properties: [], PublishProperties: []}
+    for _ in range(7):
+        for kind, times in turns.items():
+            times.append(timeit.timeit(functools.partial(ping, kind), number=300))
+    theirs, mine = min(turns[Properties]), min(turns[PublishProperties])
     assert mine < theirs / 2, (mine, theirs)
 
 
